@@ -1,0 +1,54 @@
+"""The `stgc` command. Each subcommand lives in its own module and is imported only when used, so
+`stgc --help` is fast and a broken optional dependency cannot break unrelated subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("stgc.data.cli", "generate the mini benchmark suite, training mixture and tokenizer"),
+    "train": ("stgc.train_cli", "train a recipe (baseline, STGC, ...) with key=value overrides"),
+    "convert": ("stgc.convert", "convert a MoE-LLaVA (DeepSpeed-MoE) checkpoint to this project's format"),
+    "eval": ("evals.cli_eval", "evaluate a checkpoint on benchmarks through lmms-eval"),
+    "sweep": ("evals.cli_sweep", "run a sweep: methods x seeds x tasks, then write the tables"),
+    "analyze": ("analysis.cli", "routing traces and routing / conflict statistics"),
+    "report": ("analysis.report", "execute the notebook reports of a results folder"),
+    "bench": ("stgc.bench.cli", "speed and memory benchmarks (writes results/bench/*.csv)"),
+    "demo": ("stgc.demo", "the embedded default end to end: data, tiny sweep, tables, reports"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stgc", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(
+                f"stgc: unknown command {argv[0]!r}; valid commands: {', '.join(SUBCOMMANDS)}",
+                file=sys.stderr,
+            )
+            return 2
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"stgc {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
