@@ -1,0 +1,100 @@
+"""Small config dataclasses, validated at construction.
+
+Each component owns one (STYLE.md 7). A bad value raises ``ValueError`` naming the value, the valid range
+and the fix. Configs round-trip through plain dicts (``to_dict`` / ``from_dict``) so they can live inside a
+transformers ``config.json`` and in a run's resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="ConfigBase")
+
+
+class ConfigBase:
+    """Mixin: dict round-trip with a clear error on unknown keys."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+        data = dict(data or {})
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(names)}. "
+                "Fix the spelling or remove them."
+            )
+        return cls(**data)  # type: ignore[call-arg]
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig(ConfigBase):
+    """Settings of every MoE layer of a model (STGC.md section 1).
+
+    num_experts: E experts per MoE layer (each upcycled from the dense FFN).
+    top_k: K experts per token; combine weights are renormalised over the K chosen (DeepSpeed's top-2 gate).
+    layers: decoder layer indices whose MLP is a MoE block; ``None`` means every other layer (0, 2, 4, ...).
+    aux_loss_coef: alpha of the load-balancing loss (MoE-LLaVA: 0.01).
+    capacity_factor: ``None`` (default) routes every token; a number reproduces DeepSpeed's capacity
+        ceil(cf * K * T / E) (at least ``min_capacity``) with token dropping, top-1 assignments first.
+    second_expert_sampling: DeepSpeed's Gumbel-noise choice of the 2nd expert (also at evaluation, which
+        makes MoE-LLaVA's scores non-deterministic). Off by default; training only unless
+        ``sample_at_eval``.
+    route_padding: MoE-LLaVA routes padding tokens and counts them in capacity and in L_aux. Off by default:
+        padding is masked out of routing statistics and losses.
+    """
+
+    num_experts: int = 4
+    top_k: int = 2
+    layers: tuple[int, ...] | None = None
+    aux_loss_coef: float = 0.01
+    capacity_factor: float | None = None
+    min_capacity: int = 4
+    second_expert_sampling: bool = False
+    sample_at_eval: bool = False
+    route_padding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"moe.num_experts={self.num_experts!r} is invalid; use an integer >= 1.")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"moe.top_k={self.top_k!r} is invalid for num_experts={self.num_experts}; "
+                f"use 1 <= top_k <= {self.num_experts}."
+            )
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"moe.aux_loss_coef={self.aux_loss_coef} is negative; use a value >= 0.")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(
+                f"moe.capacity_factor={self.capacity_factor} is invalid; use a positive number or None "
+                "(no token dropping)."
+            )
+        if self.min_capacity < 0:
+            raise ValueError(f"moe.min_capacity={self.min_capacity} is negative; use a value >= 0.")
+        if self.second_expert_sampling and self.top_k != 2:
+            raise ValueError(
+                f"moe.second_expert_sampling needs top_k=2 (DeepSpeed's top-2 gate); got top_k={self.top_k}."
+            )
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"moe.layers={self.layers} has duplicates; list each layer index once.")
+
+    def resolve_layers(self, num_hidden_layers: int) -> tuple[int, ...]:
+        """The MoE layer indices for a model with ``num_hidden_layers`` decoder layers (validated)."""
+        layers = self.layers if self.layers is not None else tuple(range(0, num_hidden_layers, 2))
+        bad = [i for i in layers if not 0 <= i < num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"moe.layers contains {bad}, out of range for a model with {num_hidden_layers} decoder "
+                f"layers; valid indices are 0..{num_hidden_layers - 1}."
+            )
+        return tuple(sorted(layers))

@@ -1,0 +1,489 @@
+"""The MoE block: router, expert bank, and the routing record (STGC.md section 1, STYLE.md 1-2).
+
+Shape legend: B batch, T tokens (flattened batch x sequence), D model dim, F expert FFN dim, H expert input
+projection width (2F for SwiGLU: gate and up in one matrix; F for GELU), E experts, K top-k,
+A routed (token, expert) assignments (T*K at most, fewer with capacity dropping).
+
+Routing leaves the block in one way only: a ``RoutingRecord`` appended to the active ``RoutingContext``
+(set by the model around a forward; see ``routing_context``). Layers keep their signatures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stgc.config import MoEConfig
+
+FFN_KINDS = ("swiglu", "gelu")
+
+
+@dataclasses.dataclass
+class RoutingRecord:
+    """What one MoE layer decided in one forward. Tensors are over the T = B*S flattened tokens.
+
+    logits_TE: router logits, fp32, carrying gradient in training (the regularisers are functions of it).
+    probs_TE: softmax(logits_TE), fp32.
+    topk_idx_TK: chosen experts per token, ordered by probability (descending).
+    weights_TK: combine weights renormalised over the chosen experts; 0 where an assignment was dropped.
+    token_mask_T: True for real tokens, False for padding (padding is routed but never counted).
+    kept_TK: False where the capacity limit dropped an assignment (all True without a capacity factor).
+    tokens_per_expert_E: kept assignments per expert over real tokens (all K slots).
+    aux_loss: the layer's unscaled load-balancing loss E * sum_e f_e P_e over real tokens.
+    grad_stats: filled during backward by a gradient observer (STGC's fused mode); ``None`` otherwise.
+    """
+
+    layer_idx: int
+    logits_TE: Tensor
+    probs_TE: Tensor
+    topk_idx_TK: Tensor
+    weights_TK: Tensor
+    token_mask_T: Tensor
+    kept_TK: Tensor
+    tokens_per_expert_E: Tensor
+    aux_loss: Tensor
+    grad_stats: dict | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits_TE.shape[-1]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_idx_TK.shape[-1]
+
+
+class GradObserver(Protocol):
+    """Receives the token-level bias gradients of one MoE layer inside its backward (STGC.md section 2).
+
+    ``g1_AF``: gradient at the first (real or virtual) bias of each routed assignment;
+    ``g2_AD``: gradient at the output bias (= combine weight * dL/dy_t);
+    rows are in expert-sorted order; ``expert_A`` / ``token_A`` say which expert / token each row is,
+    ``valid_A`` is False for padding tokens. Returns an extra gradient for the router logits (T, E) to add
+    to the ordinary one (the fused conflict elimination loss), or ``None``.
+    """
+
+    def __call__(
+        self,
+        record: RoutingRecord,
+        g1_AF: Tensor,
+        g2_AD: Tensor,
+        expert_A: Tensor,
+        token_A: Tensor,
+        valid_A: Tensor,
+    ) -> Tensor | None: ...
+
+
+@dataclasses.dataclass
+class RoutingContext:
+    """Per-forward routing state shared by every MoE block of a model.
+
+    token_mask_BT: real-token mask for the tokens of this forward (B, S) or ``None`` (all real).
+    records: when a list, each block appends its ``RoutingRecord`` (in layer order of execution).
+    observer: a ``GradObserver`` called inside each block's backward; ``None`` means no token gradients.
+    modality_BT: optional int codes per token (used by analysis and modality-aware methods).
+    """
+
+    token_mask_BT: Tensor | None = None
+    records: list[RoutingRecord] | None = None
+    observer: GradObserver | None = None
+    modality_BT: Tensor | None = None
+
+
+@contextlib.contextmanager
+def routing_context(model: nn.Module, ctx: RoutingContext) -> Iterator[RoutingContext]:
+    """Attach ``ctx`` to every ``MoEBlock`` of ``model`` for the duration of a forward (and its backward:
+    the observer and records are captured by the autograd graph, so the context may be left before
+    ``loss.backward()``)."""
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    previous = [b.routing_ctx for b in blocks]
+    for b in blocks:
+        b.routing_ctx = ctx
+    try:
+        yield ctx
+    finally:
+        for b, p in zip(blocks, previous, strict=True):
+            b.routing_ctx = p
+
+
+# --------------------------------------------------------------------------------------------------------
+# routing
+
+
+def route(
+    logits_TE: Tensor,
+    config: MoEConfig,
+    token_mask_T: Tensor,
+    *,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Top-k routing with renormalised combine weights, DeepSpeed's load-balancing loss and optional capacity.
+
+    Returns probs_TE, topk_idx_TK, weights_TK, kept_TK, tokens_per_expert_E, aux_loss.
+    L_aux = E * sum_e f_e * P_e, f_e = share of real tokens whose top-1 expert is e (before dropping, as
+    DeepSpeed computes it), P_e = mean router probability of e over real tokens. With ``route_padding``
+    every token counts, which reproduces MoE-LLaVA exactly.
+    """
+    E, K = config.num_experts, config.top_k
+    probs_TE = logits_TE.softmax(dim=-1)
+    count_mask_T = torch.ones_like(token_mask_T) if config.route_padding else token_mask_T
+    sample = config.second_expert_sampling and (training or config.sample_at_eval)
+    if sample:
+        # DeepSpeed: the 2nd expert is argmax(logits + Gumbel noise) excluding the 1st.
+        top1_T = probs_TE.argmax(dim=-1)
+        gumbel_TE = -torch.log(-torch.log(torch.rand_like(logits_TE).clamp_min(1e-20)).clamp_min(1e-20))
+        noisy_TE = (logits_TE.detach() + gumbel_TE).scatter(1, top1_T[:, None], float("-inf"))
+        topk_idx_TK = torch.stack([top1_T, noisy_TE.argmax(dim=-1)], dim=-1)
+    else:
+        topk_idx_TK = probs_TE.topk(K, dim=-1).indices
+    top1_T = topk_idx_TK[:, 0]
+
+    n_real = count_mask_T.sum().clamp_min(1).to(probs_TE.dtype)
+    m = count_mask_T.to(probs_TE.dtype)
+    f_E = torch.zeros(E, device=logits_TE.device, dtype=probs_TE.dtype).index_add_(0, top1_T, m) / n_real
+    P_E = (probs_TE * m[:, None]).sum(0) / n_real
+    aux_loss = E * (f_E * P_E).sum()
+
+    kept_TK = torch.ones_like(topk_idx_TK, dtype=torch.bool)
+    if config.capacity_factor is not None:
+        kept_TK = _capacity_keep(topk_idx_TK, count_mask_T, config)
+    kept_TK = kept_TK & token_mask_T[:, None] if not config.route_padding else kept_TK
+
+    gathered_TK = probs_TE.gather(1, topk_idx_TK) * kept_TK
+    # DeepSpeed clamps the denominator at fp32 eps: a token with every assignment dropped gets weight 0.
+    weights_TK = gathered_TK / gathered_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).eps)
+    counted_TK = kept_TK & token_mask_T[:, None]
+    tokens_per_expert_E = torch.zeros(E, device=logits_TE.device, dtype=torch.long).index_add_(
+        0, topk_idx_TK[counted_TK], torch.ones_like(topk_idx_TK[counted_TK])
+    )
+    return probs_TE, topk_idx_TK, weights_TK, kept_TK, tokens_per_expert_E, aux_loss
+
+
+def _capacity_keep(topk_idx_TK: Tensor, count_mask_T: Tensor, config: MoEConfig) -> Tensor:
+    """DeepSpeed's capacity: C = max(ceil(cf * K * T / E), min_capacity); positions are given to all top-1
+    assignments in token order, then to the top-2 ones, ...; assignments at position >= C are dropped.
+    Tokens outside ``count_mask_T`` take no position (MoE-LLaVA counts padding: ``route_padding``)."""
+    T, K = topk_idx_TK.shape
+    E = config.num_experts
+    n = int(count_mask_T.sum())
+    capacity = max(math.ceil(config.capacity_factor * K * n / E), config.min_capacity)
+    keep_TK = torch.zeros_like(topk_idx_TK, dtype=torch.bool)
+    offset_E = torch.zeros(E, dtype=torch.long, device=topk_idx_TK.device)
+    for k in range(K):
+        onehot_TE = F.one_hot(topk_idx_TK[:, k], E) * count_mask_T[:, None]
+        pos_TE = onehot_TE.cumsum(0) - 1 + offset_E
+        pos_T = (pos_TE * onehot_TE).sum(-1)
+        keep_TK[:, k] = (pos_T < capacity) & count_mask_T
+        offset_E = offset_E + onehot_TE.sum(0)
+    return keep_TK
+
+
+# --------------------------------------------------------------------------------------------------------
+# experts
+
+
+class ExpertBank(nn.Module):
+    """E FFN experts stored as stacked weights (one matrix product per expert on its sorted tokens).
+
+    swiglu (Llama, Qwen2, StableLM; no biases): w_in_EHD = [gate; up] (H = 2F), w_out_EDF.
+        y = W_out (silu(W_gate x) * (W_up x)); the first bias is virtual, at the input of W_out.
+    gelu (Phi-2; biases): w_in_EHD (H = F), b_in_EH, w_out_EDF, b_out_ED.
+        y = W_out gelu_tanh(W_in x + b_in) + b_out; the first bias is b_in (pre-activation).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, ffn: str):
+        super().__init__()
+        if ffn not in FFN_KINDS:
+            raise ValueError(f"ffn={ffn!r} is not supported; valid kinds are {FFN_KINDS}.")
+        self.ffn, self.num_experts = ffn, num_experts
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        H = 2 * intermediate_size if ffn == "swiglu" else intermediate_size
+        self.w_in = nn.Parameter(torch.empty(num_experts, H, hidden_size))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if ffn == "gelu":
+            self.b_in = nn.Parameter(torch.zeros(num_experts, intermediate_size))
+            self.b_out = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        else:
+            self.register_parameter("b_in", None)
+            self.register_parameter("b_out", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.w_in, self.w_out):
+            nn.init.kaiming_uniform_(w.view(-1, w.shape[-1]), a=math.sqrt(5))
+        if self.b_in is not None:
+            nn.init.zeros_(self.b_in)
+            nn.init.zeros_(self.b_out)
+
+    def extra_repr(self) -> str:
+        return f"E={self.num_experts}, D={self.hidden_size}, F={self.intermediate_size}, ffn={self.ffn}"
+
+
+def _act_forward(ffn: str, h: Tensor, F_: int) -> Tensor:
+    if ffn == "swiglu":
+        return F.silu(h[:, :F_]) * h[:, F_:]
+    return F.gelu(h, approximate="tanh")
+
+
+def _act_backward(ffn: str, h: Tensor, grad_a: Tensor, F_: int) -> Tensor:
+    """d(activation)/dh applied to grad_a, computed in at least fp32 and returned in h's dtype."""
+    ct = torch.promote_types(h.dtype, torch.float32)
+    if ffn == "swiglu":
+        gate, up = h[:, :F_].to(ct), h[:, F_:].to(ct)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        ga = grad_a.to(ct)
+        d_gate = ga * up * sig * (1 + gate * (1 - sig))
+        d_up = ga * silu
+        return torch.cat([d_gate, d_up], dim=1).to(h.dtype)
+    with torch.enable_grad():
+        hf = h.detach().to(ct).requires_grad_(True)
+        out = F.gelu(hf, approximate="tanh")
+        (dh,) = torch.autograd.grad(out, hf, grad_a.to(ct))
+    return dh.to(h.dtype)
+
+
+class _ExpertsFn(torch.autograd.Function):
+    """Sorted-token expert computation and combine, with a hand-written backward.
+
+    Forward: x_sorted = x[token_A]; per expert e: h = x_e W_in^T (+b_in); a = act(h); o = a W_out^T (+b_out);
+    y[t] = sum over its assignments of w_A * o_A.
+    Backward has the token-level bias gradients in hand (g2_A = w_A dy[token_A], g1_A = dL/da or dL/dh), so a
+    gradient observer (STGC fused mode) can add a router-logit gradient in the same pass.
+    ``logits_TE`` is an input only so that the observer's extra gradient has somewhere to go.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_A, logits_TE, w_in, b_in, w_out, b_out, token_A, counts, ffn, observer, record):
+        F_ = w_out.shape[-1]
+        x_AD = x_TD.index_select(0, token_A)
+        hs, outs = [], []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = x_AD[start : start + n]
+            h = F.linear(xe, w_in[e], None if b_in is None else b_in[e])
+            a = _act_forward(ffn, h, F_)
+            o = F.linear(a, w_out[e], None if b_out is None else b_out[e])
+            hs.append(h)
+            outs.append(o)
+            start += n
+        H = w_in.shape[1]
+        h_AH = torch.cat(hs) if hs else x_TD.new_zeros(0, H)
+        o_AD = torch.cat(outs) if outs else x_TD.new_zeros(0, x_TD.shape[1])
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, o_AD * w_A[:, None].to(o_AD.dtype))
+        ctx.save_for_backward(x_AD, h_AH, o_AD, w_A, w_in, w_out, token_A, logits_TE)
+        ctx.counts, ctx.ffn, ctx.observer, ctx.record = counts, ffn, observer, record
+        ctx.has_bias = b_in is not None
+        ctx.T = x_TD.shape[0]
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_AD, h_AH, o_AD, w_A, w_in, w_out, token_A, logits_TE = ctx.saved_tensors
+        ffn, counts, T = ctx.ffn, ctx.counts, ctx.T
+        F_ = w_out.shape[-1]
+        need_x, need_w, _, need_win, need_bin, need_wout, need_bout = ctx.needs_input_grad[:7]
+        need_weights = need_win or need_wout or need_bin or need_bout
+        ct = torch.promote_types(dy_TD.dtype, torch.float32)  # accumulate reductions in >= fp32
+        dy_AD = dy_TD.index_select(0, token_A)
+        # dL/dw_A = <dy_t, o_A>; g2_A = w_A * dy_t (the output-bias gradient of the assignment)
+        grad_w_A = (dy_AD.to(ct) * o_AD.to(ct)).sum(-1) if need_w else None
+        g2_AD = dy_AD * w_A[:, None].to(dy_AD.dtype)
+        observe = ctx.observer is not None
+        grad_x_AD = torch.empty_like(x_AD) if need_x else None
+        g_win = torch.zeros_like(w_in) if need_win else None
+        g_wout = torch.zeros_like(w_out) if need_wout else None
+        g_bin = w_in.new_zeros(w_in.shape[0], F_) if (ctx.has_bias and need_bin) else None
+        g_bout = w_out.new_zeros(w_out.shape[0], w_out.shape[1]) if (ctx.has_bias and need_bout) else None
+        g1s = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sl = slice(start, start + n)
+            g2 = g2_AD[sl]
+            h = h_AH[sl]
+            grad_a = g2 @ w_out[e]  # (n, F): dL/d(input of W_out) = the virtual first bias gradient
+            grad_h = _act_backward(ffn, h, grad_a, F_)
+            if need_wout:
+                a = _act_forward(ffn, h, F_)
+                g_wout[e] = g2.t() @ a
+            if need_win:
+                g_win[e] = grad_h.t() @ x_AD[sl]
+            if g_bin is not None:
+                g_bin[e] = grad_h.to(ct).sum(0).to(g_bin.dtype)
+            if g_bout is not None:
+                g_bout[e] = g2.to(ct).sum(0).to(g_bout.dtype)
+            if need_x:
+                grad_x_AD[sl] = grad_h @ w_in[e]
+            if observe:
+                # SwiGLU: virtual bias at the down projection's input; GELU: the real fc1 bias (pre-act)
+                g1s.append(grad_a if ffn == "swiglu" else grad_h)
+            start += n
+        grad_x_TD = None
+        if need_x:
+            grad_x_TD = torch.zeros(T, x_AD.shape[1], dtype=x_AD.dtype, device=x_AD.device)
+            grad_x_TD.index_add_(0, token_A, grad_x_AD)
+        grad_logits = None
+        if observe:
+            g1_AF = torch.cat(g1s) if g1s else g2_AD.new_zeros(0, F_)
+            expert_A = torch.repeat_interleave(
+                torch.arange(len(counts), device=token_A.device),
+                torch.tensor(counts, device=token_A.device),
+            )
+            rec = ctx.record
+            valid_A = rec.token_mask_T.index_select(0, token_A)
+            grad_logits = ctx.observer(rec, g1_AF, g2_AD, expert_A, token_A, valid_A)
+        del need_weights
+        return (grad_x_TD, grad_w_A, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 5
+
+
+def experts_reference(
+    bank: ExpertBank,
+    x_TD: Tensor,
+    topk_idx_TK: Tensor,
+    weights_TK: Tensor,
+    kept_TK: Tensor,
+    bias1_TKF: Tensor | None = None,
+    bias2_TKD: Tensor | None = None,
+) -> Tensor:
+    """Plain-autograd expert computation, one assignment slot at a time (tests and the `reference` STGC mode).
+
+    ``bias1_TKF`` / ``bias2_TKD`` are explicit per-(token, slot) additive biases at the first (virtual or
+    real) bias and the output bias: their gradients are the token-level bias gradients of STGC.md section 2.
+    """
+    T, K = topk_idx_TK.shape
+    F_ = bank.intermediate_size
+    y_TD = torch.zeros_like(x_TD)
+    for k in range(K):
+        e_T = topk_idx_TK[:, k]
+        h = torch.einsum("td,thd->th", x_TD, bank.w_in[e_T])
+        if bank.b_in is not None:
+            h = h + bank.b_in[e_T]
+        if bank.ffn == "gelu" and bias1_TKF is not None:
+            h = h + bias1_TKF[:, k]
+        a = _act_forward(bank.ffn, h, F_)
+        if bank.ffn == "swiglu" and bias1_TKF is not None:
+            a = a + bias1_TKF[:, k]
+        o = torch.einsum("tf,tdf->td", a, bank.w_out[e_T])
+        if bank.b_out is not None:
+            o = o + bank.b_out[e_T]
+        if bias2_TKD is not None:
+            o = o + bias2_TKD[:, k]
+        y_TD = y_TD + (weights_TK[:, k] * kept_TK[:, k]).to(o.dtype)[:, None] * o
+    return y_TD
+
+
+# --------------------------------------------------------------------------------------------------------
+# the block
+
+
+class MoEBlock(nn.Module):
+    """A drop-in replacement for a decoder layer's MLP: ``forward(hidden_states_BSD) -> hidden_states_BSD``.
+
+    The router is a linear map without bias computed in fp32 (as DeepSpeed's TopKGate does). At evaluation
+    routing is deterministic (top-k, no noise) and the block keeps no state between calls.
+    """
+
+    def __init__(self, config: MoEConfig, hidden_size: int, intermediate_size: int, ffn: str, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.router = nn.Linear(hidden_size, config.num_experts, bias=False)
+        self.experts = ExpertBank(config.num_experts, hidden_size, intermediate_size, ffn)
+        self.routing_ctx: RoutingContext | None = None
+        self.use_reference_experts = False  # the plain-autograd path (tests, `reference` STGC mode)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        shape = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, shape[-1])
+        ctx = self.routing_ctx
+        if ctx is not None and ctx.token_mask_BT is not None:
+            token_mask_T = ctx.token_mask_BT.reshape(-1).to(device=x_TD.device, dtype=torch.bool)
+            if token_mask_T.numel() != x_TD.shape[0]:
+                raise ValueError(
+                    f"routing context token mask has {token_mask_T.numel()} entries for {x_TD.shape[0]} "
+                    "tokens; pass the mask of this forward's tokens (attention_mask[:, -seq_len:])."
+                )
+        else:
+            token_mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        probs_TE, topk_idx_TK, weights_TK, kept_TK, tpe_E, aux = route(
+            logits_TE, self.config, token_mask_T, training=self.training
+        )
+        record = RoutingRecord(
+            layer_idx=self.layer_idx,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+            topk_idx_TK=topk_idx_TK,
+            weights_TK=weights_TK,
+            token_mask_T=token_mask_T,
+            kept_TK=kept_TK,
+            tokens_per_expert_E=tpe_E,
+            aux_loss=aux,
+        )
+        if self.use_reference_experts:
+            y_TD = experts_reference(self.experts, x_TD, topk_idx_TK, weights_TK, kept_TK)
+        else:
+            y_TD = self._grouped(x_TD, logits_TE, topk_idx_TK, weights_TK, kept_TK, ctx, record)
+        if ctx is not None and ctx.records is not None:
+            ctx.records.append(record)
+        return y_TD.reshape(shape)
+
+    def _grouped(self, x_TD, logits_TE, topk_idx_TK, weights_TK, kept_TK, ctx, record) -> Tensor:
+        T, K = topk_idx_TK.shape
+        flat_e = topk_idx_TK.reshape(-1)
+        flat_keep = kept_TK.reshape(-1)
+        # Sort kept assignments by expert (stable: token order inside an expert).
+        key = torch.where(flat_keep, flat_e, self.config.num_experts)
+        order = torch.argsort(key, stable=True)
+        n_kept = int(flat_keep.sum()) if not bool(flat_keep.all()) else flat_e.numel()
+        order = order[:n_kept]
+        token_A = order // K
+        w_A = weights_TK.reshape(-1).index_select(0, order)
+        counts = torch.bincount(flat_e[order], minlength=self.config.num_experts).tolist()
+        b = self.experts
+        observer = ctx.observer if ctx is not None else None
+        return _ExpertsFn.apply(
+            x_TD, w_A, logits_TE, b.w_in, b.b_in, b.w_out, b.b_out, token_A, counts, b.ffn, observer, record
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        config: MoEConfig,
+        layer_idx: int,
+        *,
+        gate_proj: Tensor | None = None,
+        up_proj: Tensor | None = None,
+        down_proj: Tensor | None = None,
+        fc1_weight: Tensor | None = None,
+        fc1_bias: Tensor | None = None,
+        fc2_weight: Tensor | None = None,
+        fc2_bias: Tensor | None = None,
+    ) -> MoEBlock:
+        """Sparse upcycling: every expert is a copy of the dense FFN (nn.Linear weight layout [out, in])."""
+        if gate_proj is not None:
+            F_, D = gate_proj.shape
+            block = cls(config, D, F_, "swiglu", layer_idx).to(gate_proj.dtype)
+            with torch.no_grad():
+                block.experts.w_in.copy_(torch.cat([gate_proj, up_proj], 0).expand_as(block.experts.w_in))
+                block.experts.w_out.copy_(down_proj.expand_as(block.experts.w_out))
+        else:
+            F_, D = fc1_weight.shape
+            block = cls(config, D, F_, "gelu", layer_idx).to(fc1_weight.dtype)
+            with torch.no_grad():
+                block.experts.w_in.copy_(fc1_weight.expand_as(block.experts.w_in))
+                block.experts.b_in.copy_(fc1_bias.expand_as(block.experts.b_in))
+                block.experts.w_out.copy_(fc2_weight.expand_as(block.experts.w_out))
+                block.experts.b_out.copy_(fc2_bias.expand_as(block.experts.b_out))
+        block.router.float()  # router in fp32 regardless of the model dtype
+        return block
