@@ -89,12 +89,16 @@ class RoutingContext:
     records: when a list, each block appends its ``RoutingRecord`` (in layer order of execution).
     observer: a ``GradObserver`` called inside each block's backward; ``None`` means no token gradients.
     modality_BT: optional int codes per token (used by analysis and modality-aware methods).
+    injected_biases: {layer_idx: (bias1_TKF, bias2_TKD)} explicit per-(token, slot) zero biases whose
+        gradients are the token-level bias gradients (the `reference` STGC mode); the layers named run the
+        plain-autograd expert path.
     """
 
     token_mask_BT: Tensor | None = None
     records: list[RoutingRecord] | None = None
     observer: GradObserver | None = None
     modality_BT: Tensor | None = None
+    injected_biases: dict[int, tuple[Tensor, Tensor]] | None = None
 
 
 @contextlib.contextmanager
@@ -292,7 +296,9 @@ class _ExpertsFn(torch.autograd.Function):
         ffn, counts, T = ctx.ffn, ctx.counts, ctx.T
         F_ = w_out.shape[-1]
         need_x, need_w, _, need_win, need_bin, need_wout, need_bout = ctx.needs_input_grad[:7]
-        need_weights = need_win or need_wout or need_bin or need_bout
+        if getattr(ctx.observer, "skip_weight_grads", False):
+            # two_pass first pass: only token gradients and input gradients are needed
+            need_win = need_bin = need_wout = need_bout = False
         ct = torch.promote_types(dy_TD.dtype, torch.float32)  # accumulate reductions in >= fp32
         dy_AD = dy_TD.index_select(0, token_A)
         # dL/dw_A = <dy_t, o_A>; g2_A = w_A * dy_t (the output-bias gradient of the assignment)
@@ -343,7 +349,6 @@ class _ExpertsFn(torch.autograd.Function):
             rec = ctx.record
             valid_A = rec.token_mask_T.index_select(0, token_A)
             grad_logits = ctx.observer(rec, g1_AF, g2_AD, expert_A, token_A, valid_A)
-        del need_weights
         return (grad_x_TD, grad_w_A, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 5
 
 
@@ -430,7 +435,12 @@ class MoEBlock(nn.Module):
             tokens_per_expert_E=tpe_E,
             aux_loss=aux,
         )
-        if self.use_reference_experts:
+        injected = (
+            None if ctx is None or ctx.injected_biases is None else ctx.injected_biases.get(self.layer_idx)
+        )
+        if injected is not None:
+            y_TD = experts_reference(self.experts, x_TD, topk_idx_TK, weights_TK, kept_TK, *injected)
+        elif self.use_reference_experts:
             y_TD = experts_reference(self.experts, x_TD, topk_idx_TK, weights_TK, kept_TK)
         else:
             y_TD = self._grouped(x_TD, logits_TE, topk_idx_TK, weights_TK, kept_TK, ctx, record)

@@ -1,0 +1,335 @@
+"""Token-level gradients, conflict scores and the conflict elimination loss (STGC.md sections 2-5).
+
+Shape legend: T tokens, E experts, K top-k, A routed (token, expert) assignments in expert-sorted order,
+D model dim, F expert FFN dim, C conflicting assignments.
+
+Token gradients are activation gradients (STGC.md section 2): for assignment (t, e)
+  g2 = w_{t,e} * dL/dy_t                       (output bias, dim D)
+  g1 = dL/d(first bias)                         (dim F): the real fc1 bias (GELU) or a virtual zero bias
+                                                at the input of the down projection (SwiGLU): W_down^T g2.
+The MoE block's backward hands them to a ``ConflictObserver`` (``stgc.moe.GradObserver``), which scores
+every assignment against its expert's mean gradient, marks conflicts and, in the fused mode, adds
+beta * dL_cel/dz to the router-logit gradient of the same backward.
+
+Modes (STGC.md section 5):
+- ``fused``: one forward, one backward; the observer returns the scaled CEL gradient.
+- ``two_pass``: forward; autograd.grad of the main loss down to the first MoE layer with the observer
+  collecting masks (no weight gradients in that pass); L_cel from the kept logits; one backward of the total.
+- ``reference``: the paper's literal procedure, torch.func gradients with respect to explicit per-token
+  bias copies (``reference_token_grads``); slow, for tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from stgc.moe import RoutingRecord
+
+SCORES = ("mean", "concat", "g1", "g2")
+LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
+MODES = ("fused", "two_pass", "reference")
+HIST_BINS = 20  # score histogram over [-1, 1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# scores and masks
+
+
+def expert_segments(expert_A: Tensor, num_experts: int) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of each non-empty expert segment of an expert-sorted assignment list."""
+    counts = torch.bincount(expert_A, minlength=num_experts).tolist()
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, start, start + n))
+        start += n
+    return out
+
+
+def conflict_scores(
+    g1_AF: Tensor,
+    g2_AD: Tensor,
+    expert_A: Tensor,
+    valid_A: Tensor,
+    num_experts: int,
+    *,
+    score: str = "mean",
+    zero_norm: float = 1e-20,
+    allreduce_mean: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Cosine score of each assignment's gradient with its expert's mean gradient.
+
+    gbar_e = mean of g over the valid assignments of expert e (per micro-batch; with ``allreduce_mean`` the
+    sums and counts are all-reduced over data-parallel ranks first).
+    ``mean``: (cos(g1, gbar1) + cos(g2, gbar2)) / 2 (default); ``concat``: cos([g1; g2], [gbar1; gbar2]);
+    ``g1`` / ``g2``: one cosine.
+    Returns (score_A fp32, considered_A bool): an assignment is considered when it is valid (not padding)
+    and both its gradients and its expert's means have norm > ``zero_norm`` (a pair no loss reaches is
+    never conflicting; an expert with no tokens has no mean).
+
+    Cost: inputs stay in their dtype (bf16 on GPU); sums and norms accumulate in fp32 without full-size
+    fp32 copies; assignments are expert-sorted, so each expert is one contiguous slice.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not valid; choose one of {SCORES}.")
+    A = expert_A.shape[0]
+    dev = g2_AD.device
+    all_valid = bool(valid_A.all()) if A else True
+    segs = expert_segments(expert_A, num_experts)
+    sums1 = torch.zeros(num_experts, g1_AF.shape[1], device=dev, dtype=torch.float32)
+    sums2 = torch.zeros(num_experts, g2_AD.shape[1], device=dev, dtype=torch.float32)
+    counts = torch.zeros(num_experts, device=dev, dtype=torch.float32)
+    vmask = None if all_valid else valid_A.to(g2_AD.dtype)
+    for e, s, t in segs:
+        if vmask is None:
+            sums1[e] = g1_AF[s:t].sum(0, dtype=torch.float32)
+            sums2[e] = g2_AD[s:t].sum(0, dtype=torch.float32)
+            counts[e] = t - s
+        else:
+            m = vmask[s:t]
+            sums1[e] = (m @ g1_AF[s:t]).float()
+            sums2[e] = (m @ g2_AD[s:t]).float()
+            counts[e] = m.float().sum()
+    if allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t_ in (sums1, sums2, counts):
+            torch.distributed.all_reduce(t_)
+    mean1 = sums1 / counts.clamp_min(1)[:, None]
+    mean2 = sums2 / counts.clamp_min(1)[:, None]
+    mnorm1 = torch.linalg.vector_norm(mean1, dim=-1)
+    mnorm2 = torch.linalg.vector_norm(mean2, dim=-1)
+
+    dot1 = torch.empty(A, device=dev, dtype=torch.float32)
+    dot2 = torch.empty(A, device=dev, dtype=torch.float32)
+    for e, s, t in segs:
+        dot1[s:t] = (g1_AF[s:t] @ mean1[e].to(g1_AF.dtype)).float()
+        dot2[s:t] = (g2_AD[s:t] @ mean2[e].to(g2_AD.dtype)).float()
+    n1 = torch.linalg.vector_norm(g1_AF, dim=-1, dtype=torch.float32)
+    n2 = torch.linalg.vector_norm(g2_AD, dim=-1, dtype=torch.float32)
+    m1, m2 = mnorm1[expert_A], mnorm2[expert_A]
+    considered = valid_A & (n1 > zero_norm) & (n2 > zero_norm) & (m1 > zero_norm) & (m2 > zero_norm)
+    cos1 = dot1 / (n1 * m1).clamp_min(zero_norm)
+    cos2 = dot2 / (n2 * m2).clamp_min(zero_norm)
+    if score == "mean":
+        s_A = (cos1 + cos2) / 2
+    elif score == "g1":
+        s_A = cos1
+    elif score == "g2":
+        s_A = cos2
+    else:
+        denom = ((n1.square() + n2.square()) * (m1.square() + m2.square())).sqrt()
+        s_A = (dot1 + dot2) / denom.clamp_min(zero_norm)
+    return s_A.clamp(-1.0, 1.0), considered
+
+
+# --------------------------------------------------------------------------------------------------------
+# the conflict elimination loss
+
+
+def cel_loss(logits_TE: Tensor, token_A: Tensor, expert_A: Tensor, conflict_A: Tensor, form: str) -> Tensor:
+    """Conflict elimination loss of one layer (STGC.md section 4), a pure function of the router logits.
+
+    ``neg_logit_ce`` (default): L = (1 / max(1, |C|)) sum_{(t,e) in C} -log softmax(-z_t)_e; its gradient
+        per pair is (onehot_e - softmax(-z_t)) / |C|: it lowers the conflicting expert's logit and moves mass
+        to the others.
+    ``prob``: L = mean over C of p_{t,e} (softmax(z_t)_e).
+    ``min_score``: L = mean over C of z_{t,e} (the raw router score).
+    Padding never appears in C (``conflict_scores`` excludes invalid assignments). The mask is a constant.
+    """
+    if form not in LOSS_FORMS:
+        raise ValueError(f"loss form {form!r} is not valid; choose one of {LOSS_FORMS}.")
+    z_AE = logits_TE.index_select(0, token_A).float()
+    if form == "neg_logit_ce":
+        per_A = -torch.log_softmax(-z_AE, dim=-1).gather(1, expert_A[:, None])[:, 0]
+    elif form == "prob":
+        per_A = torch.softmax(z_AE, dim=-1).gather(1, expert_A[:, None])[:, 0]
+    else:
+        per_A = z_AE.gather(1, expert_A[:, None])[:, 0]
+    w_A = conflict_A.to(per_A.dtype)
+    return (per_A * w_A).sum() / w_A.sum().clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the observer
+
+
+@dataclasses.dataclass
+class LayerConflict:
+    """One layer's conflict result for one backward (tensors stay on device until logged)."""
+
+    layer_idx: int
+    token_A: Tensor
+    expert_A: Tensor
+    score_A: Tensor
+    considered_A: Tensor
+    conflict_A: Tensor
+    cel: Tensor  # unscaled L_cel of this layer (0 when not applied)
+
+    def stats(self, num_experts: int) -> dict[str, Tensor]:
+        """fraction (conflicts / considered pairs), mean score (gradient consistency), histogram, counts."""
+        considered = self.considered_A.float()
+        n = considered.sum()
+        conflicts = (self.conflict_A.float()).sum()
+        zeros = torch.zeros(num_experts, device=n.device)
+        return {
+            "fraction": conflicts / n.clamp_min(1),
+            "mean_cos": (self.score_A * considered).sum() / n.clamp_min(1),
+            "pairs": n,
+            "conflicts": conflicts,
+            "cel": self.cel.detach(),
+            "hist": torch.histc(self.score_A[self.considered_A], bins=HIST_BINS, min=-1.0, max=1.0),
+            "tokens_per_expert": zeros.index_add(0, self.expert_A, considered),
+            "conflicts_per_expert": zeros.index_add(0, self.expert_A, self.conflict_A.float()),
+        }
+
+
+class ConflictObserver:
+    """A ``stgc.moe.GradObserver`` computing conflict masks and (optionally) the fused CEL gradient.
+
+    scale: beta of the fused mode (the CEL gradient is scaled here, the one place it is applied in that
+        mode); 0 or ``apply_layers`` excluding a layer means measure only.
+    keep_tensors: keep per-assignment tensors in ``self.layers`` (two_pass and analysis need the masks).
+    skip_weight_grads: set by the two_pass first pass, which needs only token gradients.
+    """
+
+    def __init__(
+        self,
+        *,
+        score: str = "mean",
+        tau: float = 0.0,
+        loss_form: str = "neg_logit_ce",
+        scale: float = 0.0,
+        apply_layers: Iterable[int] | None = None,
+        allreduce_mean: bool = False,
+        keep_tensors: bool = False,
+        collect_grads: bool = False,
+    ):
+        if score not in SCORES:
+            raise ValueError(f"score={score!r} is not valid; choose one of {SCORES}.")
+        if loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss form {loss_form!r} is not valid; choose one of {LOSS_FORMS}.")
+        self.score, self.tau, self.loss_form, self.scale = score, tau, loss_form, scale
+        self.apply_layers = None if apply_layers is None else set(apply_layers)
+        self.allreduce_mean = allreduce_mean
+        self.keep_tensors, self.collect_grads = keep_tensors, collect_grads
+        self.active = True
+        self.skip_weight_grads = False
+        self.layers: dict[int, LayerConflict] = {}
+        self.stats: dict[int, dict[str, Tensor]] = {}
+        self.grads: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def applies_to(self, layer_idx: int) -> bool:
+        return self.scale != 0 and (self.apply_layers is None or layer_idx in self.apply_layers)
+
+    def __call__(
+        self,
+        record: RoutingRecord,
+        g1_AF: Tensor,
+        g2_AD: Tensor,
+        expert_A: Tensor,
+        token_A: Tensor,
+        valid_A: Tensor,
+    ) -> Tensor | None:
+        if not self.active:
+            return None
+        E = record.num_experts
+        if self.collect_grads:
+            self.grads[record.layer_idx] = (g1_AF.detach(), g2_AD.detach(), expert_A, token_A)
+        score_A, considered_A = conflict_scores(
+            g1_AF, g2_AD, expert_A, valid_A, E, score=self.score, allreduce_mean=self.allreduce_mean
+        )
+        conflict_A = considered_A & (score_A < self.tau)
+        grad_TE = None
+        cel = torch.zeros((), device=score_A.device)
+        if self.applies_to(record.layer_idx):
+            with torch.enable_grad():
+                z_TE = record.logits_TE.detach().requires_grad_(True)
+                cel = cel_loss(z_TE, token_A, expert_A, conflict_A, self.loss_form)
+                (grad_TE,) = torch.autograd.grad(cel * self.scale, z_TE)
+            grad_TE = grad_TE.to(record.logits_TE.dtype)
+        result = LayerConflict(record.layer_idx, token_A, expert_A, score_A, considered_A, conflict_A, cel)
+        if self.keep_tensors:
+            self.layers[record.layer_idx] = result
+        self.stats[record.layer_idx] = result.stats(E)
+        record.grad_stats = self.stats[record.layer_idx]
+        return grad_TE
+
+    def summary(self) -> dict[str, float]:
+        """Flat float metrics for logging: conflict/layer{i}/{fraction,mean_cos,cel,pairs} and overall means."""
+        out: dict[str, float] = {}
+        if not self.stats:
+            return out
+        fr, mc = [], []
+        for layer, s in sorted(self.stats.items()):
+            for key in ("fraction", "mean_cos", "cel", "pairs"):
+                out[f"conflict/layer{layer}/{key}"] = float(s[key])
+            fr.append(out[f"conflict/layer{layer}/fraction"])
+            mc.append(out[f"conflict/layer{layer}/mean_cos"])
+        out["conflict/fraction"] = sum(fr) / len(fr)
+        out["conflict/mean_cos"] = sum(mc) / len(mc)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# the two_pass and reference modes
+
+
+def two_pass_first_pass(main_loss: Tensor, records: list[RoutingRecord], observer: ConflictObserver) -> None:
+    """Backward of the main loss down to the first MoE layer's router logits with the observer collecting
+    token gradients and masks (weight gradients skipped); the graph is kept for the real backward."""
+    if not records:
+        raise ValueError("two_pass needs routing records: run the forward with a RoutingContext(records=[]).")
+    observer.active, observer.skip_weight_grads, observer.keep_tensors = True, True, True
+    saved_scale = observer.scale
+    observer.scale = 0.0  # the first pass only measures; L_cel is added as a forward term below
+    try:
+        torch.autograd.grad(main_loss, [records[0].logits_TE], retain_graph=True, allow_unused=True)
+    finally:
+        observer.scale = saved_scale
+        observer.skip_weight_grads = False
+        observer.active = False  # the total's backward must not measure again
+
+
+def two_pass_cel(records: list[RoutingRecord], observer: ConflictObserver) -> Tensor:
+    """Sum over the applied layers of L_cel from the kept (differentiable) router logits and the masks."""
+    total = records[0].logits_TE.new_zeros(())
+    for r in records:
+        layer = observer.layers.get(r.layer_idx)
+        if layer is None or not (observer.apply_layers is None or r.layer_idx in observer.apply_layers):
+            continue
+        cel = cel_loss(r.logits_TE, layer.token_A, layer.expert_A, layer.conflict_A, observer.loss_form)
+        observer.stats[r.layer_idx]["cel"] = cel.detach()
+        total = total + cel
+    return total
+
+
+def reference_token_grads(
+    model: torch.nn.Module,
+    loss_fn: Callable[[dict[int, tuple[Tensor, Tensor]]], Tensor],
+    records: list[RoutingRecord],
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """The paper's procedure: per-token copies of the experts' first and output biases (zero-valued),
+    gradients with torch.func. Returns {layer_idx: (g1_TKF, g2_TKD)} in (token, top-k slot) layout.
+
+    ``loss_fn(biases)`` must run the model's forward with ``RoutingContext(injected_biases=biases, ...)``
+    and return the main loss (L_lm + alpha L_aux). ``records`` (from an earlier forward) give the shapes: T tokens, K slots.
+    Routing must be deterministic (evaluation-style routing or fixed inputs), so that the copies line up.
+    """
+    from stgc.moe import MoEBlock
+
+    blocks = {m.layer_idx: m for m in model.modules() if isinstance(m, MoEBlock)}
+    biases = {}
+    for r in records:
+        bank = blocks[r.layer_idx].experts
+        T, K = r.topk_idx_TK.shape
+        dt = bank.w_in.dtype
+        biases[r.layer_idx] = (
+            torch.zeros(T, K, bank.intermediate_size, dtype=dt, device=bank.w_in.device),
+            torch.zeros(T, K, bank.hidden_size, dtype=dt, device=bank.w_in.device),
+        )
+
+    grads = torch.func.grad(loss_fn)(biases)
+    return {k: (v[0], v[1]) for k, v in grads.items()}

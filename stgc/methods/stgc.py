@@ -1,0 +1,129 @@
+"""STGC: the conflict elimination loss on tokens whose gradient conflicts with their expert (STGC.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+from stgc.conflict import LOSS_FORMS, MODES, SCORES, ConflictObserver, two_pass_cel, two_pass_first_pass
+from stgc.methods.base import MethodConfig, RoutingMethod, StepLoss, register
+from stgc.moe import RoutingContext
+
+
+@dataclasses.dataclass(frozen=True)
+class STGCConfig(MethodConfig):
+    """beta: weight of L_cel (STGC.md section 4; the paper's value is unknown, 0.01 is ours: sweep it).
+    tau: a (token, expert) pair conflicts when its score < tau (default 0).
+    score: mean | concat | g1 | g2 (STGC.md section 3). loss: neg_logit_ce | prob | min_score.
+    layers: decoder-layer indices of the MoE layers L_cel applies to (None: every MoE layer).
+    start_step: first optimizer step with L_cel. mode: fused | two_pass | reference (STGC.md section 5).
+    allreduce_mean: expert mean gradients over data-parallel ranks instead of per micro-batch.
+    """
+
+    name: str = "stgc"
+    beta: float = 0.01
+    tau: float = 0.0
+    score: str = "mean"
+    loss: str = "neg_logit_ce"
+    layers: tuple[int, ...] | None = None
+    start_step: int = 0
+    mode: str = "fused"
+    allreduce_mean: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"stgc.tau={self.tau} is outside [-1, 1] (it thresholds a cosine); use -1..1.")
+        if self.beta < 0:
+            raise ValueError(f"stgc.beta={self.beta} is negative; use beta >= 0 (0 turns the loss off).")
+        if self.score not in SCORES:
+            raise ValueError(f"stgc.score={self.score!r} is not valid; choose one of {SCORES}.")
+        if self.loss not in LOSS_FORMS:
+            raise ValueError(f"stgc.loss={self.loss!r} is not valid; choose one of {LOSS_FORMS}.")
+        if self.mode not in MODES:
+            raise ValueError(f"stgc.mode={self.mode!r} is not valid; choose one of {MODES}.")
+        if self.start_step < 0:
+            raise ValueError(f"stgc.start_step={self.start_step} is negative; use a step >= 0.")
+
+
+@register
+class STGC(RoutingMethod):
+    """L = L_lm + alpha * sum L_aux + beta * sum_layers L_cel (STGC.md section 4)."""
+
+    name = "stgc"
+    Config = STGCConfig
+    config: STGCConfig
+
+    def active(self, step: int) -> bool:
+        return step >= self.config.start_step and self.config.beta > 0
+
+    def observer(self, step: int) -> ConflictObserver:
+        c = self.config
+        fused = c.mode == "fused"
+        return ConflictObserver(
+            score=c.score,
+            tau=c.tau,
+            loss_form=c.loss,
+            # fused: beta is applied here, inside the backward (the CEL gradient is added to the router's)
+            scale=c.beta if (fused and self.active(step)) else 0.0,
+            apply_layers=c.layers,
+            allreduce_mean=c.allreduce_mean,
+            keep_tensors=not fused,
+        )
+
+    def coefficients(self, step: int) -> dict[str, float]:
+        coefs = super().coefficients(step)
+        if self.config.mode != "fused":
+            coefs["cel"] = self.config.beta if self.active(step) else 0.0
+        return coefs
+
+    def train_loss(self, model, inputs, step: int, observer=None) -> StepLoss:
+        if self.config.mode == "fused":
+            return super().train_loss(model, inputs, step)
+        obs = self.observer(step)
+        ctx = RoutingContext(records=[], observer=obs)
+        out = model(**inputs, routing_ctx=ctx)
+        terms = super().loss_terms(ctx.records, step)
+        coefs = self.coefficients(step)
+        main = out.loss + coefs["aux"] * terms["aux"]
+        if self.config.mode == "two_pass":
+            two_pass_first_pass(main, ctx.records, obs)
+        else:
+            self._reference_masks(model, inputs, ctx, obs, step)
+        terms["cel"] = two_pass_cel(ctx.records, obs) if coefs["cel"] > 0 else main.new_zeros(())
+        return self.combine(out, terms, coefs, obs, ctx.records)
+
+    def _reference_masks(self, model, inputs, ctx: RoutingContext, obs: ConflictObserver, step: int) -> None:
+        """The paper's literal procedure: torch.func gradients on per-token bias copies, then the masks."""
+        import torch
+
+        from stgc.conflict import reference_token_grads
+
+        records = ctx.records
+        alpha = self.coefficients(step)["aux"]
+
+        def main_loss(biases: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+            c = RoutingContext(records=[], injected_biases=biases)
+            o = model(**inputs, routing_ctx=c)
+            return o.loss + alpha * sum(r.aux_loss for r in c.records)
+
+        grads = reference_token_grads(model, main_loss, records)
+        obs.active, obs.keep_tensors = True, True
+        for r in records:
+            g1_TKF, g2_TKD = grads[r.layer_idx]
+            T, K = r.topk_idx_TK.shape
+            keep = (r.kept_TK & r.token_mask_T[:, None]).reshape(-1)
+            expert_A = r.topk_idx_TK.reshape(-1)[keep]
+            order = torch.argsort(expert_A, stable=True)
+            token_A = torch.arange(T, device=expert_A.device).repeat_interleave(K)[keep][order]
+            obs(
+                r,
+                g1_TKF.reshape(T * K, -1)[keep][order],
+                g2_TKD.reshape(T * K, -1)[keep][order],
+                expert_A[order],
+                token_A,
+                r.token_mask_T[token_A],
+            )
+        obs.active = False
