@@ -468,13 +468,26 @@ def read_conflict_curves(
 # ------------------------------------------------------------------------------------ conflict scores
 
 
+def _considered(scores: pd.DataFrame) -> pd.DataFrame:
+    """Rows that entered the conflict test: all, or those with considered == True when that column exists
+    (stgc.conflict keeps a `considered_A` mask: assignments of padding tokens or of experts with too few
+    tokens have a score but no conflict decision)."""
+    if "considered" not in scores.columns:
+        return scores
+    if scores["considered"].dtype != bool:
+        raise ValueError(f"`considered` must be a boolean column, got dtype {scores['considered'].dtype}")
+    return scores[scores["considered"]]
+
+
 def conflict_summary(scores: pd.DataFrame, *, by: Sequence[str] = ("layer",)) -> pd.DataFrame:
     """Per-group summary of per-(token, expert) conflict scores (columns `score` (a cosine) and `conflict`).
 
     conflict_fraction = mean of the boolean `conflict`; mean/std/median of `score`; n_scores = rows.
+    With a boolean `considered` column, only considered rows count.
     """
     by = list(by)
     _require_columns(scores, [*by, "score", "conflict"], "conflict_summary")
+    scores = _considered(scores)
     if scores["conflict"].dtype != bool:
         raise ValueError(f"`conflict` must be a boolean column, got dtype {scores['conflict'].dtype}")
     return (
@@ -500,10 +513,12 @@ def cosine_histogram(
     """Histogram of `score` per group; columns *by, bin_left, bin_right, bin_center, count, fraction, density.
 
     fraction = count / n (sums to 1 per group); density = fraction / bin width (integrates to 1). Scores
-    outside `value_range` by more than 1e-4 (float rounding of a cosine) are an error, not clipped.
+    outside `value_range` by more than 1e-4 (float rounding of a cosine) are an error, not clipped. With a
+    boolean `considered` column, only considered rows count.
     """
     by = list(by)
     _require_columns(scores, [*by, "score"], "cosine_histogram")
+    scores = _considered(scores)
     if bins < 1:
         raise ValueError(f"bins={bins} must be >= 1")
     low, high = value_range

@@ -273,6 +273,9 @@ def test_conflict_summary_and_histogram():
     assert per_layer["count"].sum().tolist() == [500, 500]
     assert np.allclose(per_layer["fraction"].sum(), 1.0)
     assert np.allclose(hist.assign(area=hist["density"] * 0.1).groupby("layer")["area"].sum(), 1.0)
+    considered = scores.assign(considered=scores["layer"] == 1)
+    assert conflict_summary(considered)["layer"].tolist() == [1]
+    assert cosine_histogram(considered, bins=20)["count"].sum() == 500
     with pytest.raises(ValueError, match="outside value_range"):
         cosine_histogram(scores.assign(score=scores["score"] * 3))
     with pytest.raises(ValueError, match="boolean"):
