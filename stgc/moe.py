@@ -142,7 +142,11 @@ def route(
     if sample:
         # DeepSpeed: the 2nd expert is argmax(logits + Gumbel noise) excluding the 1st.
         top1_T = probs_TE.argmax(dim=-1)
-        gumbel_TE = -torch.log(-torch.log(torch.rand_like(logits_TE).clamp_min(1e-20)).clamp_min(1e-20))
+        # Gumbel(0, 1) drawn as DeepSpeed's gumbel_rsample draws it (torch Gumbel: u ~ U[tiny, 1 - eps),
+        # -log(-log(u))), so that a shared seed reproduces DeepSpeed's choices (tests/test_moe.py).
+        fi = torch.finfo(logits_TE.dtype)
+        u_TE = torch.rand_like(logits_TE) * (1 - fi.eps - fi.tiny) + fi.tiny
+        gumbel_TE = -torch.log(-torch.log(u_TE))
         noisy_TE = (logits_TE.detach() + gumbel_TE).scatter(1, top1_T[:, None], float("-inf"))
         topk_idx_TK = torch.stack([top1_T, noisy_TE.argmax(dim=-1)], dim=-1)
     else:

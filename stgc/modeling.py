@@ -1,0 +1,434 @@
+"""The MoE-LLaVA model as a transformers model (DESIGN.md "Contracts"; STGC.md section 1).
+
+``MoELlavaForConditionalGeneration`` is transformers' ``LlavaForConditionalGeneration`` (CLIP vision tower,
+2-layer GELU projector, causal LM) whose MLP at the configured decoder layers is a ``stgc.moe.MoEBlock``.
+Its config (``MoELlavaConfig``, model_type ``stgc_moe_llava``) carries the MoE settings and the routing
+method, and both classes are registered with the Auto classes: after ``import stgc``,
+``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)`` load a
+checkpoint folder.
+
+Routing leaves the model through a ``RoutingContext`` attached around each forward (``stgc.moe``); the
+output carries ``aux_loss`` (unscaled, summed over MoE layers) and, when asked, the ``routing_records``.
+The LM ``loss`` stays the pure language-modelling loss: coefficients are applied once, in the train step
+(STYLE.md 1).
+
+Shape legend: B batch, S sequence length of this forward (1 in a decode step), T = B*S, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
+
+from stgc.backbones import (
+    LLAVA_WIRING,
+    backbone_for_text_config,
+    num_image_tokens,
+    text_config,
+    vision_config,
+)
+from stgc.config import MoEConfig
+from stgc.moe import MoEBlock, RoutingContext, RoutingRecord, routing_context
+
+IMAGE_TOKEN = "<image>"
+# modality codes written into RoutingContext.modality_BT (analysis maps them to "text" / "image")
+MODALITY_TEXT, MODALITY_IMAGE = 0, 1
+
+# Activations the MoE block's experts compute exactly (stgc.moe: SiLU-gated for swiglu, tanh-GELU for gelu).
+_FFN_ACTIVATIONS = {"swiglu": ("silu", "swish"), "gelu": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")}
+
+
+class MoELlavaConfig(LlavaConfig):
+    """A ``LlavaConfig`` plus the MoE settings and the routing method.
+
+    moe: ``MoEConfig.to_dict()`` (validated here, also against the text config's layer count).
+    routing_method: a plain dict naming the routing method and its parameters, e.g. ``{"name": "baseline"}``;
+        stored and round-tripped as is (the methods registry interprets it).
+    """
+
+    model_type = "stgc_moe_llava"
+
+    moe: dict | None = None
+    routing_method: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        self.moe = MoEConfig.from_dict(self.moe).to_dict()
+        if self.moe["layers"] is not None:
+            self.moe["layers"] = list(self.moe["layers"])  # JSON form; MoEConfig turns it back into a tuple
+        self.routing_method = dict(self.routing_method) if self.routing_method else {"name": "baseline"}
+        if "name" not in self.routing_method:
+            raise ValueError(
+                f"routing_method={self.routing_method!r} has no 'name'; give e.g. {{'name': 'baseline'}}."
+            )
+        super().__post_init__(**kwargs)
+        # Fail at construction, not at the first forward: unknown backbone or MoE layer out of range.
+        backbone_for_text_config(self.text_config)
+        self.moe_config.resolve_layers(self.text_config.num_hidden_layers)
+
+    @property
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig.from_dict(self.moe)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Decoder-layer indices whose MLP is a MoE block."""
+        return self.moe_config.resolve_layers(self.text_config.num_hidden_layers)
+
+    @classmethod
+    def from_llava_config(
+        cls, llava_config: LlavaConfig, moe: MoEConfig, routing_method: dict | None = None
+    ) -> MoELlavaConfig:
+        """The MoE config of a dense LLaVA config (every other field copied)."""
+        data = llava_config.to_dict()
+        for key in ("model_type", "architectures", "moe", "routing_method"):
+            data.pop(key, None)
+        return cls(**data, moe=moe.to_dict(), routing_method=routing_method)
+
+
+@dataclasses.dataclass
+class MoELlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
+    """LLaVA's output plus the routing outputs.
+
+    aux_loss: sum over MoE layers of the unscaled load-balancing loss (``RoutingRecord.aux_loss``); ``None``
+        when this forward recorded no routing (evaluation without ``output_routing``), never a silent 0.
+    routing_records: one ``RoutingRecord`` per MoE layer in execution order, when ``output_routing=True``.
+    """
+
+    aux_loss: Tensor | None = None
+    routing_records: list[RoutingRecord] | None = None
+
+
+def _mlp_kind(text_cfg) -> str:
+    """The MoE block's FFN kind for a text config, checking that the dense activation is the one the block
+    computes (a Phi with exact GELU would otherwise be upcycled into a slightly different function)."""
+    ffn = backbone_for_text_config(text_cfg).ffn
+    act = text_cfg.hidden_act
+    if act not in _FFN_ACTIVATIONS[ffn]:
+        raise ValueError(
+            f"text backbone {text_cfg.model_type!r} has hidden_act={act!r}; its {ffn} MoE experts compute "
+            f"{_FFN_ACTIVATIONS[ffn]}. Use one of those activations."
+        )
+    return ffn
+
+
+class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA with MoE blocks at ``config.moe_layers`` (each replacing that decoder layer's ``mlp``)."""
+
+    config_class = MoELlavaConfig
+    config: MoELlavaConfig
+    # The router is computed in fp32 (DeepSpeed's TopKGate does too); keep its weight fp32 when a checkpoint
+    # is loaded in bf16/fp16 so that small logit differences are not rounded away.
+    _keep_in_fp32_modules_strict = ["router"]
+
+    def __init__(self, config: MoELlavaConfig):
+        super().__init__(config)
+        text_cfg = config.text_config
+        ffn = _mlp_kind(text_cfg)
+        moe_cfg = config.moe_config
+        layers = self.model.language_model.layers
+        for i in config.moe_layers:
+            layers[i].mlp = MoEBlock(
+                moe_cfg, text_cfg.hidden_size, text_cfg.intermediate_size, ffn, layer_idx=i
+            )
+        # Again, for the new blocks only (modules the parent's post_init initialised are flagged, skipped).
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Save with tensors under their in-memory names (``state_dict()`` keys, e.g.
+        ``model.language_model.layers.0.mlp.experts.w_in``). transformers would otherwise rename keys to
+        the legacy LLaVA layout, and differently for a freshly built and a reloaded model (5.23 writes
+        ``model.language_model.model.layers...`` for the former); one layout is easier to read and convert."""
+        return super().save_pretrained(
+            save_directory, *args, save_original_format=save_original_format, **kwargs
+        )
+
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def moe_blocks(self) -> dict[int, MoEBlock]:
+        """Decoder-layer index -> MoE block."""
+        layers = self.model.language_model.layers
+        return {i: layers[i].mlp for i in self.config.moe_layers}
+
+    def _routing_ctx(
+        self,
+        seq_len: int,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        routing_ctx: RoutingContext | None,
+        need_records: bool,
+    ) -> RoutingContext:
+        """This forward's context: the caller's (never mutated) completed with the token mask of this
+        forward's tokens, the modality codes and a records list where one is needed."""
+        ctx = routing_ctx if routing_ctx is not None else RoutingContext()
+        changes: dict[str, Any] = {}
+        if ctx.token_mask_BT is None and attention_mask is not None and attention_mask.dim() == 2:
+            # In a decode step the mask covers past + current tokens; the block sees the current ones only.
+            changes["token_mask_BT"] = attention_mask[:, -seq_len:].bool()
+        if ctx.modality_BT is None and input_ids is not None:
+            is_image_BS = input_ids[:, -seq_len:] == self.config.image_token_id
+            changes["modality_BT"] = torch.where(is_image_BS, MODALITY_IMAGE, MODALITY_TEXT)
+        if ctx.records is None and need_records:
+            changes["records"] = []
+        return dataclasses.replace(ctx, **changes) if changes else ctx
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        output_routing: bool = False,
+        routing_ctx: RoutingContext | None = None,
+        **kwargs,
+    ) -> MoELlavaCausalLMOutputWithPast:
+        """LLaVA's forward inside a routing context.
+
+        output_routing: return the per-layer ``RoutingRecord``s as ``routing_records``.
+        routing_ctx: an externally built context (e.g. with a gradient observer); its records list, if any,
+            receives this forward's records. Records are also collected in training so that ``aux_loss``
+            is always there for the train step.
+        """
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        need_records = output_routing or self.training
+        ctx = self._routing_ctx(seq_len, input_ids, attention_mask, routing_ctx, need_records)
+        first = len(ctx.records) if ctx.records is not None else 0
+        with routing_context(self, ctx):
+            out = super().forward(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                image_sizes=image_sizes,
+                return_dict=True,
+                **kwargs,
+            )
+        records = ctx.records[first:] if ctx.records is not None else None
+        aux_loss = torch.stack([r.aux_loss for r in records]).sum() if records else None
+        return MoELlavaCausalLMOutputWithPast(
+            loss=out.loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            image_hidden_states=out.image_hidden_states,
+            aux_loss=aux_loss,
+            routing_records=records if output_routing else None,
+        )
+
+    # ----------------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_dense(
+        cls,
+        llava: LlavaForConditionalGeneration,
+        moe_config: MoEConfig,
+        routing_method: dict | None = None,
+    ) -> MoELlavaForConditionalGeneration:
+        """Sparse upcycling of a dense LLaVA: every expert of a MoE layer is a copy of that layer's dense FFN,
+        every other tensor (parameters and buffers) is copied; routers keep nn.Linear's default init in fp32
+        (as DeepSpeed's gate, which MoE-LLaVA adds to a loaded model). At initialisation the result computes
+        the dense parent's function exactly: all experts are equal and the combine weights sum to 1."""
+        config = MoELlavaConfig.from_llava_config(llava.config, moe_config, routing_method)
+        with torch.device("meta"):  # every tensor is copied below: no need to initialise anything
+            model = cls(config)
+        dense_layers = llava.model.language_model.layers
+        moe_layers = model.model.language_model.layers
+        for i in config.moe_layers:
+            moe_layers[i].mlp = _upcycle(dense_layers[i].mlp, model.config.moe_config, i)
+        moe_prefixes = tuple(f"model.language_model.layers.{i}.mlp." for i in config.moe_layers)
+        dense_tensors = {**dict(llava.named_parameters()), **dict(llava.named_buffers())}
+        # Replace each meta tensor by a copy of the dense one (same dtype and device), keeping shared
+        # (tied) parameters shared.
+        new_by_id: dict[int, Tensor] = {}
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.startswith(moe_prefixes):
+                continue
+            if name not in dense_tensors:
+                raise ValueError(f"from_dense: the dense model has no tensor {name!r}; is it a LLaVA model?")
+            source = dense_tensors[name].detach().clone()
+            new = (
+                nn.Parameter(source, requires_grad=tensor.requires_grad)
+                if isinstance(tensor, nn.Parameter)
+                else source
+            )
+            new_by_id[id(tensor)] = new
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for key, tensor in store.items():
+                    if tensor is not None and id(tensor) in new_by_id:
+                        store[key] = new_by_id[id(tensor)]
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        assert not leftover, f"from_dense left tensors uninitialised: {leftover[:10]}"
+        model.generation_config = llava.generation_config
+        model.train(llava.training)
+        return model
+
+
+def _upcycle(mlp: nn.Module, moe_cfg: MoEConfig, layer_idx: int) -> MoEBlock:
+    """A MoE block whose experts all copy the dense MLP (gate/up/down or fc1/fc2 parameter layout)."""
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            if getattr(mlp, n).bias is not None:
+                raise ValueError(f"layer {layer_idx}: {n} has a bias; the swiglu MoE expert has none.")
+        return MoEBlock.from_dense(
+            moe_cfg,
+            layer_idx,
+            gate_proj=mlp.gate_proj.weight,
+            up_proj=mlp.up_proj.weight,
+            down_proj=mlp.down_proj.weight,
+        )
+    if all(hasattr(mlp, n) for n in ("fc1", "fc2")):
+        return MoEBlock.from_dense(
+            moe_cfg,
+            layer_idx,
+            fc1_weight=mlp.fc1.weight,
+            fc1_bias=mlp.fc1.bias,
+            fc2_weight=mlp.fc2.weight,
+            fc2_bias=mlp.fc2.bias,
+        )
+    raise ValueError(
+        f"layer {layer_idx}: MLP {type(mlp).__name__} has neither gate_proj/up_proj/down_proj nor fc1/fc2; "
+        "supported dense MLPs are Llama/Qwen2/StableLM-style and Phi-style."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# builders
+
+
+def build_llava_config(
+    backbone: str,
+    size: str,
+    *,
+    vocab_size: int | None,
+    image_token_id: int,
+    pad_token_id: int | None,
+    **text_overrides: Any,
+) -> LlavaConfig:
+    """The dense LLaVA config of a registry backbone and size (``stgc.backbones``)."""
+    text = text_config(backbone, size, vocab_size=vocab_size, pad_token_id=pad_token_id, **text_overrides)
+    if not 0 <= image_token_id < text.vocab_size:
+        raise ValueError(
+            f"image_token_id={image_token_id} is outside the vocabulary (size {text.vocab_size}); "
+            "add <image> to the tokenizer and pass its id and the tokenizer's length."
+        )
+    vision = vision_config(size)
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=num_image_tokens(vision),
+        tie_word_embeddings=text.tie_word_embeddings,
+        pad_token_id=pad_token_id,
+        **LLAVA_WIRING,
+    )
+
+
+def build_model(
+    backbone: str,
+    size: str,
+    *,
+    vocab_size: int | None,
+    image_token_id: int,
+    pad_token_id: int | None,
+    moe: MoEConfig,
+    routing_method: dict | None = None,
+    dtype: torch.dtype | None = None,
+    **text_overrides: Any,
+) -> MoELlavaForConditionalGeneration:
+    """A freshly initialised MoE-LLaVA model of a registry backbone and size (no upcycling: use
+    ``MoELlavaForConditionalGeneration.from_dense`` to start from a dense model)."""
+    llava_cfg = build_llava_config(
+        backbone,
+        size,
+        vocab_size=vocab_size,
+        image_token_id=image_token_id,
+        pad_token_id=pad_token_id,
+        **text_overrides,
+    )
+    model = MoELlavaForConditionalGeneration(MoELlavaConfig.from_llava_config(llava_cfg, moe, routing_method))
+    if dtype is not None:
+        model = model.to(dtype)
+        for block in model.moe_blocks.values():
+            block.router.float()
+    return model
+
+
+def build_processor(tokenizer: PreTrainedTokenizerBase, image_size: int, patch_size: int) -> LlavaProcessor:
+    """A LLaVA processor for a CLIP tower of ``image_size`` / ``patch_size`` (CLIP's resize / crop /
+    normalisation; the PIL image processor: torchvision is not a dependency).
+
+    The processor expands each ``<image>`` into (image_size // patch_size)^2 tokens, the count the model's
+    "default" feature strategy produces (CLS dropped: num_additional_image_tokens=1). Save it into the
+    checkpoint folder with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(path)`` works.
+    """
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        raise ValueError(
+            f"the tokenizer has no {IMAGE_TOKEN!r} token; add it (tokenizer.add_special_tokens("
+            f"{{'additional_special_tokens': ['{IMAGE_TOKEN}']}})) before building the processor and model."
+        )
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}.")
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def register() -> None:
+    """Register the config and model with the Auto classes (idempotent; run on ``import stgc``)."""
+    try:
+        AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig)
+    except ValueError:  # already registered
+        pass
+    for auto in (AutoModelForImageTextToText,):
+        try:
+            auto.register(MoELlavaConfig, MoELlavaForConditionalGeneration)
+        except ValueError:
+            pass
+    try:
+        AutoProcessor.register(MoELlavaConfig, LlavaProcessor)
+    except ValueError:
+        pass
+
+
+register()
