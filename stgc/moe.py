@@ -77,7 +77,8 @@ class GradObserver(Protocol):
         g2_AD: Tensor,
         expert_A: Tensor,
         token_A: Tensor,
-        valid_A: Tensor,
+        valid_A: Tensor | None,
+        segments: list[tuple[int, int, int]] | None = None,
     ) -> Tensor | None: ...
 
 
@@ -169,8 +170,8 @@ def route(
     weights_TK = gathered_TK / gathered_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).eps)
     counted_TK = kept_TK & token_mask_T[:, None]
     tokens_per_expert_E = torch.zeros(E, device=logits_TE.device, dtype=torch.long).index_add_(
-        0, topk_idx_TK[counted_TK], torch.ones_like(topk_idx_TK[counted_TK])
-    )
+        0, topk_idx_TK.reshape(-1), counted_TK.reshape(-1).long()
+    )  # (no boolean indexing: it would force a host sync every layer)
     return probs_TE, topk_idx_TK, weights_TK, kept_TK, tokens_per_expert_E, aux_loss
 
 
@@ -240,120 +241,179 @@ def _act_forward(ffn: str, h: Tensor, F_: int) -> Tensor:
     return F.gelu(h, approximate="tanh")
 
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
 def _act_backward(ffn: str, h: Tensor, grad_a: Tensor, F_: int) -> Tensor:
-    """d(activation)/dh applied to grad_a, computed in at least fp32 and returned in h's dtype."""
+    """d(activation)/dh applied to grad_a, computed in at least fp32 and returned in h's dtype.
+
+    Written as plain elementwise code so that ``torch.compile`` fuses it into one kernel on GPU (no
+    full-size fp32 temporaries: the upcast happens per element inside the kernel)."""
     ct = torch.promote_types(h.dtype, torch.float32)
+    ga = grad_a.to(ct)
     if ffn == "swiglu":
         gate, up = h[:, :F_].to(ct), h[:, F_:].to(ct)
         sig = torch.sigmoid(gate)
-        silu = gate * sig
-        ga = grad_a.to(ct)
         d_gate = ga * up * sig * (1 + gate * (1 - sig))
-        d_up = ga * silu
+        d_up = ga * gate * sig
         return torch.cat([d_gate, d_up], dim=1).to(h.dtype)
-    with torch.enable_grad():
-        hf = h.detach().to(ct).requires_grad_(True)
-        out = F.gelu(hf, approximate="tanh")
-        (dh,) = torch.autograd.grad(out, hf, grad_a.to(ct))
-    return dh.to(h.dtype)
+    x = h.to(ct)
+    th = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+    return (ga * d).to(h.dtype)
+
+
+def _rowdot_scale(dy_AD: Tensor, o_AD: Tensor, w_A: Tensor) -> tuple[Tensor, Tensor]:
+    """(<dy_A, o_A> in fp32, g2_A = w_A * dy_A): the combine weights' gradient and the output-bias gradient,
+    in one pass over dy on GPU (compiled)."""
+    ct = torch.promote_types(dy_AD.dtype, torch.float32)
+    grad_w_A = (dy_AD.to(ct) * o_AD.to(ct)).sum(-1)
+    g2_AD = (dy_AD.to(ct) * w_A[:, None].to(ct)).to(dy_AD.dtype)
+    return grad_w_A, g2_AD
+
+
+def _combine(o_ext: Tensor, pos_TK: Tensor, w_TK: Tensor | None) -> Tensor:
+    """y_t = sum_k w_tk * o[pos_tk] (fp32 accumulation); ``o_ext``'s last row is zero, the position of
+    dropped slots. A gather instead of an atomic scatter-add: faster, and deterministic for any K."""
+    ct = torch.promote_types(o_ext.dtype, torch.float32)
+    g = o_ext[pos_TK].to(ct)
+    if w_TK is not None:
+        g = g * w_TK[..., None].to(ct)
+    return g.sum(1).to(o_ext.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _kernel(name: str, fn, x: Tensor):
+    """``fn`` compiled with torch.compile on CUDA (fused elementwise kernels), eager elsewhere."""
+    if not x.is_cuda:
+        return fn
+    if name not in _COMPILED:
+        # dynamic=None: the token count may vary between calls, feature sizes stay static (aligned, vectorised)
+        _COMPILED[name] = torch.compile(fn)
+    return _COMPILED[name]
+
+
+def _mm(a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """out = a @ b (+ bias), written in place (no concatenation pass afterwards)."""
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
 
 
 class _ExpertsFn(torch.autograd.Function):
     """Sorted-token expert computation and combine, with a hand-written backward.
 
-    Forward: x_sorted = x[token_A]; per expert e: h = x_e W_in^T (+b_in); a = act(h); o = a W_out^T (+b_out);
-    y[t] = sum over its assignments of w_A * o_A.
-    Backward has the token-level bias gradients in hand (g2_A = w_A dy[token_A], g1_A = dL/da or dL/dh), so a
-    gradient observer (STGC fused mode) can add a router-logit gradient in the same pass.
-    ``logits_TE`` is an input only so that the observer's extra gradient has somewhere to go.
+    Forward: x_A = x[token_A]; per expert e (a contiguous slice of the sorted assignments):
+    h = x_e W_in^T (+b_in) (gate and up in ONE product for SwiGLU); a = act(h) over all experts at once;
+    o = a W_out^T (+b_out); y[t] = sum over its assignments of w_A * o_A.
+    Backward has the token-level bias gradients in hand (g2_A = w_A dy[token_A], g1_A = dL/da (SwiGLU's
+    virtual bias) or dL/dh (GELU's fc1 bias)), so a gradient observer (STGC fused mode) can add a
+    router-logit gradient in the same pass. ``logits_TE`` is an input only so that the observer's extra
+    gradient has somewhere to go.
     """
 
     @staticmethod
-    def forward(ctx, x_TD, w_A, logits_TE, w_in, b_in, w_out, b_out, token_A, counts, ffn, observer, record):
+    def forward(
+        ctx,
+        x_TD,
+        weights_TK,
+        logits_TE,
+        w_in,
+        b_in,
+        w_out,
+        b_out,
+        token_A,
+        order_A,
+        expert_A,
+        pos_TK,
+        counts,
+        ffn,
+        observer,
+        record,
+        route_padding,
+    ):
         F_ = w_out.shape[-1]
+        A, D, H = token_A.shape[0], x_TD.shape[1], w_in.shape[1]
         x_AD = x_TD.index_select(0, token_A)
-        hs, outs = [], []
+        w_A = weights_TK.reshape(-1).index_select(0, order_A)
+        h_AH = x_TD.new_empty(A, H)
+        segs = []
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            xe = x_AD[start : start + n]
-            h = F.linear(xe, w_in[e], None if b_in is None else b_in[e])
-            a = _act_forward(ffn, h, F_)
-            o = F.linear(a, w_out[e], None if b_out is None else b_out[e])
-            hs.append(h)
-            outs.append(o)
+            if n:
+                segs.append((e, start, start + n))
             start += n
-        H = w_in.shape[1]
-        h_AH = torch.cat(hs) if hs else x_TD.new_zeros(0, H)
-        o_AD = torch.cat(outs) if outs else x_TD.new_zeros(0, x_TD.shape[1])
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, o_AD * w_A[:, None].to(o_AD.dtype))
-        ctx.save_for_backward(x_AD, h_AH, o_AD, w_A, w_in, w_out, token_A, logits_TE)
-        ctx.counts, ctx.ffn, ctx.observer, ctx.record = counts, ffn, observer, record
+        for e, s, t in segs:
+            _mm(x_AD[s:t], w_in[e].t(), None if b_in is None else b_in[e], h_AH[s:t])
+        a_AF = _kernel(f"act_{ffn}", _act_forward, x_TD)(ffn, h_AH, F_)
+        o_ext = x_TD.new_empty(A + 1, D)  # row A stays zero: the target of dropped slots
+        o_ext[A].zero_()
+        for e, s, t in segs:
+            _mm(a_AF[s:t], w_out[e].t(), None if b_out is None else b_out[e], o_ext[s:t])
+        y_TD = _kernel("combine", _combine, x_TD)(o_ext, pos_TK, weights_TK)
+        ctx.save_for_backward(x_AD, h_AH, a_AF, o_ext, w_A, w_in, w_out, token_A, order_A, expert_A, pos_TK)
+        ctx.segs, ctx.ffn, ctx.observer, ctx.record = segs, ffn, observer, record
+        ctx.counts = counts
+        ctx.route_padding = route_padding
         ctx.has_bias = b_in is not None
         ctx.T = x_TD.shape[0]
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_AD, h_AH, o_AD, w_A, w_in, w_out, token_A, logits_TE = ctx.saved_tensors
-        ffn, counts, T = ctx.ffn, ctx.counts, ctx.T
-        F_ = w_out.shape[-1]
+        x_AD, h_AH, a_AF, o_ext, w_A, w_in, w_out, token_A, order_A, expert_A, pos_TK = ctx.saved_tensors
+        ffn, segs = ctx.ffn, ctx.segs
+        A, F_ = token_A.shape[0], w_out.shape[-1]
         need_x, need_w, _, need_win, need_bin, need_wout, need_bout = ctx.needs_input_grad[:7]
         if getattr(ctx.observer, "skip_weight_grads", False):
             # two_pass first pass: only token gradients and input gradients are needed
             need_win = need_bin = need_wout = need_bout = False
-        ct = torch.promote_types(dy_TD.dtype, torch.float32)  # accumulate reductions in >= fp32
         dy_AD = dy_TD.index_select(0, token_A)
-        # dL/dw_A = <dy_t, o_A>; g2_A = w_A * dy_t (the output-bias gradient of the assignment)
-        grad_w_A = (dy_AD.to(ct) * o_AD.to(ct)).sum(-1) if need_w else None
-        g2_AD = dy_AD * w_A[:, None].to(dy_AD.dtype)
-        observe = ctx.observer is not None
-        grad_x_AD = torch.empty_like(x_AD) if need_x else None
+        # dL/dw_A = <dy_t, o_A>; g2_A = w_A * dy_t is the output-bias gradient of assignment A
+        grad_w_A, g2_AD = _kernel("rowdot", _rowdot_scale, dy_TD)(dy_AD, o_ext[:A], w_A)
+        del dy_AD
+        grad_w_TK = None
+        if need_w:
+            grad_w_TK = grad_w_A.new_zeros(pos_TK.numel())
+            grad_w_TK[order_A] = grad_w_A
+            grad_w_TK = grad_w_TK.view(pos_TK.shape)
+        grad_a_AF = torch.empty_like(a_AF)
+        for e, s, t in segs:
+            torch.mm(g2_AD[s:t], w_out[e], out=grad_a_AF[s:t])  # = the virtual first-bias gradient
+        grad_h_AH = _kernel(f"actb_{ffn}", _act_backward, dy_TD)(ffn, h_AH, grad_a_AF, F_)
         g_win = torch.zeros_like(w_in) if need_win else None
         g_wout = torch.zeros_like(w_out) if need_wout else None
         g_bin = w_in.new_zeros(w_in.shape[0], F_) if (ctx.has_bias and need_bin) else None
         g_bout = w_out.new_zeros(w_out.shape[0], w_out.shape[1]) if (ctx.has_bias and need_bout) else None
-        g1s = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sl = slice(start, start + n)
-            g2 = g2_AD[sl]
-            h = h_AH[sl]
-            grad_a = g2 @ w_out[e]  # (n, F): dL/d(input of W_out) = the virtual first bias gradient
-            grad_h = _act_backward(ffn, h, grad_a, F_)
-            if need_wout:
-                a = _act_forward(ffn, h, F_)
-                g_wout[e] = g2.t() @ a
-            if need_win:
-                g_win[e] = grad_h.t() @ x_AD[sl]
-            if g_bin is not None:
-                g_bin[e] = grad_h.to(ct).sum(0).to(g_bin.dtype)
-            if g_bout is not None:
-                g_bout[e] = g2.to(ct).sum(0).to(g_bout.dtype)
-            if need_x:
-                grad_x_AD[sl] = grad_h @ w_in[e]
-            if observe:
-                # SwiGLU: virtual bias at the down projection's input; GELU: the real fc1 bias (pre-act)
-                g1s.append(grad_a if ffn == "swiglu" else grad_h)
-            start += n
-        grad_x_TD = None
+        grad_x_ext = None
         if need_x:
-            grad_x_TD = torch.zeros(T, x_AD.shape[1], dtype=x_AD.dtype, device=x_AD.device)
-            grad_x_TD.index_add_(0, token_A, grad_x_AD)
+            grad_x_ext = x_AD.new_empty(A + 1, x_AD.shape[1])
+            grad_x_ext[A].zero_()
+        ct = torch.promote_types(dy_TD.dtype, torch.float32)
+        for e, s, t in segs:
+            if need_wout:
+                torch.mm(g2_AD[s:t].t(), a_AF[s:t], out=g_wout[e])
+            if need_win:
+                torch.mm(grad_h_AH[s:t].t(), x_AD[s:t], out=g_win[e])
+            if g_bin is not None:
+                g_bin[e] = grad_h_AH[s:t].sum(0, dtype=ct).to(g_bin.dtype)
+            if g_bout is not None:
+                g_bout[e] = g2_AD[s:t].sum(0, dtype=ct).to(g_bout.dtype)
+            if need_x:
+                torch.mm(grad_h_AH[s:t], w_in[e], out=grad_x_ext[s:t])
+        grad_x_TD = _kernel("combine", _combine, dy_TD)(grad_x_ext, pos_TK, None) if need_x else None
         grad_logits = None
-        if observe:
-            g1_AF = torch.cat(g1s) if g1s else g2_AD.new_zeros(0, F_)
-            expert_A = torch.repeat_interleave(
-                torch.arange(len(counts), device=token_A.device),
-                torch.tensor(counts, device=token_A.device),
-            )
+        if ctx.observer is not None:
             rec = ctx.record
-            valid_A = rec.token_mask_T.index_select(0, token_A)
-            grad_logits = ctx.observer(rec, g1_AF, g2_AD, expert_A, token_A, valid_A)
-        return (grad_x_TD, grad_w_A, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 5
+            # padding is routed only with route_padding (MoE-LLaVA's behaviour); otherwise all rows are real
+            valid_A = rec.token_mask_T.index_select(0, token_A) if ctx.route_padding else None
+            # SwiGLU: virtual bias at the down projection's input (dL/da); GELU: the real fc1 bias (dL/dh)
+            g1_AF = grad_a_AF if ffn == "swiglu" else grad_h_AH
+            grad_logits = ctx.observer(rec, g1_AF, g2_AD, expert_A, token_A, valid_A, segs)
+        return (grad_x_TD, grad_w_TK, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 9
 
 
 def experts_reference(
@@ -454,20 +514,37 @@ class MoEBlock(nn.Module):
 
     def _grouped(self, x_TD, logits_TE, topk_idx_TK, weights_TK, kept_TK, ctx, record) -> Tensor:
         T, K = topk_idx_TK.shape
+        E = self.config.num_experts
         flat_e = topk_idx_TK.reshape(-1)
         flat_keep = kept_TK.reshape(-1)
-        # Sort kept assignments by expert (stable: token order inside an expert).
-        key = torch.where(flat_keep, flat_e, self.config.num_experts)
-        order = torch.argsort(key, stable=True)
-        n_kept = int(flat_keep.sum()) if not bool(flat_keep.all()) else flat_e.numel()
-        order = order[:n_kept]
-        token_A = order // K
-        w_A = weights_TK.reshape(-1).index_select(0, order)
-        counts = torch.bincount(flat_e[order], minlength=self.config.num_experts).tolist()
+        # Sort kept assignments by expert (stable: token order inside an expert); dropped ones go last.
+        key = torch.where(flat_keep, flat_e, E)
+        counts_all = torch.bincount(key, minlength=E + 1).tolist()  # the one host sync of the block
+        counts, A = counts_all[:E], sum(counts_all[:E])
+        sorted_key, order_A = torch.sort(key, stable=True)
+        order_A, expert_A = order_A[:A], sorted_key[:A]
+        token_A = order_A // K
+        pos_TK = torch.full((T * K,), A, dtype=torch.long, device=x_TD.device)
+        pos_TK[order_A] = torch.arange(A, device=x_TD.device)
         b = self.experts
         observer = ctx.observer if ctx is not None else None
         return _ExpertsFn.apply(
-            x_TD, w_A, logits_TE, b.w_in, b.b_in, b.w_out, b.b_out, token_A, counts, b.ffn, observer, record
+            x_TD,
+            weights_TK,
+            logits_TE,
+            b.w_in,
+            b.b_in,
+            b.w_out,
+            b.b_out,
+            token_A,
+            order_A,
+            expert_A,
+            pos_TK.view(T, K),
+            counts,
+            b.ffn,
+            observer,
+            record,
+            self.config.route_padding,
         )
 
     @classmethod
