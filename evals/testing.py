@@ -327,3 +327,39 @@ def scripted_model_class():
             raise NotImplementedError("ScriptedModel only generates")
 
     return ScriptedModel
+
+
+def write_tiny_checkpoint(
+    path: str | Path, seed: int = 0, backbone: str = "llama", **moe_kwargs: Any
+) -> Path:
+    """A randomly initialised tiny checkpoint folder (model, tokenizer with the project's chat template,
+    processor) that `AutoModelForImageTextToText` / `AutoProcessor` load after `import stgc`."""
+    import torch
+
+    from stgc.backbones import vision_config
+    from stgc.config import MoEConfig
+    from stgc.data.tokenizer import train_tokenizer
+    from stgc.modeling import build_model, build_processor
+
+    texts = [
+        "USER: What colour is the square? ASSISTANT: red",
+        "Is there a cat in the image? Answer the question using a single word or phrase. yes no",
+        "Answer with the option's letter from the given choices directly. A B C D",
+        "The answer is 42. blue green yellow circle triangle left right above below unanswerable",
+    ] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(seed)
+    model = build_model(
+        backbone,
+        "tiny",
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        moe=MoEConfig(**moe_kwargs),
+    )
+    vision = vision_config("tiny")
+    processor = build_processor(tokenizer, vision.image_size, vision.patch_size)
+    path = Path(path)
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path

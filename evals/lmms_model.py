@@ -1,0 +1,328 @@
+"""The lmms-eval model `stgc_moe_llava`: any checkpoint of this project, through lmms-eval, unforked.
+
+Registered through the `lmms_eval.models` entry point (pyproject.toml -> `manifest` below), which lmms-eval
+0.7.3 reads when `lmms_eval.models` is imported; `--model stgc_moe_llava` then resolves to `StgcMoeLlava`.
+
+    python -m lmms_eval --model stgc_moe_llava --model_args pretrained=runs/x/checkpoint-100 \\
+        --include_path <folder from evals.tasks.write_task_dir> --tasks stgc_gqa --batch_size 8
+    accelerate launch --num_processes 8 -m lmms_eval --model stgc_moe_llava ...   (data parallel)
+
+model_args (`--model_args k=v,...`):
+    pretrained        checkpoint folder (config.json of model_type `stgc_moe_llava`, weights, processor)
+    device            default: the process's device under `accelerate launch`, else cuda if present, else cpu
+    dtype             "auto" (the checkpoint's), "float32", "bfloat16", "float16"
+    max_new_tokens    used when a task's generation_kwargs set none (default 128, MoE-LLaVA's eval default)
+    capture_routing   a folder: save the routing of every prompt forward there (format below)
+    batch_size        from lmms-eval's --batch_size (requests per forward, per process)
+
+Generation is batched with left padding, greedy unless a task asks for temperature > 0, stops at EOS and at
+the task's `until` strings (the reply is also cut at the first of them), and is deterministic. With a
+capacity factor (token dropping) routing depends on the batch, so scores depend on the batch size; the
+default MoE config routes every token and batched answers equal batch-1 answers (tested).
+
+Routing capture format (`capture_routing=<dir>`; the analysis package turns it into Parquet traces):
+`<dir>/routing_rank<R>.pt`, one per process, (re)written at the end of each generate_until call, a
+`torch.save`d dict:
+    format "stgc-routing-capture", version 1, checkpoint (str), moe_layers (list[int]), num_experts E,
+    top_k K, samples: list of one dict per request, in the order processed:
+        task (str), split (str), doc_id (int)
+        input_ids    int64 (S,)      the prompt's tokens, padding removed (image tokens expanded)
+        is_image     bool (S,)       True at image-token positions
+        topk_idx     int16 (L, S, K) experts per token and MoE layer (L = len(moe_layers), layer order)
+        topk_weights float32 (L, S, K)
+        probs        float32 (L, S, E) router softmax
+Only the prompt forward is recorded (not the generated answer's tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MODEL_NAME = "stgc_moe_llava"
+MODEL_TYPE = "stgc_moe_llava"  # stgc.modeling.MoELlavaConfig.model_type
+CAPTURE_FORMAT, CAPTURE_VERSION = "stgc-routing-capture", 1
+
+
+def manifest():
+    """The entry point's payload (lmms-eval calls it). A function defined before any lmms_eval import:
+    importing this module first imports lmms_eval.models, which loads the entry point from this module while
+    it is still half-initialised; a module-level ModelManifest would not exist yet at that moment."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path="evals.lmms_model.StgcMoeLlava")
+
+
+import torch  # noqa: E402
+from lmms_eval.api.model import lmms  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """ValueError (naming the problem and the fix) unless `path` is a checkpoint folder of this project."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not exist; pass a checkpoint folder "
+            "(runs/<run>/checkpoint-<step>)"
+        )
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        raise ValueError(
+            f"{str(path)!r} is not a checkpoint folder (no config.json); pass the folder `stgc train` wrote "
+            "(runs/<run>/checkpoint-<step>)"
+        )
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{config} is not valid JSON ({err}); the checkpoint is damaged, re-save it"
+        ) from None
+    if model_type != MODEL_TYPE:
+        raise ValueError(
+            f"{str(path)!r} holds a {model_type!r} model, not {MODEL_TYPE!r}; convert it first "
+            "(`stgc convert` for MoE-LLaVA checkpoints)"
+        )
+    return path
+
+
+def _cut_at(text: str, until: list[str]) -> str:
+    """The reply up to the first occurrence of any stop string."""
+    cut = len(text)
+    for stop in until:
+        if stop:
+            i = text.find(stop)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+class StgcMoeLlava(lmms):
+    """lmms-eval model for `MoELlavaForConditionalGeneration` checkpoints (see the module docstring)."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        max_new_tokens: int | str = 128,
+        capture_routing: str | None = None,
+        max_batch_size: int
+        | None = None,  # passed by lmms-eval's simple_evaluate; auto batch size is not supported
+        **unexpected: Any,
+    ) -> None:
+        super().__init__()
+        if unexpected:
+            raise ValueError(
+                f"unknown model_args {sorted(unexpected)} for {MODEL_NAME}; valid: pretrained, device, "
+                "dtype, max_new_tokens, capture_routing"
+            )
+        from accelerate import Accelerator
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import stgc  # noqa: F401  (registers the model with the Auto classes)
+
+        path = check_checkpoint(pretrained)
+        if str(batch_size).startswith("auto"):
+            raise ValueError(
+                f"batch_size={batch_size!r}: automatic batch size is not supported; pass an integer"
+            )
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+        self.max_new_tokens = int(max_new_tokens)
+        self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:
+            # Data parallel: every process holds the whole model and answers its shard of the requests
+            # (lmms-eval shards by rank); nothing is wrapped, evaluation has no gradients to synchronise.
+            self._device = self.accelerator.device
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, str(dtype))
+        self._model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype)
+        self._model.to(self._device).eval()
+        self.processor = AutoProcessor.from_pretrained(str(path))
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # batched generation continues every row at the same position
+        self.pretrained = str(path)
+        self.capture_dir = Path(capture_routing) if capture_routing else None
+        self._captured: list[dict[str, Any]] = []
+
+    # lmms-eval reads these
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------------------------------- prompts
+    def _doc(self, task: str, split: str, doc_id: int) -> dict[str, Any]:
+        return self.task_dict[task][split][doc_id]
+
+    def _prompt(self, context: str, num_images: int, continuation: str | None = None) -> str:
+        """The chat-template rendering of one user turn (and the assistant's reply, without EOS)."""
+        if "<image>" in context or num_images == 0:
+            content: Any = context
+        else:
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
+        messages = [{"role": "user", "content": content}]
+        if continuation is None:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": continuation})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        eos = self.tokenizer.eos_token or ""
+        return text[: -len(eos)] if eos and text.endswith(eos) else text
+
+    def _inputs(self, prompts: list[str], visuals: list[list[Any]]) -> dict[str, torch.Tensor]:
+        images = [im for per_request in visuals for im in per_request]
+        inputs = self.processor(
+            images=images or None, text=prompts, return_tensors="pt", padding=True, add_special_tokens=True
+        )
+        inputs = inputs.to(self._device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        return dict(inputs)
+
+    # --------------------------------------------------------------------------------------- generation
+    def generate_until(self, requests) -> list[str]:
+        from lmms_eval import utils
+
+        # Longest prompts first (OOMs surface at once); requests with different generation kwargs never
+        # share a batch.
+        collator = utils.Collator(
+            [r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True
+        )
+        replies: list[str] = []
+        pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="stgc_moe_llava generate")
+        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+            contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+            gen_kwargs = dict(all_gen_kwargs[0])
+            visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
+            prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
+            inputs = self._inputs(prompts, visuals)
+            if self.capture_dir is not None:
+                self._capture(inputs, tasks, splits, doc_ids)
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            replies.extend(self._generate(inputs, gen_kwargs, until))
+            pbar.update(len(chunk))
+        pbar.close()
+        if self.capture_dir is not None:
+            self._save_capture()
+        return collator.get_original(replies)
+
+    @torch.inference_mode()
+    def _generate(
+        self, inputs: dict[str, torch.Tensor], gen_kwargs: dict[str, Any], until: list[str]
+    ) -> list[str]:
+        temperature = float(gen_kwargs.get("temperature") or 0)
+        sampling = temperature > 0
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            do_sample=sampling,
+            num_beams=int(gen_kwargs.get("num_beams") or 1),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eot_token_id,
+        )
+        if sampling:
+            kwargs.update(temperature=temperature, top_p=gen_kwargs.get("top_p") or 1.0)
+        else:  # generation_config defaults of a checkpoint must not turn sampling back on
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if until:  # stop early; the reply is cut at the stop string below either way
+            kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
+        out_BS = self._model.generate(**inputs, **kwargs)
+        new_BS = out_BS[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_BS, skip_special_tokens=True)
+        return [_cut_at(t, until) for t in texts]
+
+    # ---------------------------------------------------------------------------------- loglikelihood
+    @torch.inference_mode()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """Sum of the continuation's token log-probabilities after the prompt, and whether greedy decoding
+        would produce it; one request per forward (no lmms-eval task of this project uses it)."""
+        out = []
+        for context, doc_to_target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            doc = self._doc(task, split, doc_id)
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            visuals = [list(doc_to_visual(doc))]
+            prompt = self._prompt(context, len(visuals[0]))
+            full = self._prompt(context, len(visuals[0]), continuation=continuation)
+            prompt_ids = self._inputs([prompt], visuals)["input_ids"][0]
+            inputs = self._inputs([full], visuals)
+            ids = inputs["input_ids"][0]
+            n = prompt_ids.shape[0]
+            if ids.shape[0] <= n or not torch.equal(ids[:n], prompt_ids):
+                raise ValueError(
+                    f"{task} doc {doc_id}: the prompt's tokens are not a prefix of prompt + continuation "
+                    f"{continuation!r}; the tokenizer splits across the boundary"
+                )
+            logits_SV = self._model(**inputs).logits[0].float()
+            logprobs_CV = torch.log_softmax(logits_SV[n - 1 : -1], dim=-1)
+            target_C = ids[n:]
+            total = float(logprobs_CV.gather(-1, target_C[:, None]).sum())
+            out.append((total, bool((logprobs_CV.argmax(-1) == target_C).all())))
+        return out
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(f"{MODEL_NAME} answers single-turn tasks only")
+
+    # -------------------------------------------------------------------------------- routing capture
+    @torch.inference_mode()
+    def _capture(self, inputs: dict[str, torch.Tensor], tasks, splits, doc_ids) -> None:
+        records = self._model(**inputs, output_routing=True).routing_records
+        mask_BS = inputs["attention_mask"].bool()
+        B, S = mask_BS.shape
+        image_BS = inputs["input_ids"] == self._model.config.image_token_id
+        topk = torch.stack([r.topk_idx_TK.reshape(B, S, -1) for r in records])  # L, B, S, K
+        weights = torch.stack([r.weights_TK.reshape(B, S, -1) for r in records]).float()
+        probs = torch.stack([r.probs_TE.reshape(B, S, -1) for r in records]).float()
+        self._layers = [r.layer_idx for r in records]
+        for b in range(B):
+            real = mask_BS[b]
+            self._captured.append(
+                {
+                    "task": tasks[b],
+                    "split": splits[b],
+                    "doc_id": int(doc_ids[b]),
+                    "input_ids": inputs["input_ids"][b, real].cpu(),
+                    "is_image": image_BS[b, real].cpu(),
+                    "topk_idx": topk[:, b, real].to(torch.int16).cpu(),
+                    "topk_weights": weights[:, b, real].cpu(),
+                    "probs": probs[:, b, real].cpu(),
+                }
+            )
+
+    def _save_capture(self) -> None:
+        assert self.capture_dir is not None
+        self.capture_dir.mkdir(parents=True, exist_ok=True)
+        first = self._captured[0] if self._captured else None
+        payload = {
+            "format": CAPTURE_FORMAT,
+            "version": CAPTURE_VERSION,
+            "checkpoint": self.pretrained,
+            "moe_layers": list(getattr(self, "_layers", [])),
+            "num_experts": int(first["probs"].shape[-1]) if first is not None else None,
+            "top_k": int(first["topk_idx"].shape[-1]) if first is not None else None,
+            "samples": self._captured,
+        }
+        path = self.capture_dir / f"routing_rank{self.rank}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
