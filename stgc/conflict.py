@@ -96,18 +96,18 @@ def conflict_scores(
     segs = segments if segments is not None else expert_segments(expert_A, num_experts)
     sums1 = torch.zeros(num_experts, g1_AF.shape[1], device=dev, dtype=acc)
     sums2 = torch.zeros(num_experts, g2_AD.shape[1], device=dev, dtype=acc)
-    counts = torch.zeros(num_experts, device=dev, dtype=acc)
     vmask = None if valid_A is None else valid_A.to(g2_AD.dtype)
+    # counts on device (writing Python ints into a CUDA tensor would sync the host every layer)
+    ones_A = torch.ones(A, device=dev, dtype=acc) if vmask is None else vmask.to(acc)
+    counts = torch.zeros(num_experts, device=dev, dtype=acc).index_add_(0, expert_A, ones_A)
     for e, s, t in segs:
         if vmask is None:
             sums1[e] = g1_AF[s:t].sum(0, dtype=acc)
             sums2[e] = g2_AD[s:t].sum(0, dtype=acc)
-            counts[e] = t - s
         else:
             m = vmask[s:t]
             sums1[e] = (m @ g1_AF[s:t]).to(acc)
             sums2[e] = (m @ g2_AD[s:t]).to(acc)
-            counts[e] = m.to(acc).sum()
     if allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
         for t_ in (sums1, sums2, counts):
             torch.distributed.all_reduce(t_)

@@ -519,7 +519,11 @@ class MoEBlock(nn.Module):
         flat_keep = kept_TK.reshape(-1)
         # Sort kept assignments by expert (stable: token order inside an expert); dropped ones go last.
         key = torch.where(flat_keep, flat_e, E)
-        counts_all = torch.bincount(key, minlength=E + 1).tolist()  # the one host sync of the block
+        counts_all = (
+            torch.zeros(E + 1, dtype=torch.long, device=key.device)
+            .index_add_(0, key, torch.ones_like(key))
+            .tolist()  # the one host sync of the block: the expert slices are sized on the host
+        )
         counts, A = counts_all[:E], sum(counts_all[:E])
         sorted_key, order_A = torch.sort(key, stable=True)
         order_A, expert_A = order_A[:A], sorted_key[:A]
