@@ -425,30 +425,27 @@ def experts_reference(
     bias1_TKF: Tensor | None = None,
     bias2_TKD: Tensor | None = None,
 ) -> Tensor:
-    """Plain-autograd expert computation, one assignment slot at a time (tests and the `reference` STGC mode).
+    """Plain-autograd expert computation, one expert at a time (tests and the `reference` STGC mode).
 
     ``bias1_TKF`` / ``bias2_TKD`` are explicit per-(token, slot) additive biases at the first (virtual or
     real) bias and the output bias: their gradients are the token-level bias gradients of STGC.md section 2.
     """
-    T, K = topk_idx_TK.shape
     F_ = bank.intermediate_size
     y_TD = torch.zeros_like(x_TD)
-    for k in range(K):
-        e_T = topk_idx_TK[:, k]
-        h = torch.einsum("td,thd->th", x_TD, bank.w_in[e_T])
-        if bank.b_in is not None:
-            h = h + bank.b_in[e_T]
+    for e in range(bank.num_experts):
+        t_idx, k_idx = ((topk_idx_TK == e) & kept_TK).nonzero(as_tuple=True)
+        if t_idx.numel() == 0:
+            continue
+        h = F.linear(x_TD[t_idx], bank.w_in[e], None if bank.b_in is None else bank.b_in[e])
         if bank.ffn == "gelu" and bias1_TKF is not None:
-            h = h + bias1_TKF[:, k]
+            h = h + bias1_TKF[t_idx, k_idx]
         a = _act_forward(bank.ffn, h, F_)
         if bank.ffn == "swiglu" and bias1_TKF is not None:
-            a = a + bias1_TKF[:, k]
-        o = torch.einsum("tf,tdf->td", a, bank.w_out[e_T])
-        if bank.b_out is not None:
-            o = o + bank.b_out[e_T]
+            a = a + bias1_TKF[t_idx, k_idx]
+        o = F.linear(a, bank.w_out[e], None if bank.b_out is None else bank.b_out[e])
         if bias2_TKD is not None:
-            o = o + bias2_TKD[:, k]
-        y_TD = y_TD + (weights_TK[:, k] * kept_TK[:, k]).to(o.dtype)[:, None] * o
+            o = o + bias2_TKD[t_idx, k_idx]
+        y_TD = y_TD.index_add(0, t_idx, o * weights_TK[t_idx, k_idx].to(o.dtype)[:, None])
     return y_TD
 
 
