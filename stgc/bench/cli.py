@@ -1,0 +1,40 @@
+"""`stgc bench <name>`: speed and memory benchmarks, each in its own module (imported only when run).
+
+Each module defines ``add_arguments(parser)`` and ``run(args) -> int``, like the top-level subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, help). Names listed before their module exists are reserved for the modules that will
+# provide them; running one says so.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "moe": ("stgc.bench.moe", "MoE block vs DeepSpeed's MoE layer: forward+backward time and peak memory"),
+    "stgc": ("stgc.bench.stgc", "training-step overhead of STGC (two_pass / fused) against the baseline"),
+    "eval": ("stgc.bench.eval", "evaluation throughput through lmms-eval"),
+    "capture": ("stgc.bench.capture", "routing-trace capture throughput"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    lines = [f"  {name:<8} {help_text}" for name, (_, help_text) in BENCHMARKS.items()]
+    parser.epilog = "benchmarks:\n" + "\n".join(lines)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see --help)")
+
+
+def run(args: argparse.Namespace) -> int:
+    module_name, help_text = BENCHMARKS[args.name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        print(f"stgc bench {args.name}: not available yet ({module_name} does not exist).")
+        return 2
+    parser = argparse.ArgumentParser(prog=f"stgc bench {args.name}", description=help_text)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.args)) or 0)

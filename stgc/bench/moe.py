@@ -1,0 +1,310 @@
+"""`stgc bench moe`: forward+backward time and peak memory of the MoE block against DeepSpeed's MoE layer.
+
+Implementations (same router and expert weights, same tokens, same upstream gradient; the aux loss is in
+the backward of each, with MoE-LLaVA's coefficient 0.01):
+- ``stgc``: ``stgc.moe.MoEBlock`` with the project's defaults (no capacity, deterministic top-2)
+- ``stgc_moellava_settings``: the block with MoE-LLaVA's routing (capacity 1.5, Gumbel 2nd expert)
+- ``deepspeed_moellava``: ``deepspeed.moe.layer.MoE`` as MoE-LLaVA configures it (``MOELLAVA_DS_SETTINGS``)
+- ``deepspeed_nodrop``: the same without token dropping (drop_tokens=False)
+- ``floor``: the experts' matrix products alone on tokens pre-sorted and split evenly over the experts
+  (per expert one [n, D] x [D, 2F] product, SwiGLU, one [n, F] x [F, D] product; forward + backward)
+
+Default shape: StableLM-2-1.6B's FFN (D 2048, F 5632), E 4, top-2, bf16 experts with an fp32 router, T in
+{8192, 16384} tokens. ``--quick`` uses tiny shapes so that the CPU smoke test runs in seconds. Times are
+medians over repeats (CUDA events on a GPU); peak memory is torch.cuda.max_memory_allocated during one
+step minus the memory allocated before it (NaN on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stgc.bench.deepspeed_ref import MOELLAVA_DS_SETTINGS, deepspeed_moe_from_block, single_process_group
+from stgc.config import MoEConfig
+from stgc.moe import MoEBlock, RoutingContext, routing_context
+
+IMPLS = ("stgc", "stgc_moellava_settings", "deepspeed_moellava", "deepspeed_nodrop", "floor")
+BASELINE_IMPL, FLOOR_IMPL = "deepspeed_moellava", "floor"
+AUX_COEF = 0.01  # MoE-LLaVA's router_aux_loss_coef
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COLUMNS = (
+    "impl",
+    "tokens",
+    "dtype",
+    "fwd_bwd_ms",
+    "peak_mem_mib",
+    "speedup_vs_deepspeed_moellava",
+    "ratio_to_floor",
+    "device",
+    "torch_version",
+    "git_revision",
+    "date",
+    "hidden_size",
+    "ffn_size",
+    "num_experts",
+    "top_k",
+    "repeats",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. hidden/ffn/experts/top_k: the MoE layer; warmup/repeats per measurement."""
+
+    tokens: tuple[int, ...] = (8192, 16384)
+    dtype: str = "bf16"
+    hidden_size: int = 2048
+    ffn_size: int = 5632
+    num_experts: int = 4
+    top_k: int = 2
+    warmup: int = 3
+    repeats: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+        if not self.tokens or min(self.tokens) < self.num_experts:
+            raise ValueError(f"tokens={self.tokens} is invalid; give token counts >= num_experts.")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"repeats={self.repeats} / warmup={self.warmup}: use repeats >= 1, warmup >= 0.")
+
+    @classmethod
+    def quick(cls, dtype: str = "bf16") -> BenchConfig:
+        """Tiny shapes for a CPU smoke test (seconds)."""
+        return cls(tokens=(256, 512), dtype=dtype, hidden_size=64, ffn_size=128, warmup=1, repeats=3)
+
+
+# --------------------------------------------------------------------------------------------------------
+# measurement
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median ms of ``step``, peak MiB above the pre-step allocation; NaN off CUDA)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = float("nan")
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return statistics.median(times), peak
+
+
+def _clear_grads(*tensors: Tensor) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable[[], None]]:
+    """One forward+backward closure per implementation, all on the same weights, tokens and gradient."""
+    dtype = DTYPES[cfg.dtype]
+    D, F_, E = cfg.hidden_size, cfg.ffn_size, cfg.num_experts
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    x = torch.randn(T, D, generator=g).to(device, dtype)
+    dy = torch.randn(T, D, generator=g).to(device, dtype)
+    coef = torch.tensor(AUX_COEF, device=device)
+
+    torch.manual_seed(cfg.seed)
+    base_cfg = MoEConfig(num_experts=E, top_k=cfg.top_k)
+    block = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
+    block.router.float()
+    moellava_cfg = base_cfg.replace(
+        capacity_factor=1.5, min_capacity=0, second_expert_sampling=cfg.top_k == 2
+    )
+    block_ml = MoEBlock(moellava_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
+    block_ml.load_state_dict(block.state_dict())
+
+    def ours(b: MoEBlock) -> Callable[[], None]:
+        xi = x.detach().requires_grad_()
+
+        def step() -> None:
+            _clear_grads(xi, *b.parameters())
+            ctx = RoutingContext(records=[])
+            with routing_context(b, ctx):
+                y = b(xi)
+            torch.autograd.backward([y, ctx.records[0].aux_loss], [dy, coef])
+
+        return step
+
+    def deepspeed(**settings) -> Callable[[], None]:
+        layer = deepspeed_moe_from_block(block, **settings).train()
+        xi = x.detach().requires_grad_()
+
+        def step() -> None:
+            _clear_grads(xi, *layer.parameters())
+            y, l_aux, _ = layer(xi)
+            torch.autograd.backward([y, l_aux], [dy, coef])
+
+        return step
+
+    def floor() -> Callable[[], None]:
+        w_in = block.experts.w_in.detach().clone().requires_grad_()
+        w_out = block.experts.w_out.detach().clone().requires_grad_()
+        A = T * cfg.top_k
+        xs = x.repeat(cfg.top_k, 1)[:A].detach().requires_grad_()
+        dys = dy.repeat(cfg.top_k, 1)[:A]
+        bounds = [round(e * A / E) for e in range(E + 1)]
+
+        def step() -> None:
+            _clear_grads(xs, w_in, w_out)
+            outs, grads = [], []
+            for e in range(E):
+                s, t = bounds[e], bounds[e + 1]
+                h = xs[s:t] @ w_in[e].t()
+                o = (F.silu(h[:, :F_]) * h[:, F_:]) @ w_out[e].t()
+                outs.append(o)
+                grads.append(dys[s:t])
+            torch.autograd.backward(outs, grads)
+
+        return step
+
+    nodrop = {**MOELLAVA_DS_SETTINGS, "drop_tokens": False}
+    return {
+        "stgc": ours(block),
+        "stgc_moellava_settings": ours(block_ml),
+        "deepspeed_moellava": deepspeed(**MOELLAVA_DS_SETTINGS),
+        "deepspeed_nodrop": deepspeed(**nodrop),
+        "floor": floor(),
+    }
+
+
+def git_revision() -> str:
+    """The checkout's commit (``STGC_GIT_REVISION`` overrides, e.g. on a machine without .git)."""
+    if os.environ.get("STGC_GIT_REVISION"):
+        return os.environ["STGC_GIT_REVISION"]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_benchmark(cfg: BenchConfig, device: torch.device | None = None) -> list[dict]:
+    """Measure every implementation at every token count; one row per (impl, tokens)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    stamp = dict(
+        dtype=cfg.dtype,
+        device=device_name,
+        torch_version=torch.__version__,
+        git_revision=git_revision(),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        hidden_size=cfg.hidden_size,
+        ffn_size=cfg.ffn_size,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        repeats=cfg.repeats,
+    )
+    rows = []
+    with single_process_group():
+        for T in cfg.tokens:
+            results = {}
+            for impl, step in _steps(cfg, T, device).items():
+                results[impl] = measure(step, device, cfg.warmup, cfg.repeats)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            base_ms, floor_ms = results[BASELINE_IMPL][0], results[FLOOR_IMPL][0]
+            for impl, (ms, mib) in results.items():
+                rows.append(
+                    dict(
+                        impl=impl,
+                        tokens=T,
+                        fwd_bwd_ms=round(ms, 4),
+                        peak_mem_mib=round(mib, 1),
+                        speedup_vs_deepspeed_moellava=round(base_ms / ms, 3),
+                        ratio_to_floor=round(ms / floor_ms, 3),
+                        **stamp,
+                    )
+                )
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ("impl", "tokens", "fwd_bwd_ms", "peak_mem_mib", "speedup_vs_deepspeed_moellava", "ratio_to_floor")
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=None, help="token counts (default 8192 16384)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("results/bench/moe.csv"), help="CSV to write")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bf16", help="expert weights / activations"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a CPU smoke test")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = BenchConfig.quick(args.dtype) if args.quick else BenchConfig(dtype=args.dtype)
+    changes = {}
+    if args.tokens:
+        changes["tokens"] = tuple(args.tokens)
+    if args.repeats:
+        changes["repeats"] = args.repeats
+    cfg = dataclasses.replace(cfg, **changes)
+    rows = run_benchmark(cfg, torch.device(args.device) if args.device else None)
+    write_csv(rows, args.out)
+    print(format_table(rows))
+    print(f"wrote {args.out}")
+    return 0
