@@ -36,13 +36,11 @@ Only the prompt forward is recorded (not the generated answer's tokens).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "stgc_moe_llava"
-MODEL_TYPE = "stgc_moe_llava"  # stgc.modeling.MoELlavaConfig.model_type
 CAPTURE_FORMAT, CAPTURE_VERSION = "stgc-routing-capture", 1
 
 
@@ -59,33 +57,7 @@ import torch  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-
-def check_checkpoint(path: str | os.PathLike) -> Path:
-    """ValueError (naming the problem and the fix) unless `path` is a checkpoint folder of this project."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not exist; pass a checkpoint folder "
-            "(runs/<run>/checkpoint-<step>)"
-        )
-    config = path / "config.json"
-    if not path.is_dir() or not config.is_file():
-        raise ValueError(
-            f"{str(path)!r} is not a checkpoint folder (no config.json); pass the folder `stgc train` wrote "
-            "(runs/<run>/checkpoint-<step>)"
-        )
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{config} is not valid JSON ({err}); the checkpoint is damaged, re-save it"
-        ) from None
-    if model_type != MODEL_TYPE:
-        raise ValueError(
-            f"{str(path)!r} holds a {model_type!r} model, not {MODEL_TYPE!r}; convert it first "
-            "(`stgc convert` for MoE-LLaVA checkpoints)"
-        )
-    return path
+from evals.checkpoint import check_checkpoint  # noqa: E402
 
 
 def _cut_at(text: str, until: list[str]) -> str:

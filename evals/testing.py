@@ -16,19 +16,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
 from PIL import Image as PILImage
 
-# Mini-suite folder -> split that lmms-eval's task reads (the real datasets' split names).
-SPLITS = {
-    "vqav2": "validation",
-    "gqa": "testdev",
-    "vizwiz": "val",
-    "scienceqa_img": "test",
-    "textvqa": "validation",
-    "chartqa": "test",
-    "docvqa": "validation",
-    "pope": "test",
-    "mme": "test",
-    "mmbench": "dev",
-}
+from evals.tasks import MINI_SPLITS as SPLITS
 
 
 def _image(rng: np.random.Generator) -> PILImage.Image:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from evals import tasks as T
-from evals.lmms_model import MODEL_NAME, StgcMoeLlava, _cut_at, check_checkpoint
+from evals.checkpoint import check_checkpoint
+from evals.lmms_model import MODEL_NAME, StgcMoeLlava, _cut_at
 from evals.testing import write_tiny_checkpoint, write_tiny_suite
 
 TASKS = ["stgc_gqa", "stgc_pope_moellava_adv", "stgc_scienceqa_img"]

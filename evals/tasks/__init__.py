@@ -122,6 +122,19 @@ MINI_FOLDERS: dict[str, str] = {
     "lmms-lab-encoder/MME": "mme",
     "lmms-lab-encoder/MMBench": "mmbench",
 }
+# Mini-suite folder -> the split its lmms-eval task reads (the real dataset's split name).
+MINI_SPLITS: dict[str, str] = {
+    "vqav2": "validation",
+    "gqa": "testdev",
+    "vizwiz": "val",
+    "scienceqa_img": "test",
+    "textvqa": "validation",
+    "chartqa": "test",
+    "docvqa": "validation",
+    "pope": "test",
+    "mme": "test",
+    "mmbench": "dev",
+}
 # Keys replaced when the mini suite is the source, per hub dataset. GQA's process_docs downloads the image
 # set and joins it onto the rows; the mini rows already hold `image`.
 MINI_OVERRIDES: dict[str, dict[str, Any]] = {"lmms-lab-encoder/GQA": {"process_docs": None}}

@@ -1,0 +1,267 @@
+"""Evaluate one checkpoint on the project's lmms-eval tasks, from Python (`evaluate`) or `stgc eval`.
+
+`evaluate(checkpoint, tasks)` checks its input (checkpoint folder, task names, mini-suite folders and their
+schema) before anything slow starts, renders the task folder for the chosen source (`evals.tasks`), runs
+`lmms_eval.evaluator.simple_evaluate` in-process with the `stgc_moe_llava` model (exceptions surface; the
+lmms-eval CLI would exit 0 on a failed task), checks that every requested task has results, and writes
+
+    <out>/results.json          lmms-eval's results (without samples) + an "stgc" provenance block
+    <out>/samples_<task>.jsonl  one logged sample per line (doc id, prompt arguments, reply, scores)
+    <out>/tasks/                the rendered task YAMLs the run used
+
+`out` defaults to `runs/<run>/eval/<checkpoint-name>/` for `runs/<run>/<checkpoint-name>/`. `results.json`
+is written last and atomically: its presence marks a finished evaluation. Under `accelerate launch` every
+process evaluates its shard and only rank 0 writes (and gets a result back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from evals import tasks as T
+from evals.checkpoint import check_checkpoint
+
+MODEL_NAME = "stgc_moe_llava"  # evals.lmms_model.MODEL_NAME (not imported: it loads lmms-eval)
+
+RESULTS_NAME = "results.json"
+
+
+class EvalInputError(ValueError):
+    """Bad user input (checkpoint, task names, dataset folders): one line naming the problem and the fix."""
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    results: dict[str, Any]  # lmms-eval's results dict (samples removed) with the "stgc" block
+
+    def scores(self, method: str | None = None, seed: int | None = None) -> pd.DataFrame:
+        return scores_from_results(self.results, method=method, seed=seed)
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str:
+    """Short commit hash of the project's repository (+"-dirty" with uncommitted changes); "unknown"
+    outside a git checkout."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{rev}-dirty" if dirty else rev
+
+
+def default_out_dir(checkpoint: str | os.PathLike) -> Path:
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent / "eval" / checkpoint.name
+
+
+def check_inputs(
+    checkpoint: str | os.PathLike,
+    tasks: list[str],
+    source: str | None,
+    mini_root: str | os.PathLike | None,
+    limit: int | float | None = None,
+) -> tuple[Path, list[str], str, Path]:
+    """Validate everything `evaluate` needs; EvalInputError with the problem and the fix otherwise.
+    Returns (checkpoint, expanded task names, source, mini root)."""
+    try:
+        path = check_checkpoint(checkpoint)
+        names = T.expand_tasks(tasks)
+        source, root = T.resolve_source(source, mini_root)
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None
+    if not names:
+        raise EvalInputError(f"no tasks given; valid tasks: {', '.join(T.list_tasks())}")
+    paired = [n for n in names if T.TASKS[n].benchmark == "mme"]
+    if paired and limit is not None and (limit < 1 or int(limit) % 2):
+        # lmms-eval's MME aggregation asserts exactly two questions per image (acc+ is per pair).
+        raise EvalInputError(f"--limit {limit} would split MME's question pairs; use an even integer limit")
+    if source == "mini":
+        for bench in T.benchmarks_of(names):
+            check_mini_folder(root, bench)
+    return path, names, source, root
+
+
+def check_mini_folder(root: Path, benchmark: str) -> None:
+    """The mini-suite folder of `benchmark` exists, loads, and has the columns lmms-eval's task reads."""
+    from datasets import DatasetDict, load_from_disk
+
+    folder = root / benchmark
+    regenerate = f"generate it with `stgc data --out {root}` (or set {T.ENV_MINI_ROOT} / --mini-root)"
+    if not folder.is_dir():
+        raise EvalInputError(f"mini benchmark folder {folder} does not exist; {regenerate}")
+    try:
+        dataset = load_from_disk(str(folder))
+    except Exception as err:  # datasets raises FileNotFoundError / ValueError variants for broken folders
+        raise EvalInputError(
+            f"{folder} is not a dataset saved with save_to_disk ({err}); {regenerate}"
+        ) from None
+    split = T.MINI_SPLITS[benchmark]
+    if not isinstance(dataset, DatasetDict) or split not in dataset:
+        found = sorted(dataset) if isinstance(dataset, DatasetDict) else "a single split"
+        raise EvalInputError(f"{folder} has no split {split!r} (found {found}); {regenerate}")
+    try:
+        from stgc.data import check_schema
+    except ImportError:  # the generator package is optional for evaluating hub data or foreign folders
+        return
+    try:
+        check_schema(benchmark, dataset)
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    tasks: list[str] | tuple[str, ...] = T.SUITES[T.MOE_LLAVA],
+    *,
+    out_dir: str | os.PathLike | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    source: str | None = None,
+    mini_root: str | os.PathLike | None = None,
+    model_args: dict[str, Any] | None = None,
+    gen_kwargs: str | None = None,
+    device: str | None = None,
+    log_samples: bool = True,
+) -> EvalResult | None:
+    """Evaluate `checkpoint` on `tasks` (task, group or suite names); see the module docstring. Returns
+    None on ranks other than 0. `model_args` go to the model (e.g. capture_routing, max_new_tokens, dtype);
+    `gen_kwargs` ("max_new_tokens=16,...") override every task's generation settings (recorded)."""
+    path, names, source, root = check_inputs(checkpoint, list(tasks), source, mini_root, limit)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    out.mkdir(parents=True, exist_ok=True)
+    task_dir = T.write_task_dir(out / "tasks", source=source, mini_root=root)
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False, model_name=MODEL_NAME)
+    results = simple_evaluate(
+        model=MODEL_NAME,
+        model_args=_model_args_string({"pretrained": str(path), **(model_args or {})}),
+        tasks=names,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        task_manager=manager,
+        gen_kwargs=gen_kwargs,
+        log_samples=log_samples,
+        bootstrap_iters=0,
+        # lmms-eval hands this to aggregation functions that write files (MMBench): keep them in `out`.
+        cli_args=argparse.Namespace(output_path=str(out), process_with_media=False),
+    )
+    if results is None:  # not rank 0
+        return None
+    missing = [n for n in names if n not in results.get("results", {})]
+    if missing:
+        raise RuntimeError(f"lmms-eval returned no results for task(s) {missing} of {names}")
+    samples = results.pop("samples", None) or {}
+    results["stgc"] = {
+        "checkpoint": str(path),
+        "tasks": names,
+        "source": source,
+        "mini_root": str(root) if source == "mini" else None,
+        "protocols": {n: T.PROTOCOLS[n] for n in names},
+        "headline": {n: T.HEADLINE[n] for n in names},
+        "git_revision": git_revision(),
+        "date": date,
+        "limit": limit,
+        "batch_size": batch_size,
+        "gen_kwargs": gen_kwargs,
+    }
+    for task, rows in samples.items():
+        lines = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
+        _write_atomic(out / f"samples_{task}.jsonl", lines)
+    _write_atomic(out / RESULTS_NAME, json.dumps(results, indent=2, default=_jsonable) + "\n")
+    return EvalResult(out, json.loads(json.dumps(results, default=_jsonable)))
+
+
+def _model_args_string(args: dict[str, Any]) -> str:
+    """lmms-eval parses model_args from "k=v,k=v" (a dict is not accepted by simple_evaluate)."""
+    for key, value in args.items():
+        if "," in str(value) or "=" in str(key):
+            raise EvalInputError(f"model argument {key}={value!r} contains ',' which lmms-eval cannot parse")
+    return ",".join(f"{k}={v}" for k, v in args.items() if v is not None)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_results(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The results.json of a finished evaluation, or None when there is none (never ran or interrupted)."""
+    path = Path(out_dir) / RESULTS_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def scores_from_results(
+    results: dict[str, Any], method: str | None = None, seed: int | None = None
+) -> pd.DataFrame:
+    """Long score rows (evals.tables.LONG_COLUMNS) of every numeric metric of every requested task.
+
+    task_version is "<task version>/<source>": scores of the mini suite and of the real data never share a
+    column. n is the number of scored documents (summed over a group's subtasks)."""
+    info = results["stgc"]
+    rows = []
+    for task in info["tasks"]:
+        version = f"{results['versions'].get(task)}/{info['source']}"
+        subtasks = T.TASKS[task].subtasks or (task,)
+        n = sum(int(results["n-samples"][s]["effective"]) for s in subtasks)
+        for key, value in results["results"][task].items():
+            metric, _, filt = key.partition(",")
+            if (
+                not filt
+                or "_stderr" in metric
+                or isinstance(value, bool)
+                or not isinstance(value, int | float)
+            ):
+                continue
+            if isinstance(value, float) and math.isnan(value):
+                continue
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "checkpoint": info["checkpoint"],
+                    "task": task,
+                    "task_version": version,
+                    "metric": metric if filt == "none" else key,
+                    "value": float(value),
+                    "n": n,
+                    "git_revision": info["git_revision"],
+                    "date": info["date"],
+                }
+            )
+    from evals.tables import LONG_COLUMNS
+
+    return pd.DataFrame(rows, columns=list(LONG_COLUMNS))
