@@ -10,7 +10,7 @@ from datasets import Features, Image, Value
 from PIL import ImageDraw
 
 from stgc.data.common import Unit, fmt_number
-from stgc.data.render import COLOR_NAMES, background, font_px, jitter_color, text_box, text_width
+from stgc.data.render import COLOR_NAMES, background, fit_font, font_px, jitter_color, text_box, text_width
 from stgc.data.vocab import CHART_CATEGORIES, CHART_TOPICS, YEARS
 
 CHARTQA_FEATURES = Features(
@@ -27,10 +27,10 @@ def _values(rng: np.random.Generator, n: int, decimals: bool) -> list[float]:
 
 
 def _vbar(draw, rng, size, labels, values, color):
-    fs = font_px(size, 0.05, minimum=9)
     top, bottom, left, right = size * 0.2, size * 0.84, size * 0.06, size * 0.96
     draw.line((left, bottom, right, bottom), fill=(60, 60, 60), width=1)
     slot = (right - left) / len(labels)
+    fs = fit_font(font_px(size, 0.05, minimum=9), [*labels, *map(fmt_number, values)], slot * 0.95)
     vmax = max(values) * 1.1
     for i, (lab, v) in enumerate(zip(labels, values)):
         x0 = left + i * slot + slot * 0.18
@@ -42,7 +42,7 @@ def _vbar(draw, rng, size, labels, values, color):
 
 
 def _hbar(draw, rng, size, labels, values, color):
-    fs = font_px(size, 0.05, minimum=9)
+    fs = fit_font(font_px(size, 0.05, minimum=9), labels, size * 0.28)
     label_w = max(text_width(lab, fs) for lab in labels)
     left, right = size * 0.05 + label_w + 4, size * 0.84
     top, bottom = size * 0.18, size * 0.96
@@ -59,8 +59,9 @@ def _hbar(draw, rng, size, labels, values, color):
 
 
 def _line(draw, rng, size, labels, values, color):
-    fs = font_px(size, 0.05, minimum=9)
     top, bottom, left, right = size * 0.24, size * 0.84, size * 0.1, size * 0.9
+    spacing = (right - left) / (len(values) - 1)
+    fs = fit_font(font_px(size, 0.05, minimum=9), [*labels, *map(fmt_number, values)], spacing * 0.95)
     axis = bottom + size * 0.02
     bottom -= size * 0.09  # room for a label below the lowest point
     vmin, vmax = min(values), max(values)
@@ -107,7 +108,13 @@ def make_chartqa(rng: np.random.Generator, unit: int, size: int) -> Unit:
     topic = str(rng.choice(CHART_TOPICS))
     img = background(rng, size)
     draw = ImageDraw.Draw(img)
-    text_box(draw, (size / 2, size * 0.03), topic, font_px(size, 0.058), anchor="ma")
+    text_box(
+        draw,
+        (size / 2, size * 0.03),
+        topic,
+        fit_font(font_px(size, 0.058), [topic], size * 0.94),
+        anchor="ma",
+    )
     color = jitter_color(rng, str(rng.choice([c for c in COLOR_NAMES if c not in ("yellow", "pink")])))
     {"vbar": _vbar, "hbar": _hbar, "line": _line}[kind](draw, rng, size, labels, values, color)
 

@@ -20,6 +20,7 @@ from stgc.data.render import (
     background,
     contrast_text,
     draw_scene,
+    fit_font,
     font_px,
     jitter_color,
     sample_scene,
@@ -218,7 +219,7 @@ def _mc_ocr(rng, size):
         draw,
         (size / 2, y + size * 0.11),
         words[0].upper(),
-        font_px(size, 0.12),
+        fit_font(font_px(size, 0.12), [words[0].upper()], size * 0.76),
         contrast_text(box),
         anchor="mm",
     )

@@ -10,7 +10,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from stgc.data.common import Unit
-from stgc.data.render import font_px, text_box
+from stgc.data.render import fit_font, font_px, text_box
 from stgc.data.vocab import CITIES, COMPANIES, FIRST_NAMES, ITEMS, LAST_NAMES
 
 DOCVQA_FEATURES = Features(
@@ -87,8 +87,9 @@ def make_docvqa(rng: np.random.Generator, unit: int, size: int) -> Unit:
     tint = int(rng.integers(244, 256))
     img = PILImage.new("RGB", (size, size), (tint, tint, max(0, tint - int(rng.integers(0, 8)))))
     draw = ImageDraw.Draw(img)
-    fs, fs_title = font_px(size, 0.06), font_px(size, 0.075)
     margin = size * 0.06
+    fs = fit_font(font_px(size, 0.06), [f"{k}   {v}" for k, v in lines], size - 2 * margin)
+    fs_title = fit_font(font_px(size, 0.075), [title], size - 2 * margin)
     text_box(draw, (margin, margin * 0.7), title, fs_title, fill=(10, 10, 60))
     y = margin * 0.7 + fs_title * 1.5
     draw.line((margin, y - fs * 0.3, size - margin, y - fs * 0.3), fill=(90, 90, 90), width=1)

@@ -18,6 +18,7 @@ from stgc.data.render import (
     contrast_text,
     draw_scene,
     draw_shape,
+    fit_font,
     font_px,
     jitter_color,
     sample_scene,
@@ -99,7 +100,7 @@ def _sign(rng, size, lines: list[str], frac: float, mono_left: bool = False):
     if rng.random() < 0.5:  # a small decorative shape so OCR images are not all alike
         draw_shape(draw, str(_pick(rng, list(SHAPES))), size * 0.12, size * 0.12, size * 0.06,
                    jitter_color(rng, str(_pick(rng, list(COLOR_NAMES)))))  # fmt: skip
-    fs = font_px(size, frac)
+    fs = fit_font(font_px(size, frac), lines, size * 0.72)
     box = jitter_color(rng, str(_pick(rng, ["yellow", "pink", "orange", "green", "blue"])))
     h = fs * 1.5
     y0 = size / 2 - h * len(lines) / 2 + float(rng.uniform(-0.05, 0.05)) * size

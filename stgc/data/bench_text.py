@@ -16,6 +16,7 @@ from stgc.data.render import (
     degrade,
     draw_scene,
     draw_shape,
+    fit_font,
     font_px,
     jitter_color,
     sample_scene,
@@ -51,7 +52,6 @@ def make_textvqa(rng: np.random.Generator, unit: int, size: int) -> Unit:
     kinds[int(rng.integers(n))] = str(rng.choice(["word", "number", "brand"]))
     img = background(rng, size)
     draw = ImageDraw.Draw(img)
-    fs = font_px(size, 0.09)
     band = size / n
     signs = []  # (colour, kind, shown text, answer)
     for i, (color, kind) in enumerate(zip(colors, kinds)):
@@ -62,6 +62,8 @@ def make_textvqa(rng: np.random.Generator, unit: int, size: int) -> Unit:
         else:
             w = str(rng.choice(SIGN_WORDS))
             shown = w.upper() if rng.random() < 0.5 else w.capitalize()
+        fs = fit_font(font_px(size, 0.09), [shown], size * 0.8)
+        fs = min(fs, int(band / 1.9))  # a sign's box (1.8 x font) must fit in its band
         tw = text_width(shown, fs)
         box_w, box_h = tw + fs * 1.2, fs * 1.8
         x0 = float(rng.uniform(size * 0.04, max(size * 0.04, size * 0.96 - box_w)))
@@ -147,7 +149,7 @@ def _photo(rng: np.random.Generator, size: int) -> tuple:
             draw,
             (size / 2, y + size * 0.11),
             word.upper(),
-            font_px(size, 0.1),
+            fit_font(font_px(size, 0.1), [word.upper()], size * 0.64),
             contrast_text(fill),
             anchor="mm",
         )

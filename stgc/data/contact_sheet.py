@@ -103,3 +103,9 @@ def make_contact_sheet(
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, optimize=True)
     return path
+
+
+if __name__ == "__main__":  # python -m stgc.data.contact_sheet [path]
+    import sys
+
+    print(make_contact_sheet(sys.argv[1] if len(sys.argv) > 1 else "results/mini_suite/contact_sheet.png"))

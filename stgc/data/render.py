@@ -57,6 +57,14 @@ def font_px(image_size: int, fraction: float, minimum: int = 10) -> int:
     return max(minimum, round(image_size * fraction))
 
 
+def fit_font(size: int, texts: list[str], max_width: float, minimum: int = 4) -> int:
+    """The largest font size <= ``size`` at which every text fits in ``max_width`` px. At small image sizes
+    this shrinks text below legibility rather than let it overlap (text needs about 160 px images)."""
+    while size > minimum and max(font(size).getlength(t) for t in texts) > max_width:
+        size -= 1
+    return size
+
+
 def background(rng: np.random.Generator, size: int, light: bool = True) -> Image.Image:
     """A plain pale (or dark) background with a random tint, so no two images share pixels by accident."""
     base = rng.integers(225, 251, size=3) if light else rng.integers(20, 50, size=3)
