@@ -90,3 +90,47 @@ def test_committed_table_is_reproducible() -> None:
     golden = pd.read_csv(GOLDEN)
     again = scoring_check(docs=200, seed=0, image_size=64)
     pd.testing.assert_frame_equal(again.reset_index(drop=True), golden, check_dtype=False, atol=1e-4)
+
+
+def test_default_metric_path_equals_lmms_eval_task(tmp_path: Path) -> None:
+    """GQA and DocVQA have no process_results: the scoring check calls the registered metric the way
+    lmms-eval's ConfigurableTask does. Hold it equal to a real Task built on a saved mini suite."""
+    from lmms_eval.api.task import ConfigurableTask
+    from lmms_eval.tasks.docvqa import utils as docvqa
+    from lmms_eval.tasks.gqa import utils as gqa
+
+    from stgc.data.scoring_check import _process_results
+    from stgc.data.suite import generate_suite
+
+    generate_suite(tmp_path / "s", docs=8, train_size=0, image_size=64, benchmarks=["gqa", "docvqa"])
+    post = {
+        "default": {"pre_prompt": "", "post_prompt": "\nAnswer the question using a single word or phrase."}
+    }
+    configs = {
+        "gqa": ("testdev", gqa.gqa_doc_to_visual, gqa.gqa_doc_to_text, "answer",
+                {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                 "ignore_case": True, "ignore_punctuation": True}),
+        "docvqa": ("validation", docvqa.docvqa_doc_to_visual, docvqa.docvqa_doc_to_text, "answers",
+                   {"metric": "anls", "aggregation": "mean", "higher_is_better": True}),
+    }  # fmt: skip
+    for name, (split, visual, text, target, metric) in configs.items():
+        task = ConfigurableTask(
+            config={
+                "task": f"stgc_test_{name}",
+                "dataset_path": str(tmp_path / "s" / name),
+                "dataset_kwargs": {"load_from_disk": True},
+                "test_split": split,
+                "output_type": "generate_until",
+                "doc_to_visual": visual,
+                "doc_to_text": text,
+                "doc_to_target": target,
+                "metric_list": [metric],
+                "lmms_eval_specific_kwargs": post,
+            }
+        )
+        ours = _process_results(name)
+        for doc in task.test_docs():
+            gold = doc["answer"] if name == "gqa" else doc["answers"][0]
+            for pred in (gold, "no", "0", gold.upper() + "."):
+                expected = task.process_results(doc, [pred])[metric["metric"]]
+                assert ours(dict(doc), [pred])[metric["metric"]] == pytest.approx(expected), (name, pred)
