@@ -231,6 +231,14 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 return_dict=True,
                 **kwargs,
             )
+        if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules()):
+            # Activation checkpointing re-runs decoder layers inside backward, after this forward returned:
+            # they must route with this forward's token mask and observer (a mismatch changes the kept
+            # assignments, which checkpointing rejects), without appending records a second time. The
+            # context stays attached until the next forward replaces it.
+            replay = dataclasses.replace(ctx, records=None)
+            for block in self.moe_blocks.values():
+                block.routing_ctx = replay
         records = ctx.records[first:] if ctx.records is not None else None
         aux_loss = torch.stack([r.aux_loss for r in records]).sum() if records else None
         return MoELlavaCausalLMOutputWithPast(
@@ -276,7 +284,7 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 raise ValueError(f"from_dense: the dense model has no tensor {name!r}; is it a LLaVA model?")
             source = dense_tensors[name].detach().clone()
             new = (
-                nn.Parameter(source, requires_grad=tensor.requires_grad)
+                nn.Parameter(source, requires_grad=dense_tensors[name].requires_grad)
                 if isinstance(tensor, nn.Parameter)
                 else source
             )

@@ -261,3 +261,28 @@ def test_size_registry_parameter_counts(backbone, size, total_b, active_b):
     if size == "full":
         assert model.config.image_seq_length == 576
         assert model.config.vision_feature_layer == -2
+
+
+def test_activation_checkpointing_routes_like_the_forward():
+    """With activation checkpointing the recomputed layers see this forward's mask and observer: the same
+    gradients as without it (padding included), the observer called once per layer, no duplicate records."""
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = tiny_model("llama", seed=1).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        batch = image_batch(model, pad_right=3)
+        seen = []
+
+        def observer(record, g1_AF, g2_AD, expert_A, token_A, valid_A, segments=None, seen=seen):
+            seen.append(record.layer_idx)
+
+        ctx = RoutingContext(records=[], observer=observer)
+        out = model(**batch, labels=batch["input_ids"], routing_ctx=ctx)
+        (out.loss + 0.01 * out.aux_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        calls.append((sorted(seen), len(ctx.records)))
+    assert calls[0] == calls[1] == ([0, 2], 2)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6)
