@@ -116,6 +116,13 @@ def check_mini_folder(root: Path, benchmark: str) -> None:
     if not isinstance(dataset, DatasetDict) or split not in dataset:
         found = sorted(dataset) if isinstance(dataset, DatasetDict) else "a single split"
         raise EvalInputError(f"{folder} has no split {split!r} (found {found}); {regenerate}")
+    if benchmark == "pope" and "category" in dataset[split].column_names:
+        # every POPE task selects one category; an empty one would fail inside lmms-eval's retried loader
+        missing = sorted(set(T.POPE_CATEGORIES) - set(dataset[split]["category"]))
+        if missing:
+            raise EvalInputError(
+                f"{folder} has no POPE rows of category {missing}; {regenerate} with more docs"
+            )
     try:
         from stgc.data import check_schema
     except ImportError:  # the generator package is optional for evaluating hub data or foreign folders

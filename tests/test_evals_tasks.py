@@ -273,3 +273,34 @@ def test_pope_groups_are_unweighted_category_means(pipeline, group):
         values = [results["results"][s][f"{metric},none"] for s in subtasks]
         assert results["results"][group][f"{metric},none"] == pytest.approx(statistics.mean(values))
     assert len({results["results"][s]["pope_f1_score,none"] for s in subtasks}) > 1  # the fixture varies
+
+
+def test_generated_mini_suite_matches_the_tasks(tmp_path):
+    """The suite `stgc data` generates runs through every task, and gold answers score (near) the maximum."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from stgc.data import BENCHMARKS, generate_suite
+
+    assert {name: spec.split for name, spec in BENCHMARKS.items()} == T.MINI_SPLITS
+    for info in T.TASKS.values():
+        assert info.benchmark in BENCHMARKS
+    root = tmp_path / "mini"
+    generate_suite(root, docs=8, train_size=0, image_size=64)  # 8 POPE rows: all 3 categories
+    task_dir = T.write_task_dir(tmp_path / "tasks", source="mini", mini_root=root)
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    args = argparse.Namespace(output_path=str(tmp_path / "out"), process_with_media=False)
+    model = scripted_model_class()(lambda task, doc: _gold(doc))
+    res = simple_evaluate(
+        model=model, tasks=T.list_tasks(), task_manager=manager, cli_args=args, bootstrap_iters=0
+    )
+    for name in T.list_tasks():
+        value = res["results"][name][f"{T.HEADLINE[name]},none"]
+        if T.TASKS[name].benchmark in ("vqav2", "vizwiz", "textvqa"):
+            assert value >= 0.6, name  # VQA soft accuracy of one annotator's answer
+        elif name == "stgc_mmbench_en_dev_static":
+            assert value == 100.0
+        elif name == "stgc_mme":
+            assert value > 0 and value % 200 == 0  # acc + acc+ = 200 per perception category
+        else:
+            assert value == 1.0, name

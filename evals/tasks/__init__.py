@@ -135,6 +135,8 @@ MINI_SPLITS: dict[str, str] = {
     "mme": "test",
     "mmbench": "dev",
 }
+# POPE's negative-sampling categories (the `category` column); one task per category.
+POPE_CATEGORIES = ("adversarial", "popular", "random")
 # Keys replaced when the mini suite is the source, per hub dataset. GQA's process_docs downloads the image
 # set and joins it onto the rows; the mini rows already hold `image`.
 MINI_OVERRIDES: dict[str, dict[str, Any]] = {"lmms-lab-encoder/GQA": {"process_docs": None}}

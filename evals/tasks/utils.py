@@ -14,8 +14,6 @@ import datasets
 from lmms_eval.tasks.pope.utils import pope_process_results
 from lmms_eval.tasks.scienceqa.utils import sqa_process_results
 
-POPE_CATEGORIES = ("adversarial", "popular", "random")
-
 
 def _pope_category_docs(dataset: datasets.Dataset, category: str) -> datasets.Dataset:
     if "category" not in dataset.column_names:
