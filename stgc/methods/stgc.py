@@ -81,7 +81,8 @@ class STGC(RoutingMethod):
 
     def train_loss(self, model, inputs, step: int, observer=None) -> StepLoss:
         if self.config.mode == "fused":
-            return super().train_loss(model, inputs, step)
+            # an observer passed in is this method's own, adjusted by the trainer (its gradient scale)
+            return super().train_loss(model, inputs, step, observer=observer)
         obs = self.observer(step)
         ctx = RoutingContext(records=[], observer=obs)
         out = model(**inputs, routing_ctx=ctx)
