@@ -1,0 +1,544 @@
+"""Named experiments: Python functions returning a full, validated ``RunConfig`` (STYLE.md 7).
+
+A run's config is four small dataclasses (model, data, training; the routing method's own config) plus the
+output folder. Recipes build them; variants derive in code (``with_method``, ``stgc_variant``,
+``with_seed``) and from the command line (``apply_overrides`` with ``section.key=value``), never by copying
+a file. ``RunConfig.to_dict`` is what a run saves as ``run_config.json``; ``RunConfig.from_dict`` reads it.
+
+Recipes
+- ``tiny_dense``: the dense "stage 2" of the tiny model (every parameter trained from scratch). A randomly
+  initialised tiny model trained only on experts / routers / projector (MoE-LLaVA's stage III) learns
+  next to nothing, so the tiny recipe mirrors MoE-LLaVA: dense LLaVA first, then sparse upcycling.
+- ``tiny``: stage III on the tiny model (CPU, minutes): upcycled from ``tiny_dense`` (trained first if
+  missing, shared by every method and seed of a sweep), experts + routers + projector trained.
+- ``small``: the same two stages at ~100M parameters on one GPU (``small_dense`` then ``small``).
+- ``moe_llava_stablelm_1_6b``, ``moe_llava_qwen_1_8b``, ``moe_llava_phi2_2_7b``: MoE-LLaVA stage III at
+  the published sizes and hyper-parameters (STGC.md section 1), upcycled from a stage-2 LLaVA checkpoint
+  folder given by ``model.init`` (not shipped: point it at your converted checkpoint).
+Each ``<recipe>_stgc`` is ``stgc_variant(<recipe>())``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from stgc.backbones import BACKBONES, get_backbone
+from stgc.config import ConfigBase, MoEConfig
+from stgc.methods import REGISTRY, MethodConfig, method_config_from_dict
+
+PARAM_GROUPS = (
+    "experts",
+    "router",
+    "projector",
+    "vision",
+    "embeddings",
+    "attention",
+    "mlp",
+    "norms",
+    "lm_head",
+)
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+INIT_RECIPE_PREFIX = "recipe:"
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the config sections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(ConfigBase):
+    """backbone, size: an entry of ``stgc.backbones`` (tiny / small / full).
+    moe: the MoE layers (ignored by a dense run).
+    dense: train a plain dense LLaVA (stage 2 of MoE-LLaVA; no routing, no method) instead of a MoE model.
+    init: where the weights come from: ``scratch`` (random init), ``recipe:<name>`` (the final checkpoint of
+        that recipe, trained first into ``<output_dir>/../<name>`` if missing), or a checkpoint folder. A
+        dense checkpoint is upcycled (every expert a copy of the dense FFN); a MoE checkpoint is loaded.
+    """
+
+    backbone: str = "llama"
+    size: str = "tiny"
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    dense: bool = False
+    init: str = "scratch"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        backbone = get_backbone(self.backbone)  # raises with the valid names
+        _check(
+            self.size in backbone.sizes,
+            f"model.size={self.size!r} is not defined for backbone {self.backbone!r}; valid sizes are "
+            f"{sorted(backbone.sizes)}.",
+        )
+        _check(
+            isinstance(self.init, str) and bool(self.init),
+            f"model.init={self.init!r} is invalid; use 'scratch', 'recipe:<name>' or a checkpoint folder.",
+        )
+        if self.init.startswith(INIT_RECIPE_PREFIX):
+            name = self.init[len(INIT_RECIPE_PREFIX) :]
+            _check(
+                name in RECIPES,
+                f"model.init={self.init!r} names an unknown recipe; valid: {sorted(RECIPES)}.",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(ConfigBase):
+    """train: a ``save_to_disk`` folder of LLaVA conversations (split "train"; ``stgc data`` writes one).
+    tokenizer: a tokenizer folder with an ``<image>`` token. max_length: tokens per sample after the image
+    expansion (longer samples are truncated). max_samples: use the first N conversations (None: all)."""
+
+    train: str = "data/mini/train"
+    tokenizer: str = "data/mini/tokenizer"
+    max_length: int = 512
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.max_length, int) and self.max_length >= 8,
+            f"data.max_length={self.max_length!r} is too small; use an integer >= 8 (MoE-LLaVA: 2048).",
+        )
+        _check(
+            self.max_samples is None or self.max_samples >= 1,
+            f"data.max_samples={self.max_samples!r} is invalid; use None (all) or a positive integer.",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig(ConfigBase):
+    """Optimisation and bookkeeping (MoE-LLaVA stage III defaults: lr 2e-5 cosine, warmup 0.03, no weight
+    decay, 1 epoch, clip 1.0, bf16, global batch 128 = per-device batch x grad_accum x GPUs).
+
+    max_steps: optimizer steps (> 0 overrides epochs). save_steps / logging_steps: in optimizer steps; the
+    last step is always saved. measure_conflict_every: methods without token gradients (the baseline) get a
+    measuring observer on these steps, so that baseline and STGC runs both log conflict curves (0: never).
+    trainable: comma-separated parameter groups (``PARAM_GROUPS``) or ``all``; MoE-LLaVA stage III trains
+    experts, routers and the projector. deepspeed: a DeepSpeed config file (``configs/deepspeed_zero2.json``)
+    or None; the ``deepspeed`` launcher or ``--deepspeed`` selects it. cpu_threads: torch's intra-op
+    threads while training (None: torch's default; restored afterwards).
+    """
+
+    lr: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    logging_steps: int = 10
+    measure_conflict_every: int = 10
+    trainable: str = "experts,router,projector"
+    deepspeed: str | None = None
+    gradient_checkpointing: bool = False
+    dataloader_workers: int = 0
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"training.lr={self.lr} must be > 0 (MoE-LLaVA stage III: 2e-5).")
+        _check(
+            self.lr_scheduler in LR_SCHEDULERS,
+            f"training.lr_scheduler={self.lr_scheduler!r} is not valid; choose one of {LR_SCHEDULERS}.",
+        )
+        _check(0 <= self.warmup_ratio < 1, f"training.warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+        _check(self.weight_decay >= 0, f"training.weight_decay={self.weight_decay} must be >= 0.")
+        _check(
+            self.max_steps > 0 or self.epochs > 0,
+            f"training.epochs={self.epochs} and max_steps={self.max_steps}: set epochs > 0 or max_steps > 0.",
+        )
+        for key in ("batch_size", "grad_accum", "save_steps", "logging_steps"):
+            value = getattr(self, key)
+            _check(
+                isinstance(value, int) and value >= 1, f"training.{key}={value!r} must be an integer >= 1."
+            )
+        _check(
+            self.measure_conflict_every >= 0,
+            f"training.measure_conflict_every={self.measure_conflict_every} must be >= 0 (0: never).",
+        )
+        _check(self.max_grad_norm >= 0, f"training.max_grad_norm={self.max_grad_norm} must be >= 0 (0: off).")
+        _check(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            f"training.save_total_limit={self.save_total_limit} must be None (keep all) or >= 1.",
+        )
+        _check(
+            self.cpu_threads is None or self.cpu_threads >= 1,
+            f"training.cpu_threads={self.cpu_threads} must be None (torch's default) or >= 1.",
+        )
+        self.trainable_groups()  # validates
+
+    def trainable_groups(self) -> tuple[str, ...]:
+        names = tuple(g.strip() for g in self.trainable.split(",") if g.strip())
+        if names == ("all",):
+            return PARAM_GROUPS
+        bad = [g for g in names if g not in PARAM_GROUPS]
+        _check(
+            bool(names) and not bad,
+            f"training.trainable={self.trainable!r} has unknown group(s) {bad or '(none given)'}; use a "
+            f"comma-separated subset of {PARAM_GROUPS} or 'all'.",
+        )
+        return names
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(ConfigBase):
+    """One training run. name: the recipe it came from (names the default output folder).
+    output_dir: the run folder; None means ``runs/<name>-<method tag>-seed<seed>`` (``run_dir``)."""
+
+    name: str = "custom"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for key, cls in (("model", ModelConfig), ("data", DataConfig), ("training", TrainingConfig)):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                object.__setattr__(self, key, cls.from_dict(value))
+        if isinstance(self.method, dict):
+            object.__setattr__(self, "method", method_config_from_dict(self.method))
+        _check(isinstance(self.method, MethodConfig), f"method={self.method!r} is not a method config.")
+        if self.model.dense:
+            groups = set(self.training.trainable_groups())
+            _check(
+                not groups & {"experts", "router"} or self.training.trainable == "all",
+                f"training.trainable={self.training.trainable!r} names MoE parameters, but model.dense=True "
+                "has none; train e.g. 'all' or 'projector' in a dense run.",
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RunConfig:
+        return super().from_dict(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @property
+    def method_tag(self) -> str:
+        """'dense', 'baseline', or the method name plus its non-default parameters (e.g. stgc-beta0.05)."""
+        if self.model.dense:
+            return "dense"
+        defaults = type(self.method)().to_dict()
+        diff = [f"{k}{_fmt(v)}" for k, v in self.method.to_dict().items() if k != "name" and v != defaults[k]]
+        return "-".join([self.method.name, *diff])
+
+    @property
+    def run_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path("runs") / f"{self.name}-{self.method_tag}-seed{self.training.seed}"
+
+    def resolved(self) -> RunConfig:
+        """The config with its output folder filled in (what a run saves)."""
+        return self.replace(output_dir=str(self.run_dir))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "_".join(str(v) for v in value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# recipes
+
+
+def tiny_dense() -> RunConfig:
+    """Dense stage 2 of the tiny model, trained from scratch on the mini mixture (every parameter).
+
+    lr 1e-3 (not MoE-LLaVA's 2e-5: these weights start random), warmup 3%, cosine, 4 epochs of the default
+    4000 conversations at batch 16 (1000 steps, ~90 s). One CPU thread: the tiny matrices gain nothing
+    from more, and on a busy 2-core machine two threads wait on each other (measured: 0.11 s per step
+    with 1 thread, 0.48 s with 2).
+    """
+    return RunConfig(
+        name="tiny_dense",
+        model=ModelConfig(backbone="llama", size="tiny", dense=True),
+        data=DataConfig(max_length=192),
+        training=TrainingConfig(
+            lr=1e-3,
+            epochs=4.0,
+            batch_size=16,
+            save_steps=250,
+            logging_steps=50,
+            measure_conflict_every=0,
+            trainable="all",
+            cpu_threads=1,
+        ),
+    )
+
+
+def tiny() -> RunConfig:
+    """Stage III of the tiny model: sparse upcycling of ``tiny_dense`` (4 experts, top-2, every other
+    layer), experts + routers + projector trained for one epoch with MoE-LLaVA's recipe except the lr
+    (2e-4: 10x MoE-LLaVA's, because the tiny run is 250 steps rather than ~5000)."""
+    return RunConfig(
+        name="tiny",
+        model=ModelConfig(
+            backbone="llama", size="tiny", moe=MoEConfig(), init=f"{INIT_RECIPE_PREFIX}tiny_dense"
+        ),
+        data=DataConfig(max_length=192),
+        training=TrainingConfig(
+            lr=2e-4,
+            epochs=1.0,
+            batch_size=16,
+            save_steps=125,
+            logging_steps=10,
+            measure_conflict_every=5,
+            cpu_threads=1,
+        ),
+    )
+
+
+def small_dense() -> RunConfig:
+    """Dense stage 2 of the ~100M-parameter model on one GPU (bf16), every parameter trained."""
+    return RunConfig(
+        name="small_dense",
+        model=ModelConfig(backbone="llama", size="small", dense=True),
+        data=DataConfig(max_length=512),
+        training=TrainingConfig(
+            lr=3e-4, epochs=4.0, batch_size=32, bf16=True, save_steps=500, logging_steps=20, trainable="all"
+        ),
+    )
+
+
+def small() -> RunConfig:
+    """Stage III of the small model on one GPU: upcycled from ``small_dense``, lr 1e-4, bf16."""
+    return RunConfig(
+        name="small",
+        model=ModelConfig(backbone="llama", size="small", init=f"{INIT_RECIPE_PREFIX}small_dense"),
+        data=DataConfig(max_length=512),
+        training=TrainingConfig(
+            lr=1e-4,
+            epochs=1.0,
+            batch_size=32,
+            bf16=True,
+            save_steps=250,
+            logging_steps=10,
+            measure_conflict_every=10,
+        ),
+    )
+
+
+def _moe_llava(name: str, backbone: str) -> RunConfig:
+    """MoE-LLaVA stage III (scripts/v1/*/finetune_moe.sh): 4 experts, top-2, every other layer, alpha 0.01,
+    capacity factor 1.5 at training, lr 2e-5 cosine, warmup 0.03, weight decay 0, 1 epoch, max length 2048,
+    bf16, ZeRO-2, global batch 128 (8 GPUs x 4 x grad_accum 4), experts + routers + projector trained.
+    ``model.init`` must point at a stage-2 (dense) LLaVA checkpoint folder of this backbone; ``data`` at
+    LLaVA-mix-665K converted to the conversation format and the backbone's tokenizer with ``<image>``."""
+    return RunConfig(
+        name=name,
+        model=ModelConfig(
+            backbone=backbone,
+            size="full",
+            moe=MoEConfig(capacity_factor=1.5),
+            init=f"checkpoints/{name}-stage2",
+        ),
+        data=DataConfig(
+            train="data/llava_mix665k/train", tokenizer=f"checkpoints/{name}-stage2", max_length=2048
+        ),
+        training=TrainingConfig(
+            lr=2e-5,
+            epochs=1.0,
+            batch_size=4,
+            grad_accum=4,
+            bf16=True,
+            save_steps=1000,
+            save_total_limit=1,
+            logging_steps=1,
+            measure_conflict_every=50,
+            deepspeed="configs/deepspeed_zero2.json",
+            gradient_checkpointing=True,
+            dataloader_workers=4,
+        ),
+    )
+
+
+def moe_llava_stablelm_1_6b() -> RunConfig:
+    """MoE-LLaVA-StableLM-2-1.6B stage III (4 experts, top-2), upcycled from a stage-2 checkpoint."""
+    return _moe_llava("moe_llava_stablelm_1_6b", "stablelm")
+
+
+def moe_llava_qwen_1_8b() -> RunConfig:
+    """MoE-LLaVA-Qwen-1.8B stage III (4 experts, top-2), upcycled from a stage-2 checkpoint."""
+    return _moe_llava("moe_llava_qwen_1_8b", "qwen2")
+
+
+def moe_llava_phi2_2_7b() -> RunConfig:
+    """MoE-LLaVA-Phi-2-2.7B stage III (4 experts, top-2), upcycled from a stage-2 checkpoint."""
+    return _moe_llava("moe_llava_phi2_2_7b", "phi")
+
+
+# --------------------------------------------------------------------------------------------------------
+# variants
+
+
+def with_method(config: RunConfig, name: str, **params: Any) -> RunConfig:
+    """``config`` trained with routing method ``name`` and its parameters (validated by its config class)."""
+    return config.replace(method=method_config_from_dict({"name": name, **params}))
+
+
+def stgc_variant(config: RunConfig, **params: Any) -> RunConfig:
+    """``config`` with STGC (default beta 0.01, tau 0, fused) and any STGC parameter overridden."""
+    return with_method(config, "stgc", **params)
+
+
+def with_seed(config: RunConfig, seed: int) -> RunConfig:
+    return config.replace(training=config.training.replace(seed=seed))
+
+
+RECIPES: dict[str, Callable[[], RunConfig]] = {
+    "tiny_dense": tiny_dense,
+    "tiny": tiny,
+    "small_dense": small_dense,
+    "small": small,
+    "moe_llava_stablelm_1_6b": moe_llava_stablelm_1_6b,
+    "moe_llava_qwen_1_8b": moe_llava_qwen_1_8b,
+    "moe_llava_phi2_2_7b": moe_llava_phi2_2_7b,
+}
+for _name in ("tiny", "small", "moe_llava_stablelm_1_6b", "moe_llava_qwen_1_8b", "moe_llava_phi2_2_7b"):
+    RECIPES[f"{_name}_stgc"] = (lambda base: lambda: stgc_variant(base()))(RECIPES[_name])
+
+
+def get_recipe(name: str) -> RunConfig:
+    """The config of recipe ``name`` (ValueError listing the valid names)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes are {sorted(RECIPES)}.")
+    return RECIPES[name]()
+
+
+# --------------------------------------------------------------------------------------------------------
+# key=value overrides
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """``config`` with ``section.key=value`` overrides applied, e.g. ``training.lr=1e-4``,
+    ``method.beta=0.05``, ``model.moe.num_experts=8``, ``method.name=stgc`` (resets the method's other
+    parameters to that method's defaults; applied before the other ``method.*`` keys), ``output_dir=runs/x``.
+
+    Values convert to the field's type: numbers, ``true`` / ``false``, ``none`` / ``null`` for optional
+    fields, comma-separated or ``[0,2]`` lists for tuples. An unknown key or a malformed value raises
+    ValueError listing the valid keys; the result is validated like any config."""
+    pairs = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. training.lr=1e-4).")
+        pairs.append((key, value.strip()))
+    data = config.to_dict()
+    # a method switch first, so that the other method.* keys are checked against the new method's fields
+    for key, value in pairs:
+        if key == "method.name":
+            if value not in REGISTRY:
+                raise ValueError(f"method.name={value!r} is unknown; valid methods are {sorted(REGISTRY)}.")
+            if value != data["method"]["name"]:
+                data["method"] = {"name": value}
+    for key, value in pairs:
+        if key == "method.name":
+            continue
+        _set_path(data, key.split("."), value, RunConfig, key)
+    return RunConfig.from_dict(data)
+
+
+def _field_hints(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    if cls is MethodConfig:  # the method section's class depends on its name
+        cls = REGISTRY[data["name"]].Config
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _set_path(data: dict[str, Any], path: list[str], text: str, cls: type, full_key: str) -> None:
+    hints = _field_hints(cls, data)
+    head = path[0]
+    if head not in hints:
+        prefix = full_key[: len(full_key) - len(".".join(path))]
+        valid = sorted(prefix + k for k in hints)
+        hint = ""
+        if cls is MethodConfig:
+            hint = f" (for method {data['name']!r}; method.name=<method> switches to another method)"
+        raise ValueError(f"unknown config key {full_key!r}; valid keys here are {valid}{hint}.")
+    hint = hints[head]
+    if len(path) > 1:
+        sub = data.get(head)
+        if not (isinstance(sub, dict) and dataclasses.is_dataclass(hint)):
+            raise ValueError(f"config key {full_key!r}: {head!r} is a value, not a section.")
+        _set_path(sub, path[1:], text, hint, full_key)
+        return
+    if dataclasses.is_dataclass(hint):
+        keys = sorted(f"{full_key}.{f.name}" for f in dataclasses.fields(hint))
+        raise ValueError(f"config key {full_key!r} is a section; set one of its keys: {keys}.")
+    data[head] = _convert(text, hint, full_key)
+
+
+def _convert(text: str, hint: Any, key: str) -> Any:
+    """``text`` as a value of type ``hint`` (int, float, bool, str, tuple[int, ...], X | None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.lower() in ("none", "null") and len(args) < len(typing.get_args(hint)):
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return _convert(text, arg, key)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError("; ".join(errors))
+    if hint is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{key}={text!r} is not a boolean; use true or false.")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{key}={text!r} is not an integer.") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{key}={text!r} is not a number.") from None
+    if hint is str:
+        return text
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        parts = [p.strip() for p in text.strip("[]()").split(",") if p.strip()]
+        return tuple(_convert(p, item, key) for p in parts)
+    raise ValueError(f"{key}: values of type {hint} cannot be set from the command line.")
+
+
+__all__ = [
+    "BACKBONES",
+    "DataConfig",
+    "ModelConfig",
+    "PARAM_GROUPS",
+    "RECIPES",
+    "RunConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "get_recipe",
+    "stgc_variant",
+    "with_method",
+    "with_seed",
+]

@@ -1,0 +1,648 @@
+"""Training on transformers' ``Trainer`` (DESIGN.md): a small subclass adds the routing method's losses, the
+conflict measurement and the routing metrics; everything else (checkpoints, resume, DeepSpeed, gradient
+accumulation, clipping, the cosine schedule with warmup, seeds, the progress bar) is the Trainer's own.
+
+    train(get_recipe("tiny_stgc"))  -> runs/tiny-stgc-seed0/checkpoint-<last step>
+
+Run folder (``RunConfig.run_dir``):
+    run_config.json          the resolved config (also inside every checkpoint)
+    metrics.jsonl            one line per optimizer step (``stgc.callbacks`` documents the keys)
+    checkpoint-<step>/       a Hugging Face model folder (config, safetensors, processor, tokenizer) that
+                             loads on its own with AutoModelForImageTextToText / AutoProcessor after
+                             ``import stgc``, plus the Trainer's optimizer / scheduler / RNG state
+    final.json               written when the run has finished: the final checkpoint's name
+
+Loss scaling with gradient accumulation: the Trainer divides each micro-batch's loss by the number of
+micro-batches of the step (``loss_is_scaled_for_ga = False`` below: the method's loss is a per-micro-batch
+mean and ignores ``num_items_in_batch``). STGC's fused mode adds beta * dL_cel/dz inside the backward,
+outside the loss, so the trainer applies the same 1/accumulation factor to that gradient (``_observer``);
+fused and two_pass then agree under accumulation as without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from stgc.callbacks import (
+    METRICS_NAME,
+    RUN_CONFIG_NAME,
+    MetricsCallback,
+    NonFiniteGradientGuard,
+    RunConfigCallback,
+    StepBuffer,
+    routing_stats,
+)
+from stgc.conflict import ConflictObserver
+from stgc.methods import RoutingMethod, build_method
+from stgc.moe import ExpertBank, MoEBlock
+from stgc.recipes import INIT_RECIPE_PREFIX, PARAM_GROUPS, RunConfig, get_recipe
+
+FINAL_NAME = "final.json"
+DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_zero2.json"
+# Settings that may change between an interrupted run and its resume (bookkeeping, not the trajectory).
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.logging_steps",
+    "training.dataloader_workers",
+    "training.deepspeed",
+    "training.cpu_threads",
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a training step was NaN or infinite; the run stopped before applying it."""
+
+
+class CheckpointError(ValueError):
+    """A run folder or checkpoint cannot be resumed (corrupt, or written by a different run)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# trainable parameters
+
+
+def parameter_groups(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> group (``stgc.recipes.PARAM_GROUPS`` or "other").
+
+    MoE parameters are found by module type (``ExpertBank``, a ``MoEBlock``'s router); the rest by the
+    module path of transformers' LLaVA (``multi_modal_projector``, ``vision_tower``, ``embed_tokens``,
+    ``lm_head``, ``self_attn``, ``mlp``) and norm modules by class name, so every backbone of the registry
+    maps the same way without naming a model."""
+    owner: dict[int, str] = {}
+    for module in model.modules():
+        if isinstance(module, MoEBlock):
+            for p in module.router.parameters():
+                owner[id(p)] = "router"
+        if isinstance(module, ExpertBank):
+            for p in module.parameters():
+                owner[id(p)] = "experts"
+    groups: dict[str, str] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            parts = name.split(".")
+            if id(p) in owner:
+                group = owner[id(p)]
+            elif "multi_modal_projector" in parts:
+                group = "projector"
+            elif "vision_tower" in parts:
+                group = "vision"
+            elif "embed_tokens" in parts:
+                group = "embeddings"
+            elif "lm_head" in parts:
+                group = "lm_head"
+            elif "self_attn" in parts:
+                group = "attention"
+            elif type(module).__name__.endswith("Norm"):
+                group = "norms"
+            elif "mlp" in parts:
+                group = "mlp"
+            else:
+                group = "other"
+            groups.setdefault(name, group)
+    return groups
+
+
+def set_trainable(model: nn.Module, trainable: str, groups: Sequence[str]) -> dict[str, int]:
+    """Freeze every parameter except those of ``groups`` (all of them when ``trainable == "all"``).
+
+    Returns trainable parameter counts per group. A requested group the model does not have is an error
+    (e.g. "experts" on a dense model), not a silent no-op."""
+    by_name = parameter_groups(model)
+    present = set(by_name.values())
+    missing = [g for g in groups if g not in present]
+    if missing and trainable != "all":
+        raise ValueError(
+            f"training.trainable={trainable!r}: this model has no {missing} parameters (it has "
+            f"{sorted(present)}); remove them from training.trainable."
+        )
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        group = by_name[name]
+        on = trainable == "all" or group in groups
+        p.requires_grad_(on)
+        if on:
+            counts[group] = counts.get(group, 0) + p.numel()
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class MoETrainer(Trainer):
+    """``Trainer`` whose loss is the routing method's (``RoutingMethod.train_loss``), plus the metrics.
+
+    method: the routing method; ``None`` trains a dense model with its own loss (stage 2).
+    measure_conflict_every: on these steps a method without token gradients (the baseline) gets a measuring
+        ``ConflictObserver(scale=0)``, so that its conflict statistics are logged too.
+    """
+
+    loss_is_scaled_for_ga = False  # the method's loss is a micro-batch mean: let Trainer divide by GA
+
+    def __init__(
+        self,
+        *args: Any,
+        method: RoutingMethod | None,
+        measure_conflict_every: int,
+        buffer: StepBuffer,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.measure_conflict_every = measure_conflict_every
+        self.buffer = buffer
+        self.model_accepts_loss_kwargs = False
+        self._step_loss = None
+        self._tokens = 0
+        self._measuring = False
+        self._scaled = None
+
+    def _observer(self, step: int):
+        obs = self.method.observer(step)
+        every = self.measure_conflict_every
+        self._measuring = obs is None and bool(every) and step % every == 0
+        if self._measuring:
+            obs = ConflictObserver(scale=0.0)
+        self._scaled = None
+        if obs is not None and getattr(obs, "scale", 0.0):
+            # fused mode: the CEL gradient bypasses the loss, so give it the loss's 1/accumulation factor
+            # for this backward (restored afterwards: logs report beta * L_cel like every scaled term)
+            self._scaled = (obs, obs.scale)
+            obs.scale = obs.scale / self.current_gradient_accumulation_steps
+        return obs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step = self.state.global_step
+        mask = inputs.get("attention_mask")
+        self._tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        if self.method is None:
+            out = model(**inputs)
+            self._step_loss = out.loss
+            loss = out.loss
+        else:
+            result = self.method.train_loss(model, inputs, step, observer=self._observer(step))
+            self._step_loss = result
+            out, loss = result.output, result.loss
+        if not torch.isfinite(loss.detach()).all():
+            logs = self._step_loss.logs() if self.method is not None else {"loss/lm": float(loss)}
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss/"))
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise NonFiniteLossError(
+                f"non-finite loss at optimizer step {step + 1} ({terms}); the run stopped before applying "
+                f"it. Last good checkpoint: {last or 'none yet'}. Lower training.lr or check the data, then "
+                "resume (the run continues from that checkpoint)."
+            )
+        return (loss, out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # after the backward: the fused mode's conflict statistics exist only now
+        result, self._step_loss = self._step_loss, None
+        if self._scaled is not None:
+            obs, scale = self._scaled
+            obs.scale, self._scaled = scale, None
+        if self.method is None:
+            metrics = {"loss/total": float(result.detach()), "loss/lm": float(result.detach())}
+        else:
+            metrics = result.logs()
+            if self._measuring:  # measured only: this method has no CEL, do not log one as 0
+                metrics = {k: v for k, v in metrics.items() if not (k.endswith("/cel") or "/cel_" in k)}
+            metrics.update(routing_stats(result.records))
+        self.buffer.add(metrics, self._tokens)
+        return loss
+
+
+# --------------------------------------------------------------------------------------------------------
+# building a run
+
+
+@dataclasses.dataclass
+class RunComponents:
+    """What a run trains on: the model, the training set, its collator and the processor saved with each
+    checkpoint (``None`` for toy models)."""
+
+    model: nn.Module
+    train_dataset: Any
+    data_collator: Callable | None
+    processing_class: Any = None
+
+
+def build_components(config: RunConfig) -> RunComponents:
+    """The model (scratch / upcycled / loaded per ``model.init``), the processor and the training data."""
+    from datasets import load_from_disk
+    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
+
+    from stgc.data.collate import LlavaCollator
+    from stgc.modeling import (
+        MoELlavaConfig,
+        MoELlavaForConditionalGeneration,
+        build_llava_config,
+        build_model,
+        build_processor,
+    )
+
+    data = config.data
+    for what, path in (("data.train", data.train), ("data.tokenizer", data.tokenizer)):
+        if not Path(path).exists():
+            raise ValueError(
+                f"{what}={path!r} does not exist; generate the mini suite with `stgc data --out data/mini` "
+                f"or point {what} at your data."
+            )
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    mc = config.model
+    routing_method = None if mc.dense else config.method.to_dict()
+    init = _resolve_init(config)
+    if init is None:
+        kwargs = dict(
+            vocab_size=len(tokenizer), image_token_id=image_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+        if mc.dense:
+            model = LlavaForConditionalGeneration(build_llava_config(mc.backbone, mc.size, **kwargs))
+        else:
+            model = build_model(mc.backbone, mc.size, moe=mc.moe, routing_method=routing_method, **kwargs)
+    else:
+        kind = AutoConfig.from_pretrained(init).model_type
+        if kind == MoELlavaConfig.model_type:
+            if mc.dense:
+                raise ValueError(
+                    f"model.init={str(init)!r} is a MoE checkpoint; a dense run needs a dense one."
+                )
+            model = MoELlavaForConditionalGeneration.from_pretrained(init)
+            if model.config.moe_config != mc.moe:
+                raise ValueError(
+                    f"model.init={str(init)!r} has MoE settings {model.config.moe_config} but model.moe is "
+                    f"{mc.moe}; make them equal (or start from a dense checkpoint to upcycle)."
+                )
+            model.config.routing_method = routing_method
+        else:
+            dense = LlavaForConditionalGeneration.from_pretrained(init)
+            model = (
+                dense
+                if mc.dense
+                else MoELlavaForConditionalGeneration.from_dense(dense, mc.moe, routing_method)
+            )
+    vision = model.config.vision_config
+    processor = build_processor(tokenizer, vision.image_size, vision.patch_size)
+    dataset = load_from_disk(data.train)
+    if hasattr(dataset, "keys"):  # a DatasetDict
+        if "train" not in dataset:
+            raise ValueError(f"data.train={data.train!r} has splits {list(dataset)}, no 'train'.")
+        dataset = dataset["train"]
+    if data.max_samples is not None:
+        dataset = dataset.select(range(min(data.max_samples, len(dataset))))
+    return RunComponents(model, dataset, LlavaCollator(processor, max_length=data.max_length), processor)
+
+
+def _resolve_init(config: RunConfig) -> Path | None:
+    """The checkpoint folder ``model.init`` names (training a ``recipe:`` parent first), or None."""
+    init = config.model.init
+    if init == "scratch":
+        return None
+    if init.startswith(INIT_RECIPE_PREFIX):
+        name = init[len(INIT_RECIPE_PREFIX) :]
+        parent = get_recipe(name)
+        parent = parent.replace(output_dir=str(config.run_dir.parent / name), data=config.data)
+        # several runs of a sweep may need the same parent: one trains it, the others wait and reuse it
+        with _file_lock(config.run_dir.parent / f".{name}.lock"):
+            return train(parent)
+    path = Path(init)
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"model.init={init!r} is not a checkpoint folder (no config.json); use 'scratch', "
+            "'recipe:<name>' or a Hugging Face model folder."
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def training_arguments(config: RunConfig, **extra: Any) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run config (DeepSpeed when ``training.deepspeed`` names a config)."""
+    t = config.training
+    deepspeed = extra.pop("deepspeed", t.deepspeed)
+    if isinstance(deepspeed, str) and not Path(deepspeed).exists():
+        # a relative path names a file of the working directory or else of this repository (configs/...)
+        in_repo = DEFAULT_DEEPSPEED_CONFIG.parents[1] / deepspeed
+        if Path(deepspeed).is_absolute() or not in_repo.exists():
+            raise ValueError(
+                f"training.deepspeed={deepspeed!r} does not exist; use e.g. {DEFAULT_DEEPSPEED_CONFIG}."
+            )
+        deepspeed = str(in_repo)
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(config.run_dir),
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        seed=t.seed,
+        data_seed=t.seed,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        remove_unused_columns=False,  # the collator needs the raw image and conversations
+        dataloader_num_workers=t.dataloader_workers,
+        activation_checkpointing=t.gradient_checkpointing,
+        # non-reentrant: the backward keeps the original autograd nodes (and the MoE block's gradient
+        # observer on them); the reentrant form would recompute outside the routing context
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        deepspeed=deepspeed,
+        disable_tqdm=False,
+    )
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# checks before training: finished runs, compatible configs, readable checkpoints
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: RunConfig, ignore: Sequence[str] = ()) -> list[str]:
+    """``key: saved -> current`` for every setting that differs (JSON forms compared). The saved config is
+    read through ``RunConfig`` first, so a field added since it was written counts with its default."""
+    try:
+        saved = json.loads(RunConfig.from_dict(saved).to_json())
+    except (ValueError, TypeError):
+        pass  # an older or foreign layout: compare as written
+    a, b = _flat(saved), _flat(json.loads(current.to_json()))
+    keys = sorted(set(a) | set(b))
+    return [
+        f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
+        for k in keys
+        if a.get(k) != b.get(k) and k not in ignore
+    ]
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is unreadable ({error}); the run folder is damaged.") from error
+
+
+def check_run_folder(config: RunConfig) -> None:
+    """An existing run folder must hold the same run (up to ``RESUMABLE_CHANGES``): resuming another
+    run's checkpoints, or finishing a run with different settings, would mix two experiments."""
+    path = config.run_dir / RUN_CONFIG_NAME
+    if not path.exists():
+        return
+    diffs = config_differences(_read_run_config(path), config, RESUMABLE_CHANGES)
+    if diffs:
+        raise CheckpointError(
+            f"{config.run_dir} holds a run with different settings ({'; '.join(diffs)}). Use another "
+            "output_dir for this config, or delete the folder to start that run over."
+        )
+
+
+def check_checkpoint(folder: Path, config: RunConfig, model: nn.Module) -> None:
+    """A checkpoint can be resumed: its files are readable and its tensors fit ``model``.
+
+    Checks: trainer_state.json parses; the weights' safetensors headers and sizes are intact (a truncated
+    file fails here); every tensor name and shape matches the model's state dict; the checkpoint's
+    run_config.json (if any) has the same model settings."""
+    from safetensors import safe_open
+
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(
+            f"checkpoint {folder} has no readable trainer_state.json ({error}); it is incomplete or corrupt. "
+            "Delete it to resume from the previous checkpoint."
+        ) from error
+    saved_cfg = folder / RUN_CONFIG_NAME
+    if saved_cfg.exists():
+        saved = _read_run_config(saved_cfg)
+        diffs = [d for d in config_differences(saved, config, RESUMABLE_CHANGES) if d.startswith("model.")]
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {folder} was written by a run with another model ({'; '.join(diffs)}); it "
+                "cannot be resumed with this config. Use another output_dir."
+            )
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if (folder / "pytorch_model.bin").exists() or any(folder.glob("global_step*")):
+            return  # a DeepSpeed / torch checkpoint: the Trainer's loader checks it
+        raise CheckpointError(f"checkpoint {folder} has no model weights (*.safetensors); it is incomplete.")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            size = file.stat().st_size
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    shapes[key] = tuple(sl.get_shape())
+            # safetensors reads the header lazily: check that the data section is all there
+            with file.open("rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end > size:
+                raise ValueError(f"file is {size} bytes, its header needs {8 + header_len + end}")
+        except Exception as error:  # noqa: BLE001 - any failure to read means a corrupt file
+            raise CheckpointError(
+                f"checkpoint {folder}: {file.name} is corrupt or truncated ({error}). Delete this checkpoint "
+                "to resume from the previous one, or start the run over in another output_dir."
+            ) from error
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = {k for k in expected if k not in shapes and k.endswith("lm_head.weight")}
+    missing = sorted(set(expected) - set(shapes) - tied)
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{what}: {items[:3]}{' ...' if len(items) > 3 else ''}"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("shape differs", wrong))
+            if items
+        )
+        raise CheckpointError(
+            f"checkpoint {folder} does not fit this model ({detail}); it was written by a run with another "
+            "model shape. Use another output_dir for this config."
+        )
+
+
+def finished_checkpoint(config: RunConfig) -> Path | None:
+    """The final checkpoint of a finished run in ``config.run_dir`` (None if not finished)."""
+    marker = config.run_dir / FINAL_NAME
+    if not marker.exists():
+        return None
+    try:
+        final = config.run_dir / json.loads(marker.read_text())["checkpoint"]
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        raise CheckpointError(
+            f"{marker} is unreadable ({error}); delete it to finish the run again."
+        ) from error
+    if not final.is_dir():
+        raise CheckpointError(
+            f"{marker} names {final.name}, which is missing; delete {marker} to finish the run again."
+        )
+    return final
+
+
+# --------------------------------------------------------------------------------------------------------
+# the entry point
+
+
+def train(
+    config: RunConfig,
+    *,
+    components: Callable[[RunConfig], RunComponents] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    deepspeed: str | dict | None = None,
+    resume: bool = True,
+) -> Path:
+    """Train ``config`` and return its final checkpoint folder.
+
+    Idempotent: a finished run returns its final checkpoint without training; a partial run resumes from
+    its latest checkpoint (same data order, optimizer, scheduler and RNG state: Trainer's
+    ``resume_from_checkpoint``); a run folder holding a different run, a corrupt checkpoint or one that
+    does not fit the model raises ``CheckpointError``. ``resume=False`` refuses to continue a partial run
+    (an error, never a silent restart).
+    components: builds model and data from the config (default ``build_components``; tests pass toys).
+    deepspeed: a DeepSpeed config (path or dict) overriding ``training.deepspeed``.
+    """
+    config = config.resolved()
+    run_dir = config.run_dir
+    check_run_folder(config)
+    done = finished_checkpoint(config)
+    if done is not None:
+        return done
+    last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if last is not None and not resume:
+        raise CheckpointError(
+            f"{run_dir} holds a partial run (latest {Path(last).name}); pass resume=True (--resume) to "
+            "continue it, or use another output_dir."
+        )
+
+    set_seed(config.training.seed)
+    parts = (components or build_components)(config)
+    model = parts.model
+    method = None if config.model.dense else build_method(config.method, config.model.moe)
+    if method is not None:
+        moe_layers = {b.layer_idx for b in model.modules() if isinstance(b, MoEBlock)}
+        if not moe_layers:
+            raise ValueError("the model has no MoE blocks; set model.dense=True to train a dense model.")
+        wanted = getattr(config.method, "layers", None)
+        if wanted is not None and not set(wanted) <= moe_layers:
+            raise ValueError(
+                f"method.layers={list(wanted)} includes layers without a MoE block; the MoE layers are "
+                f"{sorted(moe_layers)}."
+            )
+        if hasattr(model.config, "routing_method"):
+            model.config.routing_method = config.method.to_dict()
+    if last is not None:
+        check_checkpoint(Path(last), config, model)
+    groups = set_trainable(model, config.training.trainable, config.training.trainable_groups())
+
+    args = training_arguments(config, **({"deepspeed": deepspeed} if deepspeed is not None else {}))
+    if args.should_save:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_CONFIG_NAME).write_text(config.to_json())
+    buffer = StepBuffer()
+    method_name = "dense" if method is None else config.method_tag
+    trainer = MoETrainer(
+        model=model,
+        args=args,
+        train_dataset=parts.train_dataset,
+        data_collator=parts.data_collator,
+        processing_class=parts.processing_class,
+        method=method,
+        measure_conflict_every=config.training.measure_conflict_every,
+        buffer=buffer,
+        callbacks=[
+            MetricsCallback(run_dir / METRICS_NAME, buffer, method_name),
+            RunConfigCallback(config.to_json()),
+            NonFiniteGradientGuard(NonFiniteLossError),
+            *callbacks,
+        ],
+    )
+    if args.should_save:
+        total = sum(groups.values())
+        print(f"[stgc.train] {run_dir}: training {total:,} parameters ({groups}); resume from {last}")
+    threads = torch.get_num_threads()
+    if config.training.cpu_threads is not None:
+        torch.set_num_threads(config.training.cpu_threads)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    finally:
+        torch.set_num_threads(threads)
+    state = trainer.state
+    if state.global_step < state.max_steps:
+        return Path(get_last_checkpoint(str(run_dir)))  # stopped early by a callback: not finished
+    final = run_dir / f"checkpoint-{state.global_step}"
+    if args.should_save:
+        if not final.is_dir():  # save_strategy "steps" saves the last step; keep the guarantee explicit
+            trainer.save_model(str(final))
+            (final / RUN_CONFIG_NAME).write_text(config.to_json())
+        (run_dir / FINAL_NAME).write_text(
+            json.dumps({"checkpoint": final.name, "global_step": state.global_step}, indent=2) + "\n"
+        )
+    if args.world_size > 1:
+        torch.distributed.barrier()
+    return final
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (NaN where a value was not finite)."""
+    path = Path(run_dir) / METRICS_NAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = [
+    "CheckpointError",
+    "MoETrainer",
+    "NonFiniteLossError",
+    "PARAM_GROUPS",
+    "RunComponents",
+    "build_components",
+    "check_checkpoint",
+    "parameter_groups",
+    "read_metrics",
+    "set_trainable",
+    "train",
+    "training_arguments",
+]

@@ -1,0 +1,150 @@
+"""Recipes, run configs, key=value overrides and the ``stgc train`` command line (no training here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stgc.cli import main as stgc_main
+from stgc.config import MoEConfig
+from stgc.methods.stgc import STGCConfig
+from stgc.recipes import (
+    RECIPES,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainingConfig,
+    apply_overrides,
+    get_recipe,
+    stgc_variant,
+    with_seed,
+)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_is_valid_and_round_trips(name):
+    config = get_recipe(name)
+    assert isinstance(config, RunConfig)
+    again = RunConfig.from_dict(json.loads(config.to_json()))
+    assert again == config
+    assert str(config.run_dir).startswith("runs/")
+    if name.endswith("_stgc"):
+        assert config.method == STGCConfig()
+        assert config.replace(method=get_recipe(name.removesuffix("_stgc")).method) == get_recipe(
+            name.removesuffix("_stgc")
+        )
+
+
+def test_moe_llava_recipes_use_the_published_stage3_settings():
+    for name in ("moe_llava_stablelm_1_6b", "moe_llava_qwen_1_8b", "moe_llava_phi2_2_7b"):
+        c = get_recipe(name)
+        t = c.training
+        assert (t.lr, t.lr_scheduler, t.warmup_ratio, t.weight_decay, t.epochs) == (
+            2e-5,
+            "cosine",
+            0.03,
+            0.0,
+            1.0,
+        )
+        assert (
+            t.batch_size * t.grad_accum * 8 == 128
+            and t.bf16
+            and t.deepspeed == "configs/deepspeed_zero2.json"
+        )
+        assert c.model.size == "full" and c.model.moe.num_experts == 4 and c.model.moe.top_k == 2
+        assert c.model.moe.aux_loss_coef == 0.01 and c.data.max_length == 2048
+        assert t.trainable_groups() == ("experts", "router", "projector")
+
+
+def test_variants_derive_in_code():
+    base = get_recipe("tiny")
+    v = with_seed(stgc_variant(base, beta=0.05, mode="two_pass"), 3)
+    assert v.method == STGCConfig(beta=0.05, mode="two_pass") and v.training.seed == 3
+    assert v.model == base.model and v.data == base.data
+    assert str(v.run_dir) == "runs/tiny-stgc-beta0.05-modetwo_pass-seed3"
+    with pytest.raises(ValueError, match="beta"):
+        stgc_variant(base, beta=-1.0)
+
+
+def test_overrides_convert_types_and_switch_methods():
+    c = apply_overrides(
+        get_recipe("tiny"),
+        [
+            "training.lr=1e-4",
+            "method.name=stgc",
+            "method.beta=0.05",
+            "method.layers=0,2",
+            "model.moe.top_k=1",
+            "model.moe.capacity_factor=1.5",
+            "training.bf16=true",
+            "training.save_total_limit=none",
+            "training.trainable=experts,router",
+            "output_dir=runs/x",
+        ],
+    )
+    assert c.training.lr == 1e-4 and isinstance(c.training.lr, float)
+    assert c.method == STGCConfig(beta=0.05, layers=(0, 2))
+    assert c.model.moe == MoEConfig(top_k=1, capacity_factor=1.5)
+    assert c.training.bf16 is True and c.training.save_total_limit is None
+    assert c.training.trainable == "experts,router" and str(c.run_dir) == "runs/x"
+    back = apply_overrides(c, ["method.name=baseline"])
+    assert back.method.name == "baseline" and not hasattr(back.method, "beta")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["training.lrr=1"], r"unknown config key 'training.lrr'; valid keys here are \[.*'training.lr'"),
+        (["nope=1"], r"valid keys here are \[.*'training'"),
+        (["method.beta=0.1"], "method.name=<method> switches"),
+        (["method.name=nope"], r"unknown; valid methods are \['baseline', 'stgc'\]"),
+        (["training.lr=fast"], "training.lr='fast' is not a number"),
+        (["training.bf16=maybe"], "not a boolean"),
+        (["model.moe=3"], "is a section"),
+        (["training.lr"], "not key=value"),
+        (["training.lr=-1"], "training.lr=-1.0 must be > 0"),
+        (["training.trainable=experts,heads"], r"unknown group\(s\) \['heads'\]"),
+        (["model.size=huge"], "valid sizes are"),
+        (["model.backbone=gpt"], "valid backbones are"),
+        (["method.name=stgc", "method.tau=2"], r"tau=2.0 is outside \[-1, 1\]"),
+        (["model.init=recipe:nope"], "unknown recipe"),
+    ],
+)
+def test_bad_overrides_are_clear_value_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(get_recipe("tiny"), overrides)
+
+
+def test_unknown_recipe_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown recipe 'tiny2'; valid recipes are \[.*'tiny'"):
+        get_recipe("tiny2")
+
+
+def test_section_validation():
+    with pytest.raises(ValueError, match="max_length"):
+        DataConfig(max_length=2)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainingConfig(epochs=0, max_steps=-1)
+    with pytest.raises(ValueError, match="names MoE parameters"):
+        RunConfig(model=ModelConfig(dense=True), training=TrainingConfig(trainable="experts"))
+    with pytest.raises(ValueError, match="unknown key"):
+        RunConfig.from_dict({"model": {"backbon": "llama"}})
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(capsys):
+    assert stgc_main(["train", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("stgc train: error: unknown recipe 'nope'")
+    assert stgc_main(["train", "tiny", "training.lrr=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert stgc_main(["train", "tiny", "--output-dir", "/nonexistent/x", "data.train=/nonexistent"]) == 2
+    assert "data.train='/nonexistent' does not exist" in capsys.readouterr().err
+
+
+def test_cli_prints_the_resolved_config(capsys):
+    assert stgc_main(["train", "tiny_stgc", "method.beta=0.05", "--print-config"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"]["beta"] == 0.05 and data["output_dir"] == "runs/tiny-stgc-beta0.05-seed0"
+    assert stgc_main(["train", "--list"]) == 0
+    assert "tiny_stgc" in capsys.readouterr().out

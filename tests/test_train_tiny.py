@@ -1,0 +1,97 @@
+"""The real tiny MoE-LLaVA through ``train``: dense stage 2, sparse upcycling, stage III on a generated mini
+suite; every checkpoint folder loads on its own with the Auto classes after ``import stgc``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import stgc  # noqa: F401  (registers the model with the Auto classes)
+from stgc.recipes import apply_overrides, get_recipe
+from stgc.train import parameter_groups, read_metrics, set_trainable, train
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    from stgc.data.suite import generate_suite
+
+    out = tmp_path_factory.mktemp("data") / "mini"
+    generate_suite(
+        out, docs=1, train_size=24, image_size=64, vocab_size=400, benchmarks=["gqa", "scienceqa_img"]
+    )
+    return out
+
+
+def _tiny(recipe: str, suite: Path, out: Path, *overrides: str):
+    return apply_overrides(
+        get_recipe(recipe),
+        [
+            f"data.train={suite / 'train'}",
+            f"data.tokenizer={suite / 'tokenizer'}",
+            "training.max_steps=2",
+            "training.batch_size=4",
+            "training.save_steps=2",
+            "training.measure_conflict_every=1",
+            f"output_dir={out}",
+            *overrides,
+        ],
+    )
+
+
+def test_dense_stage_then_upcycled_stage3_checkpoints_load(suite, tmp_path):
+    dense = train(_tiny("tiny_dense", suite, tmp_path / "dense"))
+    assert json.loads((dense / "config.json").read_text())["model_type"] == "llava"
+    config = _tiny("tiny_stgc", suite, tmp_path / "stgc", f"model.init={dense}", "training.grad_accum=2")
+    final = train(config)
+    assert final.name == "checkpoint-2" and (final / "run_config.json").exists()
+
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    processor = AutoProcessor.from_pretrained(final)
+    assert type(model).__name__ == "MoELlavaForConditionalGeneration"
+    assert model.config.routing_method["name"] == "stgc" and model.config.routing_method["beta"] == 0.01
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+    # stage III trained experts, routers and the projector only: everything else is the dense parent's
+    parent = AutoModelForImageTextToText.from_pretrained(dense).state_dict()
+    groups = parameter_groups(model)
+    for name, tensor in model.state_dict().items():
+        if groups.get(name) in ("vision", "embeddings", "attention", "norms", "lm_head", "mlp"):
+            assert torch.equal(tensor, parent[name]), name
+
+    records = read_metrics(final.parent)
+    assert [r["step"] for r in records] == [1, 2]
+    layers = sorted(model.config.moe_layers)
+    for r in records:
+        for layer in layers:
+            for key in ("fraction", "mean_cos", "pairs", "cel"):
+                assert f"conflict/layer{layer}/{key}" in r
+            assert f"routing/layer{layer}/imbalance" in r and f"routing/layer{layer}/entropy" in r
+        assert r["loss/cel_scaled"] == pytest.approx(0.01 * r["loss/cel"])
+
+
+def test_parameter_groups_of_the_tiny_model():
+    from tests.conftest import tiny_model
+
+    model = tiny_model("phi")
+    groups = set(parameter_groups(model).values())
+    assert groups == {
+        "experts",
+        "router",
+        "projector",
+        "vision",
+        "embeddings",
+        "attention",
+        "norms",
+        "lm_head",
+        "mlp",
+    }
+    counts = set_trainable(model, "experts,router,projector", ("experts", "router", "projector"))
+    assert set(counts) == {"experts", "router", "projector"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        ("experts" in n or "router" in n or "multi_modal_projector" in n) for n in trainable
+    )
