@@ -241,3 +241,11 @@ def test_unknown_model_type(tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"moe_llava_mamba.*moe_llava_phi"):
         convert_moe_llava(src, tmp_path / "converted")
+
+
+def test_convert_cli(tmp_path, capsys):
+    from stgc.cli import main
+
+    model, src = _make_source(tmp_path, "stablelm", "moe_llava_stablelm", "hf")
+    assert main(["convert", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists() and "converted" in capsys.readouterr().out

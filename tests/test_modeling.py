@@ -96,9 +96,15 @@ def test_routing_outputs():
     model = tiny_model("qwen2")
     batch = image_batch(model)
     labels = batch["input_ids"].clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attrs = {i: sorted(b.__dict__) for i, b in model.moe_blocks.items()}
     with torch.no_grad():
         out = model(**batch, labels=labels, output_routing=True)
         plain = model(**batch, labels=labels)
+    # evaluation leaves nothing behind in the model
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert attrs == {i: sorted(b.__dict__) for i, b in model.moe_blocks.items()}
+    assert all(b.routing_ctx is None for b in model.moe_blocks.values())
     assert [r.layer_idx for r in out.routing_records] == [0, 2]
     torch.testing.assert_close(out.aux_loss, sum(r.aux_loss for r in out.routing_records))
     assert plain.aux_loss is None and plain.routing_records is None
