@@ -384,8 +384,15 @@ class _ExpertsFn(torch.autograd.Function):
         for e, s, t in segs:
             torch.mm(g2_AD[s:t], w_out[e], out=grad_a_AF[s:t])  # = the virtual first-bias gradient
         grad_h_AH = _kernel(f"actb_{ffn}", _act_backward, dy_TD)(ffn, h_AH, grad_a_AF, F_)
-        g_win = torch.zeros_like(w_in) if need_win else None
-        g_wout = torch.zeros_like(w_out) if need_wout else None
+        # every expert with tokens writes its whole gradient slice below; only empty experts need zeros
+        # (zero-filling the full E x H x D banks cost ~0.25 ms per layer at StableLM-1.6B's shape)
+        empty = [e for e, n in enumerate(ctx.counts) if n == 0]
+        g_win = torch.empty_like(w_in) if need_win else None
+        g_wout = torch.empty_like(w_out) if need_wout else None
+        for e in empty:
+            for g in (g_win, g_wout):
+                if g is not None:
+                    g[e].zero_()
         g_bin = w_in.new_zeros(w_in.shape[0], F_) if (ctx.has_bias and need_bin) else None
         g_bout = w_out.new_zeros(w_out.shape[0], w_out.shape[1]) if (ctx.has_bias and need_bout) else None
         grad_x_ext = None
