@@ -95,3 +95,34 @@ def test_parameter_groups_of_the_tiny_model():
     assert trainable and all(
         ("experts" in n or "router" in n or "multi_modal_projector" in n) for n in trainable
     )
+
+
+def test_fused_stgc_under_activation_checkpointing_matches():
+    """The MoE-LLaVA recipes checkpoint activations (non-reentrant): the recomputed forward runs outside the
+    routing context, yet the backward keeps the original nodes and their observer, so the fused gradients
+    and conflict statistics are unchanged."""
+    from stgc.config import MoEConfig
+    from stgc.methods import build_method
+    from stgc.methods.stgc import STGCConfig
+    from tests.conftest import image_batch, tiny_model
+
+    model = tiny_model("llama").train()
+    batch = image_batch(model, batch=2, text_len=8)
+    batch["labels"] = batch["input_ids"].clone()
+
+    def run(checkpointing: bool):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        model.zero_grad()
+        result = build_method(STGCConfig(beta=0.5), MoEConfig()).train_loss(model, batch, 0)
+        result.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return grads, result.logs(), len(result.records)
+
+    (g0, logs0, n0), (g1, logs1, n1) = run(False), run(True)
+    assert n0 == n1 == len(model.config.moe_layers)
+    assert logs0 == logs1 and logs0["loss/cel"] > 0
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
