@@ -12,7 +12,7 @@ model_args (`--model_args k=v,...`):
     device            default: the process's device under `accelerate launch`, else cuda if present, else cpu
     dtype             "auto" (the checkpoint's), "float32", "bfloat16", "float16"
     max_new_tokens    used when a task's generation_kwargs set none (default 128, MoE-LLaVA's eval default)
-    capture_routing   a folder: save the routing of every prompt forward there (format below)
+    capture_routing   a folder: save the routing of every prompt and generated token there (format below)
     batch_size        from lmms-eval's --batch_size (requests per forward, per process)
 
 Generation is batched with left padding, greedy unless a task asks for temperature > 0, stops at EOS and at
@@ -23,15 +23,19 @@ default MoE config routes every token and batched answers equal batch-1 answers 
 Routing capture format (`capture_routing=<dir>`; the analysis package turns it into Parquet traces):
 `<dir>/routing_rank<R>.pt`, one per process, (re)written at the end of each generate_until call, a
 `torch.save`d dict:
-    format "stgc-routing-capture", version 1, checkpoint (str), moe_layers (list[int]), num_experts E,
+    format "stgc-routing-capture", version 2, checkpoint (str), moe_layers (list[int]), num_experts E,
     top_k K, samples: list of one dict per request, in the order processed:
         task (str), split (str), doc_id (int)
-        input_ids    int64 (S,)      the prompt's tokens, padding removed (image tokens expanded)
+        input_ids    int64 (S,)      the prompt's tokens then the generated answer's, padding removed
+                                     (image tokens expanded; the answer up to and including EOS)
         is_image     bool (S,)       True at image-token positions
+        is_answer    bool (S,)       True at generated-token positions
         topk_idx     int16 (L, S, K) experts per token and MoE layer (L = len(moe_layers), layer order)
         topk_weights float32 (L, S, K)
         probs        float32 (L, S, E) router softmax
-Only the prompt forward is recorded (not the generated answer's tokens).
+The routing is read from the generation's own forwards (the prefill and every decode step pass a
+`RoutingContext` whose records list collects each layer's record), so capture adds no forward pass
+(`stgc bench capture` measures the overhead).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "stgc_moe_llava"
-CAPTURE_FORMAT, CAPTURE_VERSION = "stgc-routing-capture", 1
+CAPTURE_FORMAT, CAPTURE_VERSION = "stgc-routing-capture", 2
 
 
 def manifest():
@@ -58,6 +62,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from evals.checkpoint import check_checkpoint  # noqa: E402
+from stgc.moe import RoutingContext  # noqa: E402
 
 
 def _cut_at(text: str, until: list[str]) -> str:
@@ -189,11 +194,13 @@ class StgcMoeLlava(lmms):
             visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
             prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
             inputs = self._inputs(prompts, visuals)
-            if self.capture_dir is not None:
-                self._capture(inputs, tasks, splits, doc_ids)
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            replies.extend(self._generate(inputs, gen_kwargs, until))
+            ctx = RoutingContext(records=[]) if self.capture_dir is not None else None
+            texts, new_BN = self._generate(inputs, gen_kwargs, until, ctx)
+            replies.extend(texts)
+            if ctx is not None:
+                self._capture(inputs, new_BN, ctx.records, tasks, splits, doc_ids)
             pbar.update(len(chunk))
         pbar.close()
         if self.capture_dir is not None:
@@ -202,8 +209,12 @@ class StgcMoeLlava(lmms):
 
     @torch.inference_mode()
     def _generate(
-        self, inputs: dict[str, torch.Tensor], gen_kwargs: dict[str, Any], until: list[str]
-    ) -> list[str]:
+        self,
+        inputs: dict[str, torch.Tensor],
+        gen_kwargs: dict[str, Any],
+        until: list[str],
+        routing_ctx: RoutingContext | None = None,
+    ) -> tuple[list[str], torch.Tensor]:
         temperature = float(gen_kwargs.get("temperature") or 0)
         sampling = temperature > 0
         kwargs: dict[str, Any] = dict(
@@ -219,10 +230,12 @@ class StgcMoeLlava(lmms):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if until:  # stop early; the reply is cut at the stop string below either way
             kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
+        if routing_ctx is not None:
+            kwargs["routing_ctx"] = routing_ctx  # reaches every forward of the generation
         out_BS = self._model.generate(**inputs, **kwargs)
-        new_BS = out_BS[:, inputs["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new_BS, skip_special_tokens=True)
-        return [_cut_at(t, until) for t in texts]
+        new_BN = out_BS[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_BN, skip_special_tokens=True)
+        return [_cut_at(t, until) for t in texts], new_BN
 
     # ---------------------------------------------------------------------------------- loglikelihood
     @torch.inference_mode()
@@ -257,27 +270,48 @@ class StgcMoeLlava(lmms):
 
     # -------------------------------------------------------------------------------- routing capture
     @torch.inference_mode()
-    def _capture(self, inputs: dict[str, torch.Tensor], tasks, splits, doc_ids) -> None:
-        records = self._model(**inputs, output_routing=True).routing_records
+    def _capture(
+        self, inputs: dict[str, torch.Tensor], new_BN: torch.Tensor, records, tasks, splits, doc_ids
+    ):
+        """Per-sample routing of the prompt (the prefill's records) and of the generated tokens (one record
+        per layer per decode step), stitched along the sequence; padding and post-EOS tokens dropped."""
+        L = len(self._model.config.moe_layers)
         mask_BS = inputs["attention_mask"].bool()
         B, S = mask_BS.shape
+        steps = [records[i : i + L] for i in range(0, len(records), L)]
+        assert steps and all(len(st) == L for st in steps), "routing records are not whole forward steps"
+
+        def stack(step_records, seq):  # -> topk (L,B,seq,K), weights, probs
+            return (
+                torch.stack([r.topk_idx_TK.reshape(B, seq, -1) for r in step_records]),
+                torch.stack([r.weights_TK.reshape(B, seq, -1) for r in step_records]).float(),
+                torch.stack([r.probs_TE.reshape(B, seq, -1) for r in step_records]).float(),
+            )
+
+        parts = [stack(steps[0], S)] + [stack(st, 1) for st in steps[1:]]
+        topk, weights, probs = (torch.cat([p[i] for p in parts], dim=2) for i in range(3))
+        n_new = len(steps) - 1  # the last generated token is never fed back, so it has no routing
+        eos = self.eot_token_id
         image_BS = inputs["input_ids"] == self._model.config.image_token_id
-        topk = torch.stack([r.topk_idx_TK.reshape(B, S, -1) for r in records])  # L, B, S, K
-        weights = torch.stack([r.weights_TK.reshape(B, S, -1) for r in records]).float()
-        probs = torch.stack([r.probs_TE.reshape(B, S, -1) for r in records]).float()
-        self._layers = [r.layer_idx for r in records]
+        self._layers = [r.layer_idx for r in steps[0]]
         for b in range(B):
-            real = mask_BS[b]
+            ans = new_BN[b, :n_new]
+            stop = (ans == eos).nonzero()
+            n_ans = int(stop[0]) + 1 if len(stop) else int(ans.shape[0])
+            keep = torch.cat([mask_BS[b], torch.arange(n_new, device=mask_BS.device) < n_ans])
+            ids = torch.cat([inputs["input_ids"][b], ans])
+            is_answer = torch.cat([torch.zeros(S, dtype=torch.bool, device=ids.device), keep[S:]])
             self._captured.append(
                 {
                     "task": tasks[b],
                     "split": splits[b],
                     "doc_id": int(doc_ids[b]),
-                    "input_ids": inputs["input_ids"][b, real].cpu(),
-                    "is_image": image_BS[b, real].cpu(),
-                    "topk_idx": topk[:, b, real].to(torch.int16).cpu(),
-                    "topk_weights": weights[:, b, real].cpu(),
-                    "probs": probs[:, b, real].cpu(),
+                    "input_ids": ids[keep].cpu(),
+                    "is_image": torch.cat([image_BS[b], keep[S:] & False])[keep].cpu(),
+                    "is_answer": is_answer[keep].cpu(),
+                    "topk_idx": topk[:, b, keep].to(torch.int16).cpu(),
+                    "topk_weights": weights[:, b, keep].cpu(),
+                    "probs": probs[:, b, keep].cpu(),
                 }
             )
 
