@@ -134,6 +134,9 @@ def build_report(
     if missing:
         raise ReportError(f"notebook(s) {', '.join(missing)} do not exist")
     reports = folder.reports_dir
+    if notebooks is None:  # a full report replaces every figure and table: none may be left from older inputs
+        for stale in (*folder.figures_dir.glob("*.png"), *folder.tables_dir.glob("*.csv")):
+            stale.unlink()
     reports.mkdir(parents=True, exist_ok=True)
     values = {"results_dir": str(folder.path), "runs_dir": str(folder.runs_dir) if folder.runs_dir else None}
     failures, executed = [], []

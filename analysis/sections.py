@@ -82,6 +82,7 @@ TABLES: dict[str, str] = {
     "benchmark_table.csv": "table.csv, display columns (mean ± std over seeds) [01]",
     "benchmark_deltas.csv": "table.csv, delta vs baseline and paired-test p per task [01]",
     "provenance.csv": "scores.csv: seeds, checkpoints, task versions, git revisions, dates per method [01]",
+    "trace_files.csv": "the trace files' metadata (analysis.schema.read_trace_meta) [02, 03]",
     "routing_balance.csv": "metrics.routing_stats per checkpoint, mean/std over seeds [02]",
     "modality_gap.csv": "sections.modality_gap(metrics.expert_loading), mean/std over seeds [02]",
     "nmi_modality.csv": "metrics.nmi(trace, 'modality', by=('task',)), mean/std over seeds [02]",
@@ -562,6 +563,21 @@ def pathways(
 # 04 gradient conflict
 
 
+def bin_steps(curves: pd.DataFrame, bins: int = 40) -> tuple[pd.DataFrame, int]:
+    """Curves averaged within step bins of width W = ceil(max step / bins), per (run, method, layer, scope,
+    stat); `step` becomes the bin centre. Returns (binned curves, W). Runs measured at different intervals
+    (STGC every step, the baseline every few) then contribute one point per bin each, and a 250-step run
+    draws as ~40 points instead of 250 noisy ones. W = 1 leaves the curves unchanged."""
+    if bins < 1:
+        raise ValueError(f"bins={bins} must be >= 1")
+    width = max(1, int(np.ceil(curves["step"].max() / bins))) if len(curves) else 1
+    if width == 1:
+        return curves, 1
+    binned = curves.assign(step=(curves["step"] - 1) // width * width + (width + 1) / 2)
+    keys = ["run", "method", "layer", "scope", "stat", "step"]
+    return binned.groupby(keys, dropna=False, sort=True)["value"].mean().reset_index(), width
+
+
 def _final_values(curves: pd.DataFrame) -> pd.DataFrame:
     """Each run's value of every (layer, stat) at its last measured step."""
     per_layer = curves[curves["layer"].notna()]
@@ -607,11 +623,15 @@ def gradient_conflict(results_dir: str | Path | None = None, runs_dir: str | Pat
             quiet = sorted(set(present["run"]) - set(curves["run"]))
             if quiet:
                 section.note(f"Runs without conflict measurements: {', '.join(quiet)}.")
-            fig = F.plot_conflict_curves(curves, stats=("fraction", "mean_cos"))
+            binned, width = bin_steps(curves[curves["stat"].isin(["fraction", "mean_cos"])])
+            fig = F.plot_conflict_curves(binned, stats=("fraction", "mean_cos"))
             for ax in fig.axes:  # optimizer steps are integers (matplotlib would tick 2.5, 5.0, ...)
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            smoothing = f"; each point: mean over a bin of {width} steps" if width > 1 else ""
             section.figure(
-                "conflict_curves", fig, "Conflicting-token fraction and gradient consistency during training"
+                "conflict_curves",
+                fig,
+                f"Conflicting-token fraction and gradient consistency during training{smoothing}",
             )
             final = _final_values(curves[curves["stat"].isin(["fraction", "mean_cos"])])
             summary = mean_over_seeds(final, ["method", "layer", "stat"], ["value"])

@@ -245,3 +245,21 @@ def test_failing_notebook_is_named(results_dir, tmp_path):
     ):
         report.build_report(results_dir, notebooks=[bad])
     assert (results_dir / "reports" / "99_broken.html").is_file()  # kept for reading the traceback
+
+
+def test_notebook_runs_as_is_on_the_newest_results(tmp_path):
+    """Opened and run without parameters (as in JupyterLab), a notebook finds results/ from its folder."""
+    from nbclient import NotebookClient
+
+    results = make_results_folder(tmp_path, traces=False, conflict=False, runs=False)
+    book = nbformat.read(report.NOTEBOOKS_DIR / "01_benchmarks.ipynb", as_version=4)
+    client = NotebookClient(
+        book,
+        timeout=300,
+        kernel_name="python3",
+        kernel_manager_class=report._kernel_manager_class(),
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()
+    text = json.dumps([o for c in book.cells for o in c.get("outputs", [])])
+    assert str(results.resolve()) in text and "image/png" in text
