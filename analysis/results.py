@@ -86,9 +86,14 @@ def results_roots() -> list[Path]:
 
 
 def latest_results_dir(root: str | os.PathLike | None = None) -> Path:
-    """The results folder whose scores.csv is newest, under `root` (default: `results_roots()`)."""
+    """The results folder whose scores.csv is newest, under `root` (default: the first of `results_roots()`
+    that holds a sweep, so that the nearest results/ wins over the project's)."""
     roots = [Path(root)] if root is not None else results_roots()
-    candidates = [p.parent for r in roots for p in r.glob(f"*/{SCORES_NAME}")]
+    candidates: list[Path] = []
+    for folder in roots:
+        candidates = [p.parent for p in folder.glob(f"*/{SCORES_NAME}")]
+        if candidates:
+            break
     if not candidates:
         where = ", ".join(str(r) for r in roots) or "results/ (none found from the current folder)"
         raise ResultsError(
