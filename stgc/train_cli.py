@@ -4,7 +4,7 @@ Examples:
     stgc train tiny                                   # baseline, runs/tiny-baseline-seed0
     stgc train tiny method.name=stgc method.beta=0.05 training.seed=1
     stgc train tiny_stgc --output-dir runs/x --resume
-    deepspeed -m stgc.cli train small_stgc            # ZeRO-2 (configs/deepspeed_zero2.json) on every GPU
+    deepspeed --module stgc.cli train small_stgc      # ZeRO-2 (configs/deepspeed_zero2.json) on every GPU
 Bad input prints one line and exits with status 2; a run that fails (non-finite loss) exits with 1.
 """
 
