@@ -132,6 +132,13 @@ class StgcMoeLlava(lmms):
         self.capture_dir = Path(capture_routing) if capture_routing else None
         self._captured: list[dict[str, Any]] = []
 
+    def clean(self) -> None:
+        """lmms-eval calls this at the end of every evaluate() and its default deletes every nn.Module
+        attribute, so the adapter could not run a second evaluation (sweeps over task groups, benchmarks
+        that alternate settings). Free cached memory only; the model goes with the adapter object."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # lmms-eval reads these
     @property
     def model(self):
