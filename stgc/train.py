@@ -579,6 +579,7 @@ def train(
     groups = set_trainable(model, config.training.trainable, config.training.trainable_groups())
 
     args = training_arguments(config, **({"deepspeed": deepspeed} if deepspeed is not None else {}))
+    _check_loss_scaling(args, method)
     if args.should_save:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_CONFIG_NAME).write_text(config.to_json())
@@ -624,6 +625,20 @@ def train(
     if args.world_size > 1:
         torch.distributed.barrier()
     return final
+
+
+def _check_loss_scaling(args: TrainingArguments, method: RoutingMethod | None) -> None:
+    """fp16 loss scaling multiplies the loss, not STGC's fused in-backward CEL gradient: refuse the pair."""
+    ds = args.deepspeed
+    if isinstance(ds, str):
+        ds = json.loads(Path(ds).read_text())
+    fp16 = args.fp16 or (isinstance(ds, dict) and (ds.get("fp16") or {}).get("enabled") is True)
+    obs = method.observer(0) if method is not None else None
+    if fp16 and obs is not None and getattr(method.config, "mode", None) == "fused":
+        raise ValueError(
+            "fp16 with loss scaling cannot be combined with STGC's fused mode (its CEL gradient is added "
+            "inside the backward, unscaled); use bf16 (training.bf16=true) or method.mode=two_pass."
+        )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

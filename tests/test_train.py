@@ -243,3 +243,20 @@ def test_trainable_groups_are_respected(tmp_path):
         assert moved == (".experts." in name or ".router." in name), name
     with pytest.raises(ValueError, match="no \\['projector'\\] parameters"):
         train(toy_config(tmp_path, "p", trainable="projector"), components=toy_components())
+
+
+def test_fp16_loss_scaling_is_refused_with_the_fused_mode():
+    from types import SimpleNamespace
+
+    from stgc.config import MoEConfig
+    from stgc.methods import build_method
+    from stgc.train import _check_loss_scaling
+
+    fused = build_method({"name": "stgc"}, MoEConfig())
+    two_pass = build_method({"name": "stgc", "mode": "two_pass"}, MoEConfig())
+    ds_fp16 = SimpleNamespace(fp16=False, deepspeed={"fp16": {"enabled": True}})
+    with pytest.raises(ValueError, match="fp16 with loss scaling"):
+        _check_loss_scaling(ds_fp16, fused)
+    _check_loss_scaling(ds_fp16, two_pass)
+    _check_loss_scaling(SimpleNamespace(fp16=False, deepspeed={"fp16": {"enabled": "auto"}}), fused)
+    _check_loss_scaling(ds_fp16, build_method({"name": "baseline"}, MoEConfig()))
