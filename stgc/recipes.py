@@ -264,9 +264,9 @@ def tiny_dense() -> RunConfig:
     """Dense stage 2 of the tiny model, trained from scratch on the mini mixture (every parameter).
 
     lr 1e-3 (not MoE-LLaVA's 2e-5: these weights start random), warmup 3%, cosine, 4 epochs of the default
-    4000 conversations at batch 16 (1000 steps, ~90 s). One CPU thread: the tiny matrices gain nothing
-    from more, and on a busy 2-core machine two threads wait on each other (measured: 0.11 s per step
-    with 1 thread, 0.48 s with 2).
+    4000 conversations at batch 16 (1000 steps; 90-180 s on 2 CPU cores, measured). One CPU thread: the
+    tiny matrices gain nothing from more, and on a busy 2-core machine two threads wait on each other
+    (measured: 0.11 s per step with 1 thread, 0.48 s with 2).
     """
     return RunConfig(
         name="tiny_dense",
@@ -288,7 +288,8 @@ def tiny_dense() -> RunConfig:
 def tiny() -> RunConfig:
     """Stage III of the tiny model: sparse upcycling of ``tiny_dense`` (4 experts, top-2, every other
     layer), experts + routers + projector trained for one epoch with MoE-LLaVA's recipe except the lr
-    (2e-4: 10x MoE-LLaVA's, because the tiny run is 250 steps rather than ~5000)."""
+    (2e-4: 10x MoE-LLaVA's, because the tiny run is 250 steps rather than ~5000). 25-40 s per run on 2 CPU
+    cores (measured, baseline and STGC alike)."""
     return RunConfig(
         name="tiny",
         model=ModelConfig(
@@ -342,7 +343,9 @@ def _moe_llava(name: str, backbone: str) -> RunConfig:
     capacity factor 1.5 at training, lr 2e-5 cosine, warmup 0.03, weight decay 0, 1 epoch, max length 2048,
     bf16, ZeRO-2, global batch 128 (8 GPUs x 4 x grad_accum 4), experts + routers + projector trained.
     ``model.init`` must point at a stage-2 (dense) LLaVA checkpoint folder of this backbone; ``data`` at
-    LLaVA-mix-665K converted to the conversation format and the backbone's tokenizer with ``<image>``."""
+    LLaVA-mix-665K converted to the conversation format and the backbone's tokenizer with ``<image>``.
+    ``stgc.moe`` applies the capacity factor at evaluation too (DeepSpeed has a separate evaluation factor):
+    set ``model.moe.capacity_factor=none`` for dropless routing throughout."""
     return RunConfig(
         name=name,
         model=ModelConfig(
