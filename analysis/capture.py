@@ -42,7 +42,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.schema import traces_from_arrays, write_traces
+from analysis.schema import (
+    META_KEY,
+    REQUIRED_META_KEYS,
+    SCHEMA_VERSION_KEY,
+    TRACE_COLUMNS,
+    TRACE_SCHEMA,
+    TRACE_SCHEMA_VERSION,
+    read_trace_meta,
+    traces_from_arrays,
+    validate_traces,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 16
 RUN_CONFIG_NAME = "run_config.json"  # stgc.callbacks.RUN_CONFIG_NAME (not imported: it loads torch)
@@ -231,6 +241,71 @@ def batch_traces(
 
 
 # --------------------------------------------------------------------------------------------------------
+# streaming trace writer
+
+
+class TraceWriter:
+    """Writes a trace file batch by batch, in analysis.schema's format (what `schema.write_traces` writes).
+
+    Why not `write_traces(one DataFrame)`: a full-size capture (576 image tokens + the prompt, 12 MoE
+    layers, a few thousand samples) is tens of millions of rows, several GB as a DataFrame of per-row
+    arrays; streamed, memory stays at one batch. Each batch is checked with `schema.validate_traces`
+    against E and K and its layers against moe_layers; the metadata (known only at the end) goes into the
+    footer at `close`. The file is written under a temporary name and renamed into place, so an
+    interrupted capture never leaves a file that looks complete."""
+
+    def __init__(self, out: Path, *, num_experts: int, top_k: int, moe_layers: Sequence[int]):
+        import pyarrow.parquet as pq
+
+        self.out, self.num_experts, self.top_k = out, num_experts, top_k
+        self.moe_layers = set(int(i) for i in moe_layers)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        # store_schema=False: pyarrow would otherwise serialise the Arrow schema as it is now, without the
+        # metadata added at close, and readers take the schema metadata from that copy. The Parquet types
+        # (int16/int32/float32, lists, strings) read back as TRACE_SCHEMA's without it.
+        self.writer = pq.ParquetWriter(self.tmp, TRACE_SCHEMA, compression="zstd", store_schema=False)
+        self.rows = 0
+        self.image_tokens: dict[tuple[str, str], int] = {}
+
+    def write(self, df: pd.DataFrame) -> None:
+        import pyarrow as pa
+
+        validate_traces(df, num_experts=self.num_experts, top_k=self.top_k)
+        unknown = sorted(set(df["layer"].astype(int).tolist()) - self.moe_layers)
+        assert not unknown, (
+            f"routing records of layers {unknown} outside moe_layers {sorted(self.moe_layers)}"
+        )
+        first_layer = df["layer"] == df["layer"].min()
+        image = df[first_layer & (df["modality"] == "image")].groupby(["task", "sample_id"]).size()
+        self.image_tokens.update({key: int(n) for key, n in image.items()})
+        table = pa.Table.from_pandas(df[list(TRACE_COLUMNS)], schema=TRACE_SCHEMA, preserve_index=False)
+        self.writer.write_table(table)
+        self.rows += len(df)
+
+    def close(self, meta: dict[str, Any], overwrite: bool) -> Path:
+        missing = [key for key in REQUIRED_META_KEYS if key not in meta]
+        assert not missing, f"trace metadata lacks {missing}"
+        self.writer.add_key_value_metadata(
+            {
+                SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION).encode(),
+                META_KEY: json.dumps(meta, sort_keys=True),
+            }
+        )
+        self.writer.close()
+        if self.out.exists() and not overwrite:  # created while the capture ran
+            self.tmp.unlink()
+            raise ValueError(f"{self.out} appeared while capturing; pass --overwrite to replace it")
+        os.replace(self.tmp, self.out)
+        read_trace_meta(self.out)  # the footer reads back as a trace file
+        return self.out
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------
 # the capture
 
 
@@ -270,19 +345,54 @@ def capture_routing(
 
     path, names, source, root = check_inputs(checkpoint, names, source, data_root)
 
+    from evals.lmms_model import StgcMoeLlava
+    from evals.run import git_revision
+
+    lm = StgcMoeLlava(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
+    model = lm.model
+    meta = checkpoint_meta(path, model.config, seed)
+    writer = TraceWriter(
+        out, num_experts=meta["num_experts"], top_k=meta["top_k"], moe_layers=meta["moe_layers"]
+    )
+    samples_per_task: dict[str, int] = {}
+    try:
+        _capture_tasks(
+            lm, names, source, root, limit, batch_size, max_new_tokens, writer, samples_per_task, say
+        )
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.rows == 0:
+        writer.abort()
+        raise ValueError(f"tasks {names} yielded no documents to capture (limit={limit})")
+    meta.update(
+        tasks=list(samples_per_task),
+        samples_per_task=samples_per_task,
+        image_tokens_per_sample=max(writer.image_tokens.values(), default=0),
+        source=source,
+        data_root=str(root) if source == "mini" else None,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        dtype=str(model.dtype).removeprefix("torch."),
+        git_revision=git_revision(),
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    writer.close(meta, overwrite)
+    layers = len(meta["moe_layers"])
+    say(f"wrote {writer.rows} trace rows ({writer.rows // max(layers, 1)} tokens x {layers} layers) to {out}")
+    return out
+
+
+def _capture_tasks(lm, names, source, root, limit, batch_size, max_new_tokens, writer, samples_per_task, say):
+    """Generate and record every document of every task (see the module docstring) into `writer`."""
     import torch
     from lmms_eval.tasks import TaskManager, get_task_dict
 
     from evals import tasks as T
-    from evals.lmms_model import MODEL_NAME, StgcMoeLlava
-    from evals.run import git_revision
+    from evals.lmms_model import MODEL_NAME
 
-    lm = StgcMoeLlava(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
     model, tokenizer = lm.model, lm.tokenizer
     image_token_id = int(model.config.image_token_id)
-    meta = checkpoint_meta(path, model.config, seed)
-    pieces: list[pd.DataFrame] = []
-    samples_per_task: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="stgc-capture-tasks-") as tmp:
         task_dir = T.write_task_dir(tmp, source=source, mini_root=root)
         manager = TaskManager(include_path=str(task_dir), include_defaults=False, model_name=MODEL_NAME)
@@ -308,7 +418,7 @@ def capture_routing(
                     ids_BS, mask_BS, prompt_lens, records = _routing_forward(
                         model, inputs, new_BN, lengths, tokenizer.pad_token_id
                     )
-                pieces.append(
+                writer.write(
                     batch_traces(
                         ids_BS,
                         mask_BS,
@@ -321,25 +431,3 @@ def capture_routing(
                 )
             samples_per_task[name] = len(instances)
             say(f"{name}: {len(instances)} samples")
-    if not pieces:
-        raise ValueError(f"tasks {names} yielded no documents to capture (limit={limit})")
-    traces = pd.concat(pieces, ignore_index=True)
-    image_rows = traces[(traces["modality"] == "image") & (traces["layer"] == traces["layer"].iloc[0])]
-    meta.update(
-        tasks=list(samples_per_task),
-        samples_per_task=samples_per_task,
-        image_tokens_per_sample=int(image_rows.groupby(["task", "sample_id"]).size().max())
-        if len(image_rows)
-        else 0,
-        source=source,
-        data_root=str(root) if source == "mini" else None,
-        limit=limit,
-        max_new_tokens=max_new_tokens,
-        dtype=str(model.dtype).removeprefix("torch."),
-        git_revision=git_revision(),
-        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    )
-    write_traces(traces, out, meta=meta, overwrite=overwrite)
-    tokens = len(traces) // max(len(meta["moe_layers"]), 1)
-    say(f"wrote {len(traces)} trace rows ({tokens} tokens x {len(meta['moe_layers'])} MoE layers) to {out}")
-    return out

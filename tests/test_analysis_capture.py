@@ -204,3 +204,29 @@ def test_cli_routing_tables_and_errors(checkpoint, suite, tmp_path, capsys):
             str(tmp_path / "c.parquet"),
         ]
     )
+
+
+def test_trace_writer_streams_what_write_traces_writes(tmp_path):
+    from analysis.capture import TraceWriter
+    from analysis.schema import write_traces
+    from tests.test_analysis_synthetic import make_traces, trace_meta
+
+    batches = [make_traces(task=task, moe_layers=(1, 3)) for task in ("a", "b")]
+    writer = TraceWriter(tmp_path / "s.parquet", num_experts=4, top_k=2, moe_layers=(1, 3))
+    for batch in batches:
+        writer.write(batch)
+    assert not (tmp_path / "s.parquet").exists()  # only a hidden temporary file until close
+    streamed, meta = read_traces(writer.close(trace_meta(), overwrite=False))
+    whole, whole_meta = read_traces(
+        write_traces(pd.concat(batches), tmp_path / "w.parquet", meta=trace_meta())
+    )
+    pd.testing.assert_frame_equal(streamed, whole.reset_index(drop=True))
+    assert meta == whole_meta
+    assert writer.image_tokens == {("a", "a-0"): 16, ("a", "a-1"): 16, ("b", "b-0"): 16, ("b", "b-1"): 16}
+
+    aborted = TraceWriter(tmp_path / "x.parquet", num_experts=4, top_k=2, moe_layers=(1, 3))
+    aborted.write(batches[0])
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.parquet", "w.parquet"]
+    with pytest.raises(ValueError, match="top_k=1"):
+        TraceWriter(tmp_path / "y.parquet", num_experts=4, top_k=1, moe_layers=(1, 3)).write(batches[0])
