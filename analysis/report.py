@@ -133,6 +133,7 @@ def build_report(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ReportError(f"notebook(s) {', '.join(missing)} do not exist")
+    say(f"results folder: {folder.path}")
     reports = folder.reports_dir
     if notebooks is None:  # a full report replaces every figure and table: none may be left from older inputs
         for stale in (*folder.figures_dir.glob("*.png"), *folder.tables_dir.glob("*.csv")):

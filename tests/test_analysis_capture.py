@@ -49,7 +49,8 @@ def _checkpoint(path, suite, num_experts: int, top_k: int, seed: int = 7):
         vocab_size=len(tok),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         pad_token_id=tok.pad_token_id,
-        moe=MoEConfig(num_experts=num_experts, top_k=top_k),
+        # E8k1 with three adjacent MoE layers, E4k2 with the default (every other layer)
+        moe=MoEConfig(num_experts=num_experts, top_k=top_k, layers=(1, 2, 3) if top_k == 1 else None),
         routing_method={"name": "stgc", "tau": 0.0} if top_k == 2 else None,
     )
     vision = vision_config("tiny")
