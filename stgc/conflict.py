@@ -119,11 +119,28 @@ def conflict_scores(
     rowstats = _kernel("rowstats", _rowstats, g2_AD)
     sq1, dot1 = rowstats(g1_AF, mean1, expert_A)
     sq2, dot2 = rowstats(g2_AD, mean2, expert_A)
-    n1, n2 = sq1.sqrt(), sq2.sqrt()
-    m1, m2 = mnorm1[expert_A], mnorm2[expert_A]
-    considered = (n1 > zero_norm) & (n2 > zero_norm) & (m1 > zero_norm) & (m2 > zero_norm)
+    tail = _kernel("score_tail", _score_tail, g2_AD)
+    s_A, considered = tail(sq1, dot1, sq2, dot2, mnorm1, mnorm2, expert_A, zero_norm, score)
     if valid_A is not None:
         considered = considered & valid_A
+    return s_A, considered
+
+
+def _score_tail(
+    sq1: Tensor,
+    dot1: Tensor,
+    sq2: Tensor,
+    dot2: Tensor,
+    mnorm1_E: Tensor,
+    mnorm2_E: Tensor,
+    expert_A: Tensor,
+    zero_norm: float,
+    score: str,
+) -> tuple[Tensor, Tensor]:
+    """Cosines from squared norms and dot products; one fused elementwise kernel on GPU."""
+    n1, n2 = sq1.sqrt(), sq2.sqrt()
+    m1, m2 = mnorm1_E[expert_A], mnorm2_E[expert_A]
+    considered = (n1 > zero_norm) & (n2 > zero_norm) & (m1 > zero_norm) & (m2 > zero_norm)
     cos1 = dot1 / (n1 * m1).clamp_min(zero_norm)
     cos2 = dot2 / (n2 * m2).clamp_min(zero_norm)
     if score == "mean":
@@ -133,7 +150,7 @@ def conflict_scores(
     elif score == "g2":
         s_A = cos2
     else:
-        denom = ((n1.square() + n2.square()) * (m1.square() + m2.square())).sqrt()
+        denom = ((n1 * n1 + n2 * n2) * (m1 * m1 + m2 * m2)).sqrt()
         s_A = (dot1 + dot2) / denom.clamp_min(zero_norm)
     return s_A.clamp(-1.0, 1.0), considered
 
@@ -165,6 +182,23 @@ def cel_loss(logits_TE: Tensor, token_A: Tensor, expert_A: Tensor, conflict_A: T
     return (per_A * w_A).sum() / w_A.sum().clamp_min(1.0)
 
 
+def _cel_grad_neg_logit_ce(
+    logits_TE: Tensor, token_A: Tensor, expert_A: Tensor, conflict_A: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """(scale * dL_cel/dz, L_cel) of the default form in closed form: per conflicting pair (t, e) the
+    gradient is (onehot_e - softmax(-z_t)) / |C| (STGC.md section 4). One fused kernel on GPU instead of a
+    small autograd graph per layer; a test holds it equal to autograd on ``cel_loss``."""
+    z_AE = logits_TE.index_select(0, token_A).float()
+    logq_AE = torch.log_softmax(-z_AE, dim=-1)
+    w_A = conflict_A.float()
+    n = w_A.sum().clamp_min(1.0)
+    onehot_AE = torch.nn.functional.one_hot(expert_A, z_AE.shape[-1]).float()
+    g_AE = (onehot_AE - logq_AE.exp()) * (w_A * (scale / n))[:, None]
+    grad_TE = torch.zeros_like(logits_TE, dtype=torch.float32).index_add(0, token_A, g_AE)
+    cel = -(logq_AE.gather(1, expert_A[:, None])[:, 0] * w_A).sum() / n
+    return grad_TE, cel
+
+
 # --------------------------------------------------------------------------------------------------------
 # the observer
 
@@ -180,13 +214,14 @@ class LayerConflict:
     considered_A: Tensor
     conflict_A: Tensor
     cel: Tensor  # unscaled L_cel of this layer (0 when not applied)
+    num_experts: int
 
-    def stats(self, num_experts: int) -> dict[str, Tensor]:
+    def stats(self) -> dict[str, Tensor]:
         """fraction (conflicts / considered pairs), mean score (gradient consistency), histogram, counts."""
         considered = self.considered_A.float()
         n = considered.sum()
         conflicts = (self.conflict_A.float()).sum()
-        zeros = torch.zeros(num_experts, device=n.device)
+        zeros = torch.zeros(self.num_experts, device=n.device)
         return {
             "fraction": conflicts / n.clamp_min(1),
             "mean_cos": (self.score_A * considered).sum() / n.clamp_min(1),
@@ -207,7 +242,8 @@ class ConflictObserver:
 
     scale: beta of the fused mode (the CEL gradient is scaled here, the one place it is applied in that
         mode); 0 or ``apply_layers`` excluding a layer means measure only.
-    keep_tensors: keep per-assignment tensors in ``self.layers`` (two_pass and analysis need the masks).
+    keep_tensors: accepted for compatibility; per-assignment tensors are always kept in ``self.layers``
+        for the last backward (a few hundred KB per layer) because the statistics are computed from them.
     skip_weight_grads: set by the two_pass first pass, which needs only token gradients.
     """
 
@@ -234,7 +270,7 @@ class ConflictObserver:
         self.active = True
         self.skip_weight_grads = False
         self.layers: dict[int, LayerConflict] = {}
-        self.stats: dict[int, dict[str, Tensor]] = {}
+        self._stats: dict[int, dict[str, Tensor]] = {}
         self.grads: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def applies_to(self, layer_idx: int) -> bool:
@@ -269,17 +305,29 @@ class ConflictObserver:
         grad_TE = None
         cel = torch.zeros((), device=score_A.device)
         if self.applies_to(record.layer_idx):
-            with torch.enable_grad():
-                z_TE = record.logits_TE.detach().requires_grad_(True)
-                cel = cel_loss(z_TE, token_A, expert_A, conflict_A, self.loss_form)
-                (grad_TE,) = torch.autograd.grad(cel * self.scale, z_TE)
+            if self.loss_form == "neg_logit_ce":
+                fn = _kernel("cel_grad", _cel_grad_neg_logit_ce, score_A)
+                grad_TE, cel = fn(record.logits_TE.detach(), token_A, expert_A, conflict_A, self.scale)
+            else:
+                with torch.enable_grad():
+                    z_TE = record.logits_TE.detach().requires_grad_(True)
+                    cel = cel_loss(z_TE, token_A, expert_A, conflict_A, self.loss_form)
+                    (grad_TE,) = torch.autograd.grad(cel * self.scale, z_TE)
             grad_TE = grad_TE.to(record.logits_TE.dtype)
-        result = LayerConflict(record.layer_idx, token_A, expert_A, score_A, considered_A, conflict_A, cel)
-        if self.keep_tensors:
-            self.layers[record.layer_idx] = result
-        self.stats[record.layer_idx] = result.stats(E)
-        record.grad_stats = self.stats[record.layer_idx]
+        # Statistics are computed when read (``stats`` / ``summary``), not in the backward's hot path.
+        self.layers[record.layer_idx] = LayerConflict(
+            record.layer_idx, token_A, expert_A, score_A, considered_A, conflict_A, cel.detach(), E
+        )
+        self._stats.pop(record.layer_idx, None)
         return grad_TE
+
+    @property
+    def stats(self) -> dict[int, dict[str, Tensor]]:
+        """Per-layer statistics (``LayerConflict.stats``) of the last backward, computed on first read."""
+        for layer, lc in self.layers.items():
+            if layer not in self._stats:
+                self._stats[layer] = lc.stats()
+        return self._stats
 
     def summary(self) -> dict[str, float]:
         """Flat float metrics for logging: conflict/layer{i}/{fraction,mean_cos,cel,pairs} and overall means."""
@@ -289,7 +337,7 @@ class ConflictObserver:
         fr, mc = [], []
         for layer, s in sorted(self.stats.items()):
             for key in ("fraction", "mean_cos", "cel", "pairs"):
-                out[f"conflict/layer{layer}/{key}"] = float(s[key])
+                out[f"conflict/layer{layer}/{key}"] = float(s[key].detach())
             fr.append(out[f"conflict/layer{layer}/fraction"])
             mc.append(out[f"conflict/layer{layer}/mean_cos"])
         out["conflict/fraction"] = sum(fr) / len(fr)
@@ -325,7 +373,8 @@ def two_pass_cel(records: list[RoutingRecord], observer: ConflictObserver) -> Te
         if layer is None or not (observer.apply_layers is None or r.layer_idx in observer.apply_layers):
             continue
         cel = cel_loss(r.logits_TE, layer.token_A, layer.expert_A, layer.conflict_A, observer.loss_form)
-        observer.stats[r.layer_idx]["cel"] = cel.detach()
+        layer.cel = cel.detach()
+        observer._stats.pop(r.layer_idx, None)
         total = total + cel
     return total
 
