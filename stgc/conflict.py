@@ -330,7 +330,8 @@ class ConflictObserver:
         return self._stats
 
     def summary(self) -> dict[str, float]:
-        """Flat float metrics for logging: conflict/layer{i}/{fraction,mean_cos,cel,pairs} and overall means."""
+        """Flat float metrics for logging: conflict/layer{i}/{fraction,mean_cos,cel,pairs} and their means
+        over layers (conflict/fraction, conflict/mean_cos)."""
         out: dict[str, float] = {}
         if not self.stats:
             return out
@@ -388,7 +389,8 @@ def reference_token_grads(
     gradients with torch.func. Returns {layer_idx: (g1_TKF, g2_TKD)} in (token, top-k slot) layout.
 
     ``loss_fn(biases)`` must run the model's forward with ``RoutingContext(injected_biases=biases, ...)``
-    and return the main loss (L_lm + alpha L_aux). ``records`` (from an earlier forward) give the shapes: T tokens, K slots.
+    and return the main loss (L_lm + alpha L_aux). ``records`` (from an earlier forward) give the shapes:
+    T tokens, K slots.
     Routing must be deterministic (evaluation-style routing or fixed inputs), so that the copies line up.
     """
     from stgc.moe import MoEBlock

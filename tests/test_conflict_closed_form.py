@@ -17,7 +17,7 @@ def test_closed_form_cel_gradient_equals_autograd():
     (ref_grad,) = torch.autograd.grad(0.3 * ref_loss, z)
     grad, loss = _cel_grad_neg_logit_ce(logits.float(), token_A, expert_A, conflict_A, 0.3)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), ref_loss.detach().double(), rtol=1e-5, atol=1e-6)
     # no conflicts: no gradient, zero loss
     none = torch.zeros(A, dtype=torch.bool)
     grad0, loss0 = _cel_grad_neg_logit_ce(logits.float(), token_A, expert_A, none, 0.3)
