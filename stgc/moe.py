@@ -290,7 +290,7 @@ def _kernel(name: str, fn, x: Tensor):
     if not x.is_cuda:
         return fn
     if name not in _COMPILED:
-        # dynamic=None: the token count may vary between calls, feature sizes stay static (aligned, vectorised)
+        # dynamic=None: token counts vary between calls, feature sizes stay static (aligned, vectorised)
         _COMPILED[name] = torch.compile(fn)
     return _COMPILED[name]
 

@@ -1,4 +1,4 @@
-"""Smoke tests of `stgc bench eval` / `stgc bench capture` --quick (real figures: one H100, results/bench/)."""
+"""Smoke tests of `stgc bench eval` and `stgc bench capture` --quick (real figures: results/bench/)."""
 
 import csv
 

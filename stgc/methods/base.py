@@ -1,6 +1,7 @@
 """The routing-method registry (STYLE.md 1, BASELINES.md).
 
-A method is a small class with pure loss functions of the routing records. ``train_loss`` is the one place where coefficients are applied:
+A method is a small class with pure loss functions of the routing records. ``train_loss`` is the one
+place where coefficients are applied:
 
     ctx = RoutingContext(records=[], observer=method.observer(step))
     out = model(**batch, routing_ctx=ctx)
