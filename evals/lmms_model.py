@@ -301,24 +301,28 @@ class StgcMoeLlava(lmms):
         eos = self.eot_token_id
         image_BS = inputs["input_ids"] == self._model.config.image_token_id
         self._layers = [r.layer_idx for r in steps[0]]
+        # one device-to-host copy per batch (a copy per sample would sync the GPU B times)
+        topk, weights, probs = topk.to(torch.int16).cpu(), weights.cpu(), probs.cpu()
+        ids_BS, mask_BS, image_BS, new_BN = (
+            t.cpu() for t in (inputs["input_ids"], mask_BS, image_BS, new_BN[:, :n_new])
+        )
         for b in range(B):
-            ans = new_BN[b, :n_new]
+            ans = new_BN[b]
             stop = (ans == eos).nonzero()
             n_ans = int(stop[0]) + 1 if len(stop) else int(ans.shape[0])
-            keep = torch.cat([mask_BS[b], torch.arange(n_new, device=mask_BS.device) < n_ans])
-            ids = torch.cat([inputs["input_ids"][b], ans])
-            is_answer = torch.cat([torch.zeros(S, dtype=torch.bool, device=ids.device), keep[S:]])
+            keep = torch.cat([mask_BS[b], torch.arange(n_new) < n_ans])
+            is_answer = torch.cat([torch.zeros(S, dtype=torch.bool), keep[S:]])
             self._captured.append(
                 {
                     "task": tasks[b],
                     "split": splits[b],
                     "doc_id": int(doc_ids[b]),
-                    "input_ids": ids[keep].cpu(),
-                    "is_image": torch.cat([image_BS[b], keep[S:] & False])[keep].cpu(),
-                    "is_answer": is_answer[keep].cpu(),
-                    "topk_idx": topk[:, b, keep].to(torch.int16).cpu(),
-                    "topk_weights": weights[:, b, keep].cpu(),
-                    "probs": probs[:, b, keep].cpu(),
+                    "input_ids": torch.cat([ids_BS[b], ans])[keep],
+                    "is_image": torch.cat([image_BS[b], torch.zeros(n_new, dtype=torch.bool)])[keep],
+                    "is_answer": is_answer[keep],
+                    "topk_idx": topk[:, b, keep],
+                    "topk_weights": weights[:, b, keep],
+                    "probs": probs[:, b, keep],
                 }
             )
 

@@ -57,6 +57,21 @@ def _rowstats(g_AX: Tensor, mean_EX: Tensor, expert_A: Tensor) -> tuple[Tensor, 
     return (gf * gf).sum(-1), (gf * mean_EX[expert_A]).sum(-1)
 
 
+def _row_stats(g_AX: Tensor, mean_EX: Tensor, expert_A: Tensor, segs) -> tuple[Tensor, Tensor]:
+    """(|g_a|^2, <g_a, mean_{e(a)}>): one compiled pass over a large g on GPU; otherwise per expert slice
+    (a matrix-vector product and a norm, no A x X gathered copy of the means)."""
+    fn = _kernel("rowstats", _rowstats, g_AX)
+    if fn is not _rowstats:
+        return fn(g_AX, mean_EX, expert_A)
+    acc = mean_EX.dtype
+    sq = torch.zeros(g_AX.shape[0], device=g_AX.device, dtype=acc)
+    dot = torch.zeros_like(sq)
+    for e, s, t in segs:
+        sq[s:t] = torch.linalg.vector_norm(g_AX[s:t], dim=-1, dtype=acc).square()
+        dot[s:t] = (g_AX[s:t] @ mean_EX[e].to(g_AX.dtype)).to(acc)
+    return sq, dot
+
+
 def conflict_scores(
     g1_AF: Tensor,
     g2_AD: Tensor,
@@ -116,11 +131,9 @@ def conflict_scores(
     mnorm1 = torch.linalg.vector_norm(mean1, dim=-1)
     mnorm2 = torch.linalg.vector_norm(mean2, dim=-1)
 
-    rowstats = _kernel("rowstats", _rowstats, g2_AD)
-    sq1, dot1 = rowstats(g1_AF, mean1, expert_A)
-    sq2, dot2 = rowstats(g2_AD, mean2, expert_A)
-    tail = _kernel("score_tail", _score_tail, g2_AD)
-    s_A, considered = tail(sq1, dot1, sq2, dot2, mnorm1, mnorm2, expert_A, zero_norm, score)
+    sq1, dot1 = _row_stats(g1_AF, mean1, expert_A, segs)
+    sq2, dot2 = _row_stats(g2_AD, mean2, expert_A, segs)
+    s_A, considered = _score_tail(sq1, dot1, sq2, dot2, mnorm1, mnorm2, expert_A, zero_norm, score)
     if valid_A is not None:
         considered = considered & valid_A
     return s_A, considered
@@ -137,7 +150,7 @@ def _score_tail(
     zero_norm: float,
     score: str,
 ) -> tuple[Tensor, Tensor]:
-    """Cosines from squared norms and dot products; one fused elementwise kernel on GPU."""
+    """Cosines from squared norms and dot products (A-length vectors: cheap, left eager)."""
     n1, n2 = sq1.sqrt(), sq2.sqrt()
     m1, m2 = mnorm1_E[expert_A], mnorm2_E[expert_A]
     considered = (n1 > zero_norm) & (n2 > zero_norm) & (m1 > zero_norm) & (m2 > zero_norm)
@@ -186,8 +199,8 @@ def _cel_grad_neg_logit_ce(
     logits_TE: Tensor, token_A: Tensor, expert_A: Tensor, conflict_A: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     """(scale * dL_cel/dz, L_cel) of the default form in closed form: per conflicting pair (t, e) the
-    gradient is (onehot_e - softmax(-z_t)) / |C| (STGC.md section 4). One fused kernel on GPU instead of a
-    small autograd graph per layer; a test holds it equal to autograd on ``cel_loss``."""
+    gradient is (onehot_e - softmax(-z_t)) / |C| (STGC.md section 4): a few small kernels instead of an
+    autograd graph per layer; a test holds it equal to autograd on ``cel_loss``."""
     z_AE = logits_TE.index_select(0, token_A).float()
     logq_AE = torch.log_softmax(-z_AE, dim=-1)
     w_A = conflict_A.float()
@@ -306,8 +319,9 @@ class ConflictObserver:
         cel = torch.zeros((), device=score_A.device)
         if self.applies_to(record.layer_idx):
             if self.loss_form == "neg_logit_ce":
-                fn = _kernel("cel_grad", _cel_grad_neg_logit_ce, score_A)
-                grad_TE, cel = fn(record.logits_TE.detach(), token_A, expert_A, conflict_A, self.scale)
+                grad_TE, cel = _cel_grad_neg_logit_ce(
+                    record.logits_TE.detach(), token_A, expert_A, conflict_A, self.scale
+                )
             else:
                 with torch.enable_grad():
                     z_TE = record.logits_TE.detach().requires_grad_(True)
