@@ -205,7 +205,8 @@ def _cel_grad_neg_logit_ce(
     logq_AE = torch.log_softmax(-z_AE, dim=-1)
     w_A = conflict_A.float()
     n = w_A.sum().clamp_min(1.0)
-    onehot_AE = torch.nn.functional.one_hot(expert_A, z_AE.shape[-1]).float()
+    # (F.one_hot validates its input on the device, which syncs the host: scatter does not)
+    onehot_AE = torch.zeros_like(z_AE).scatter_(1, expert_A[:, None], 1.0)
     g_AE = (onehot_AE - logq_AE.exp()) * (w_A * (scale / n))[:, None]
     grad_TE = torch.zeros_like(logits_TE, dtype=torch.float32).index_add(0, token_A, g_AE)
     cel = -(logq_AE.gather(1, expert_A[:, None])[:, 0] * w_A).sum() / n
