@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The `deepspeed` launcher puts --local_rank before the script's own arguments
+    # (`deepspeed --module stgc.cli train ...` runs `stgc.cli --local_rank=0 train ...`): hand it to the
+    # subcommand (`stgc train` accepts it).
+    while argv and argv[0].startswith("--local_rank"):
+        flag = [argv.pop(0)]
+        if "=" not in flag[0] and argv:
+            flag.append(argv.pop(0))
+        argv += flag
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         parser = build_parser()
         if argv and argv[0] not in ("-h", "--help"):
