@@ -375,16 +375,23 @@ def training_arguments(config: RunConfig, **extra: Any) -> TrainingArguments:
         report_to="none",
         remove_unused_columns=False,  # the collator needs the raw image and conversations
         dataloader_num_workers=t.dataloader_workers,
-        activation_checkpointing=t.gradient_checkpointing,
         # non-reentrant: the backward keeps the original autograd nodes (and the MoE block's gradient
         # observer on them); the reentrant form would recompute outside the routing context
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(t.gradient_checkpointing),
         dataloader_pin_memory=torch.cuda.is_available(),
         deepspeed=deepspeed,
         disable_tqdm=False,
     )
     kwargs.update(extra)
     return TrainingArguments(**kwargs)
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """transformers renamed ``gradient_checkpointing`` to ``activation_checkpointing`` within 5.x (5.17 has
+    the old name, 5.23 the new one): use whichever this version's TrainingArguments has."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled, f"{key}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 # --------------------------------------------------------------------------------------------------------
