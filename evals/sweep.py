@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from evals import tasks as T
 from evals.tables import LONG_COLUMNS, wide_table, write_wide_csv
+from stgc.paths import portable
 
 SCORES_NAME, TABLE_NAME, SWEEP_NAME, FAILURES_NAME = "scores.csv", "table.csv", "sweep.json", "failures.json"
 
@@ -185,8 +186,8 @@ def _sweep_dict(sweep: Sweep, source: str, root: Path) -> dict[str, Any]:
         "seeds": list(sweep.seeds),
         "tasks": list(sweep.tasks),
         "baseline": sweep.baseline,
-        "eval": {**dataclasses.asdict(sweep.eval), "source": source, "mini_root": str(root)},
-        "runs_root": str(sweep.run_dir(sweep.baseline, sweep.seeds[0]).parent),
+        "eval": {**dataclasses.asdict(sweep.eval), "source": source, "mini_root": portable(root)},
+        "runs_root": portable(sweep.run_dir(sweep.baseline, sweep.seeds[0]).parent),
         "protocols": {t: T.PROTOCOLS[t] for t in sweep.tasks},
     }
 
