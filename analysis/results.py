@@ -29,8 +29,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from stgc.paths import portable
-
 SCORES_NAME, TABLE_NAME, SWEEP_NAME, RUNS_NAME = "scores.csv", "table.csv", "sweep.json", "runs.json"
 METRICS_NAME = "metrics.jsonl"  # stgc.callbacks.METRICS_NAME
 RESULTS_ENV = "STGC_RESULTS_ROOT"
@@ -184,7 +182,7 @@ def _run_row(run_dir: Path, method, seed, found_by: str) -> dict:
         "run": run_dir.name,
         "method": method,
         "seed": None if seed is None else int(seed),
-        "metrics": portable(run_dir / METRICS_NAME),
+        "metrics": str(run_dir / METRICS_NAME),
         "found_by": found_by,
         "exists": (run_dir / METRICS_NAME).is_file(),
     }

@@ -36,6 +36,7 @@ from analysis import figures as F
 from analysis import metrics as M
 from analysis.results import ResultsFolder, checkpoint_labels, find_runs, load_scores, open_results
 from analysis.schema import read_trace_meta, read_traces
+from stgc.paths import portable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -600,7 +601,8 @@ def gradient_conflict(results_dir: str | Path | None = None, runs_dir: str | Pat
             "lead to a metrics.jsonl); pass the runs folder (`stgc report --runs-dir runs/<sweep>`)."
         )
     else:
-        section.table("conflict_runs", runs, "Training runs read for the curves")
+        shown = runs.assign(metrics=runs["metrics"].map(portable))  # no machine-specific prefix in tables
+        section.table("conflict_runs", shown, "Training runs read for the curves")
         absent = runs[~runs["exists"].astype(bool)]
         for row in absent.itertuples():
             section.missing(f"run {row.run} ({row.found_by}) has no metrics.jsonl at `{row.metrics}`.")
