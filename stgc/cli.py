@@ -22,7 +22,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stgc", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="stgc",
+        description="MoE-LLaVA training with STGC, lmms-eval benchmark sweeps and routing analysis.",
+        epilog="`stgc COMMAND --help` shows a command's options; `make demo` runs the embedded default.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
