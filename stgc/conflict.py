@@ -109,20 +109,13 @@ def conflict_scores(
     dev = g2_AD.device
     acc = torch.promote_types(g2_AD.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
     segs = segments if segments is not None else expert_segments(expert_A, num_experts)
-    sums1 = torch.zeros(num_experts, g1_AF.shape[1], device=dev, dtype=acc)
-    sums2 = torch.zeros(num_experts, g2_AD.shape[1], device=dev, dtype=acc)
-    vmask = None if valid_A is None else valid_A.to(g2_AD.dtype)
-    # counts on device (writing Python ints into a CUDA tensor would sync the host every layer)
-    ones_A = torch.ones(A, device=dev, dtype=acc) if vmask is None else vmask.to(acc)
-    counts = torch.zeros(num_experts, device=dev, dtype=acc).index_add_(0, expert_A, ones_A)
-    for e, s, t in segs:
-        if vmask is None:
-            sums1[e] = g1_AF[s:t].sum(0, dtype=acc)
-            sums2[e] = g2_AD[s:t].sum(0, dtype=acc)
-        else:
-            m = vmask[s:t]
-            sums1[e] = (m @ g1_AF[s:t]).to(acc)
-            sums2[e] = (m @ g2_AD[s:t]).to(acc)
+    # Per-expert sums as one skinny product each, onehot_EA @ g (fp32 accumulation inside the GEMM; one
+    # read of g for all experts, no per-expert copies); padding rows get weight 0.
+    member_EA = torch.zeros(num_experts, A, device=dev, dtype=g2_AD.dtype)
+    member_EA.scatter_(0, expert_A[None], 1.0 if valid_A is None else valid_A[None].to(g2_AD.dtype))
+    sums1 = (member_EA.to(g1_AF.dtype) @ g1_AF).to(acc)
+    sums2 = (member_EA @ g2_AD).to(acc)
+    counts = member_EA.sum(1, dtype=acc)
     if allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
         for t_ in (sums1, sums2, counts):
             torch.distributed.all_reduce(t_)
@@ -133,7 +126,9 @@ def conflict_scores(
 
     sq1, dot1 = _row_stats(g1_AF, mean1, expert_A, segs)
     sq2, dot2 = _row_stats(g2_AD, mean2, expert_A, segs)
-    s_A, considered = _score_tail(sq1, dot1, sq2, dot2, mnorm1, mnorm2, expert_A, zero_norm, score)
+    s_A, considered = _kernel("score_tail", _score_tail, g1_AF)(
+        sq1, dot1, sq2, dot2, mnorm1, mnorm2, expert_A, zero_norm, score
+    )
     if valid_A is not None:
         considered = considered & valid_A
     return s_A, considered
@@ -150,7 +145,8 @@ def _score_tail(
     zero_norm: float,
     score: str,
 ) -> tuple[Tensor, Tensor]:
-    """Cosines from squared norms and dot products (A-length vectors: cheap, left eager)."""
+    """Cosines from squared norms and dot products: ~20 elementwise ops on A-length vectors, compiled into
+    one kernel when the layer is large (it is launch-bound, not bandwidth-bound)."""
     n1, n2 = sq1.sqrt(), sq2.sqrt()
     m1, m2 = mnorm1_E[expert_A], mnorm2_E[expert_A]
     considered = (n1 > zero_norm) & (n2 > zero_norm) & (m1 > zero_norm) & (m2 > zero_norm)
@@ -199,8 +195,8 @@ def _cel_grad_neg_logit_ce(
     logits_TE: Tensor, token_A: Tensor, expert_A: Tensor, conflict_A: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     """(scale * dL_cel/dz, L_cel) of the default form in closed form: per conflicting pair (t, e) the
-    gradient is (onehot_e - softmax(-z_t)) / |C| (STGC.md section 4): a few small kernels instead of an
-    autograd graph per layer; a test holds it equal to autograd on ``cel_loss``."""
+    gradient is (onehot_e - softmax(-z_t)) / |C| (STGC.md section 4): no autograd graph per layer, and one
+    compiled kernel when the layer is large; a test holds it equal to autograd on ``cel_loss``."""
     z_AE = logits_TE.index_select(0, token_A).float()
     logq_AE = torch.log_softmax(-z_AE, dim=-1)
     w_A = conflict_A.float()
@@ -320,7 +316,7 @@ class ConflictObserver:
         cel = torch.zeros((), device=score_A.device)
         if self.applies_to(record.layer_idx):
             if self.loss_form == "neg_logit_ce":
-                grad_TE, cel = _cel_grad_neg_logit_ce(
+                grad_TE, cel = _kernel("cel_grad", _cel_grad_neg_logit_ce, g1_AF)(
                     record.logits_TE.detach(), token_A, expert_A, conflict_A, self.scale
                 )
             else:
