@@ -139,7 +139,8 @@ def compare(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: a random `small` model")
-    parser.add_argument("--mini-root", type=Path, default=Path("data/mini"))
+    # its own small suite by default: a benchmark must not leave a 200-conversation suite where the demo looks
+    parser.add_argument("--mini-root", type=Path, default=Path("data/mini-bench"))
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--limit", type=int, default=64, help="documents per task")
     parser.add_argument("--max-new-tokens", type=int, default=16)
