@@ -346,7 +346,7 @@ def capture_routing(
     path, names, source, root = check_inputs(checkpoint, names, source, data_root)
 
     from evals.lmms_model import StgcMoeLlava
-    from evals.run import git_revision
+    from stgc.provenance import git_revision
 
     lm = StgcMoeLlava(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
     model = lm.model

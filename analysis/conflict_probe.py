@@ -178,7 +178,7 @@ def conflict_on_checkpoint(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import stgc  # noqa: F401  (registers the model with the Auto classes)
-    from evals.run import git_revision
+    from stgc.provenance import git_revision
     from stgc.conflict import ConflictObserver
     from stgc.data.collate import LlavaCollator
     from stgc.moe import RoutingContext

@@ -21,7 +21,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import pandas as pd
 
 from evals import tasks as T
 from evals.checkpoint import check_checkpoint
+from stgc.provenance import git_revision
 
 MODEL_NAME = "stgc_moe_llava"  # evals.lmms_model.MODEL_NAME (not imported: it loads lmms-eval)
 
@@ -48,22 +48,6 @@ class EvalResult:
 
     def scores(self, method: str | None = None, seed: int | None = None) -> pd.DataFrame:
         return scores_from_results(self.results, method=method, seed=seed)
-
-
-def git_revision(path: str | os.PathLike | None = None) -> str:
-    """Short commit hash of the project's repository (+"-dirty" with uncommitted changes); "unknown"
-    outside a git checkout."""
-    cwd = Path(path) if path else Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{rev}-dirty" if dirty else rev
 
 
 def default_out_dir(checkpoint: str | os.PathLike) -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from stgc.bench.moe import git_revision
+from stgc.provenance import git_revision
 
 DEFAULT_TASKS = ("stgc_gqa", "stgc_textvqa_val", "stgc_pope_moellava_adv", "stgc_scienceqa_img")
 COLUMNS = (

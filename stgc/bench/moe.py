@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +33,7 @@ from torch import Tensor
 from stgc.bench.deepspeed_ref import MOELLAVA_DS_SETTINGS, deepspeed_moe_from_block, single_process_group
 from stgc.config import MoEConfig
 from stgc.moe import MoEBlock, RoutingContext, routing_context
+from stgc.provenance import git_revision
 
 IMPLS = ("stgc", "stgc_moellava_settings", "deepspeed_moellava", "deepspeed_nodrop", "floor")
 BASELINE_IMPL, FLOOR_IMPL = "deepspeed_moellava", "floor"
@@ -229,23 +228,6 @@ def _swiglu_bwd(h: Tensor, ga: Tensor) -> Tensor:
 
 def _compiled(fn: Callable, device: torch.device) -> Callable:
     return torch.compile(fn) if device.type == "cuda" else fn
-
-
-def git_revision() -> str:
-    """The checkout's commit (``STGC_GIT_REVISION`` overrides, e.g. on a machine without .git)."""
-    if os.environ.get("STGC_GIT_REVISION"):
-        return os.environ["STGC_GIT_REVISION"]
-    root = Path(__file__).resolve().parents[2]
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_benchmark(cfg: BenchConfig, device: torch.device | None = None) -> list[dict]:

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from stgc.bench.moe import git_revision, measure
+from stgc.bench.moe import measure
 from stgc.config import MoEConfig
 from stgc.methods import build_method
 from stgc.moe import MoEBlock, RoutingContext, routing_context
+from stgc.provenance import git_revision
 
 MODES = ("baseline", "fused", "two_pass", "reference")
 COLUMNS = (
