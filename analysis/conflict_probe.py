@@ -178,10 +178,10 @@ def conflict_on_checkpoint(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import stgc  # noqa: F401  (registers the model with the Auto classes)
-    from stgc.provenance import git_revision
     from stgc.conflict import ConflictObserver
     from stgc.data.collate import LlavaCollator
     from stgc.moe import RoutingContext
+    from stgc.provenance import git_revision
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = AutoModelForImageTextToText.from_pretrained(str(path)).to(device).eval()
