@@ -287,8 +287,10 @@ def write_traces(
 def read_trace_meta(path: str | Path) -> dict[str, Any]:
     """Read and check only the file-level metadata of a trace file (cheap: no rows are read)."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"trace file {path} does not exist; write it with `stgc analyze capture`")
+    if not path.is_file():
+        raise ValueError(
+            f"trace file {path} does not exist (or is a folder); write it with `stgc analyze capture`"
+        )
     schema = pq.read_schema(path)
     metadata = schema.metadata or {}
     if SCHEMA_VERSION_KEY not in metadata:

@@ -59,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
     if limit is not None and limit >= 1:
         limit = int(limit)
     model_args = {"capture_routing": args.capture_routing}
+    if args.batch_size < 1 or (limit is not None and limit <= 0):
+        print(
+            f"stgc eval: error: --batch-size {args.batch_size} / --limit {args.limit}: the batch size must "
+            "be >= 1 and the limit > 0 (a document count, or a fraction in (0, 1)).",
+            file=sys.stderr,
+        )
+        return 2
     try:
         result = evaluate(
             args.checkpoint,

@@ -22,6 +22,7 @@ import datetime
 import json
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -321,6 +322,11 @@ def convert_moe_llava(
     from transformers import GenerationConfig, LlavaConfig
 
     src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file():
+        raise ValueError(
+            f"{src} is not a MoE-LLaVA checkpoint folder (no config.json); pass the folder that holds "
+            "config.json and pytorch_model.bin (or its shards)."
+        )
     src_cfg = json.loads((src / "config.json").read_text())
     mtype = src_cfg.get("model_type")
     if mtype not in MODEL_TYPES:
@@ -467,12 +473,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = convert_moe_llava(
-        args.src,
-        args.out,
-        vision_tower_path=args.vision_tower,
-        image_token_id=args.image_token_id,
-        reproduce_moellava_routing=args.reproduce_moellava_routing,
-    )
+    try:
+        out = convert_moe_llava(
+            args.src,
+            args.out,
+            vision_tower_path=args.vision_tower,
+            image_token_id=args.image_token_id,
+            reproduce_moellava_routing=args.reproduce_moellava_routing,
+        )
+    except ValueError as err:
+        print(f"stgc convert: error: {err}", file=sys.stderr)
+        return 2
     print(f"converted {args.src} -> {out}")
     return 0

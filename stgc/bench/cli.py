@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 # name -> (module, help). Names listed before their module exists are reserved for the modules that will
 # provide them; running one says so.
@@ -37,4 +38,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     parser = argparse.ArgumentParser(prog=f"stgc bench {args.name}", description=help_text)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(args.args)) or 0)
+    try:
+        return int(module.run(parser.parse_args(args.args)) or 0)
+    except ValueError as err:  # a benchmark's own check of its settings: one line, not a traceback
+        print(f"stgc bench {args.name}: error: {err}", file=sys.stderr)
+        return 2
