@@ -196,7 +196,8 @@ def conflict_on_checkpoint(
         chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        observer = ConflictObserver(**settings, scale=0.0, keep_tensors=True)  # measure only
+        observer = ConflictObserver(**settings, scale=0.0)  # measure only
+        observer.skip_weight_grads = True  # token gradients only: no weight gradient is needed
         ctx = RoutingContext(records=[], observer=observer)
         with torch.enable_grad():
             output = model(**batch, routing_ctx=ctx)

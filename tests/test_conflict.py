@@ -34,7 +34,7 @@ def test_reference_and_two_pass_token_gradients_agree(ffn):
     alpha = 0.01
 
     # two_pass first pass: the observer collects (g1_AF, g2_AD) of every layer inside the backward
-    obs = ConflictObserver(collect_grads=True, keep_tensors=True)
+    obs = ConflictObserver(collect_grads=True)
     ctx = RoutingContext(records=[], observer=obs)
     out = model(**batch, routing_ctx=ctx)
     main = out.loss + alpha * sum(r.aux_loss for r in ctx.records)
@@ -134,7 +134,7 @@ def test_empty_experts_are_handled():
     # in a block: 2 tokens, top-1 of 4 experts -> at least 2 experts receive nothing
     torch.manual_seed(0)
     block = MoEBlock(MoEConfig(num_experts=4, top_k=1), 6, 5, "swiglu", layer_idx=0).double()
-    obs = ConflictObserver(scale=0.3, keep_tensors=True)
+    obs = ConflictObserver(scale=0.3)
     x = torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True)
     block.routing_ctx = RoutingContext(records=[], observer=obs)
     y = block(x)

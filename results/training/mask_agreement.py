@@ -37,8 +37,6 @@ def agreement(checkpoint: str, betas=(0.01, 0.1, 1.0), batches: int = 6, batch_s
                 model.zero_grad()
                 method = build_method(STGCConfig(beta=beta, mode=mode), moe)
                 observer = method.observer(0) if mode == "fused" else None
-                if observer is not None:
-                    observer.keep_tensors = True  # keep the fused masks for the comparison
                 result = method.train_loss(model, batch, 0, observer=observer)
                 result.loss.backward()
                 layers[mode] = result.observer.layers

@@ -57,6 +57,8 @@ class StepLoss:
                 cel = sum(v for k, v in conflict.items() if k.endswith("/cel"))
                 out["loss/cel"] = cel
                 out["loss/cel_scaled"] = getattr(self.observer, "scale", 0.0) * cel
+                # the same total in every mode: L_lm + alpha L_aux + beta L_cel
+                out["loss/total"] += out["loss/cel_scaled"]
         return out
 
 

@@ -56,6 +56,15 @@ class STGC(RoutingMethod):
     Config = STGCConfig
     config: STGCConfig
 
+    def __init__(self, config: STGCConfig, moe) -> None:
+        super().__init__(config, moe)
+        if config.mode == "reference" and moe.second_expert_sampling:
+            raise ValueError(
+                "stgc.mode='reference' re-runs the forward with per-token bias copies, which must route "
+                "exactly as the main forward: turn off moe.second_expert_sampling (random 2nd expert) or use "
+                "mode='two_pass'."
+            )
+
     def active(self, step: int) -> bool:
         return step >= self.config.start_step and self.config.beta > 0
 
@@ -70,7 +79,6 @@ class STGC(RoutingMethod):
             scale=c.beta if (fused and self.active(step)) else 0.0,
             apply_layers=c.layers,
             allreduce_mean=c.allreduce_mean,
-            keep_tensors=not fused,
         )
 
     def coefficients(self, step: int) -> dict[str, float]:
@@ -111,7 +119,7 @@ class STGC(RoutingMethod):
             return o.loss + alpha * sum(r.aux_loss for r in c.records)
 
         grads = reference_token_grads(model, main_loss, records)
-        obs.active, obs.keep_tensors = True, True
+        obs.active = True
         for r in records:
             g1_TKF, g2_TKD = grads[r.layer_idx]
             T, K = r.topk_idx_TK.shape
