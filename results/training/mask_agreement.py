@@ -4,7 +4,8 @@
 
 For each beta, the same batches go through STGC's fused mode (one backward; the upstream gradient of a
 layer also carries the later layers' CEL gradients) and its two_pass mode (masks from the main loss only);
-prints the fraction of (token, expert) pairs whose conflict flag agrees. The model is not updated.
+prints the fraction of (token, expert) pairs whose conflict flag agrees and writes it to
+results/training/mask_agreement.csv. The model is not updated.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from stgc.methods.stgc import STGCConfig
 
 
 def agreement(checkpoint: str, betas=(0.01, 0.1, 1.0), batches: int = 6, batch_size: int = 16) -> None:
+    out = []
     torch.set_num_threads(1)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint).train()
     collate = LlavaCollator(AutoProcessor.from_pretrained(checkpoint), max_length=192)
@@ -47,6 +49,18 @@ def agreement(checkpoint: str, betas=(0.01, 0.1, 1.0), batches: int = 6, batch_s
                 total += two.conflict_A.numel()
                 conflicts += int(two.conflict_A.sum())
         print(f"beta={beta}: agreement {agree / total:.4f} over {total} pairs ({conflicts} conflicts)")
+        out.append(
+            {
+                "checkpoint": checkpoint,
+                "beta": beta,
+                "pairs": total,
+                "conflicts_two_pass": conflicts,
+                "agreement": round(agree / total, 4),
+            }
+        )
+    import pandas as pd
+
+    pd.DataFrame(out).to_csv("results/training/mask_agreement.csv", index=False)
 
 
 if __name__ == "__main__":
