@@ -15,9 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="checkpoint folder (runs/<run>/checkpoint-<step>)")
     parser.add_argument(
         "--tasks",
-        default=T.MOE_LLAVA,
-        help=f"comma-separated task, group or suite names (suites: {', '.join(T.SUITES)}; default "
-        f"%(default)s); --list-tasks shows them",
+        nargs="+",
+        default=[T.MOE_LLAVA],
+        help=f"task, group or suite names, space- or comma-separated as in `stgc analyze capture` (suites: "
+        f"{', '.join(T.SUITES)}; default {T.MOE_LLAVA}); --list-tasks shows them",
     )
     parser.add_argument(
         "--list-tasks", action="store_true", help="list the tasks with their protocols and exit"
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(
             args.checkpoint,
-            [t for t in args.tasks.split(",") if t],
+            [t for item in args.tasks for t in item.split(",") if t],
             out_dir=args.out,
             limit=limit,
             batch_size=args.batch_size,
