@@ -173,7 +173,7 @@ def reply(task: str, doc: dict) -> str:
         "unanswerable",
         f"{gold}!",
     ]
-    key = f"{doc.get('question')}|{doc.get('index')}|{doc.get('answer')}"
+    key = f"{doc.get('question_id')}|{doc.get('question')}|{doc.get('index')}|{doc.get('answer')}"
     return candidates[zlib.crc32(key.encode()) % len(candidates)]
 
 

@@ -25,6 +25,9 @@ from typing import Any
 
 import yaml
 
+from stgc.data import BENCHMARKS
+from stgc.data.bench_scenes import POPE_CATEGORIES as _POPE_CATEGORIES
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 SOURCES = ("mini", "hub")
 ENV_SOURCE = "STGC_EVAL_SOURCE"
@@ -122,21 +125,11 @@ MINI_FOLDERS: dict[str, str] = {
     "lmms-lab-encoder/MME": "mme",
     "lmms-lab-encoder/MMBench": "mmbench",
 }
-# Mini-suite folder -> the split its lmms-eval task reads (the real dataset's split name).
-MINI_SPLITS: dict[str, str] = {
-    "vqav2": "validation",
-    "gqa": "testdev",
-    "vizwiz": "val",
-    "scienceqa_img": "test",
-    "textvqa": "validation",
-    "chartqa": "test",
-    "docvqa": "validation",
-    "pope": "test",
-    "mme": "test",
-    "mmbench": "dev",
-}
-# POPE's negative-sampling categories (the `category` column); one task per category.
-POPE_CATEGORIES = ("adversarial", "popular", "random")
+# Mini-suite folder -> the split its lmms-eval task reads (the real dataset's split name), and POPE's
+# negative-sampling categories (the `category` column; one task per category): both defined once, by the
+# mini suite's registry.
+MINI_SPLITS: dict[str, str] = {name: spec.split for name, spec in BENCHMARKS.items()}
+POPE_CATEGORIES = _POPE_CATEGORIES
 # Keys replaced when the mini suite is the source, per hub dataset. GQA's process_docs downloads the image
 # set and joins it onto the rows; the mini rows already hold `image`.
 MINI_OVERRIDES: dict[str, dict[str, Any]] = {"lmms-lab-encoder/GQA": {"process_docs": None}}
