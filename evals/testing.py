@@ -88,12 +88,9 @@ def write_tiny_checkpoint(
 ) -> Path:
     """A randomly initialised tiny checkpoint folder (model, tokenizer with the project's chat template,
     processor) that `AutoModelForImageTextToText` / `AutoProcessor` load after `import stgc`."""
-    import torch
-
-    from stgc.backbones import vision_config
     from stgc.config import MoEConfig
     from stgc.data.tokenizer import train_tokenizer
-    from stgc.modeling import build_model, build_processor
+    from stgc.modeling import save_random_checkpoint
 
     texts = [
         "USER: What colour is the square? ASSISTANT: red",
@@ -102,18 +99,6 @@ def write_tiny_checkpoint(
         "The answer is 42. blue green yellow circle triangle left right above below unanswerable",
     ] * 20
     tokenizer = train_tokenizer(texts, vocab_size=400)
-    torch.manual_seed(seed)
-    model = build_model(
-        backbone,
-        "tiny",
-        vocab_size=len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        moe=MoEConfig(**moe_kwargs),
+    return save_random_checkpoint(
+        path, tokenizer, backbone=backbone, size="tiny", moe=MoEConfig(**moe_kwargs), seed=seed
     )
-    vision = vision_config("tiny")
-    processor = build_processor(tokenizer, vision.image_size, vision.patch_size)
-    path = Path(path)
-    model.save_pretrained(str(path))
-    processor.save_pretrained(str(path))
-    return path

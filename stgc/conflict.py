@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from stgc.moe import RoutingRecord, _kernel
+from stgc.moe import RoutingRecord, _kernel, expert_segments
 
 SCORES = ("mean", "concat", "g1", "g2")
 LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
@@ -37,17 +37,6 @@ HIST_BINS = 20  # score histogram over [-1, 1]
 
 # --------------------------------------------------------------------------------------------------------
 # scores and masks
-
-
-def expert_segments(expert_A: Tensor, num_experts: int) -> list[tuple[int, int, int]]:
-    """(expert, start, end) of each non-empty expert segment of an expert-sorted assignment list."""
-    counts = torch.bincount(expert_A, minlength=num_experts).tolist()
-    out, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            out.append((e, start, start + n))
-        start += n
-    return out
 
 
 def _rowstats(g_AX: Tensor, mean_EX: Tensor, expert_A: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,7 +98,9 @@ def conflict_scores(
     A = expert_A.shape[0]
     dev = g2_AD.device
     acc = torch.promote_types(g2_AD.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
-    segs = segments if segments is not None else expert_segments(expert_A, num_experts)
+    if segments is None:
+        segments = expert_segments(torch.bincount(expert_A, minlength=num_experts).tolist())
+    segs = segments
     # Per-expert sums as one skinny product each, onehot_EA @ g (fp32 accumulation inside the GEMM; one
     # read of g for all experts, no per-expert copies); padding rows get weight 0.
     member_EA = torch.zeros(num_experts, A, device=dev, dtype=g2_AD.dtype)

@@ -18,6 +18,7 @@ Shape legend: B batch, S sequence length of this forward (1 in a decode step), T
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -420,6 +421,36 @@ def build_processor(tokenizer: PreTrainedTokenizerBase, image_size: int, patch_s
         num_additional_image_tokens=1,
         image_token=IMAGE_TOKEN,
     )
+
+
+def save_random_checkpoint(
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    backbone: str = "llama",
+    size: str = "tiny",
+    moe: MoEConfig | None = None,
+    seed: int = 0,
+) -> Path:
+    """A randomly initialised checkpoint folder of a registry backbone and size (model + processor built on
+    ``tokenizer``, which must hold ``<image>``): what tests and benchmarks evaluate when no trained model is
+    needed. Loads with ``AutoModelForImageTextToText`` / ``AutoProcessor`` after ``import stgc``."""
+    from stgc.backbones import vision_config
+
+    torch.manual_seed(seed)
+    model = build_model(
+        backbone,
+        size,
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
+        moe=moe or MoEConfig(),
+    )
+    vision = vision_config(size)
+    path = Path(path)
+    model.save_pretrained(str(path))
+    build_processor(tokenizer, vision.image_size, vision.patch_size).save_pretrained(str(path))
+    return path
 
 
 def register() -> None:

@@ -236,6 +236,16 @@ class ExpertBank(nn.Module):
         return f"E={self.num_experts}, D={self.hidden_size}, F={self.intermediate_size}, ffn={self.ffn}"
 
 
+def expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of each non-empty expert slice of an expert-sorted assignment list."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, start, start + n))
+        start += n
+    return out
+
+
 def _act_forward(ffn: str, h: Tensor, F_: int) -> Tensor:
     if ffn == "swiglu":
         return F.silu(h[:, :F_]) * h[:, F_:]
@@ -349,12 +359,7 @@ class _ExpertsFn(torch.autograd.Function):
         x_AD = x_TD.index_select(0, token_A)
         w_A = weights_TK.reshape(-1).index_select(0, order_A)
         h_AH = x_TD.new_empty(A, H)
-        segs = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                segs.append((e, start, start + n))
-            start += n
+        segs = expert_segments(counts)
         for e, s, t in segs:
             _mm(x_AD[s:t], w_in[e].t(), None if b_in is None else b_in[e], h_AH[s:t])
         a_AF = _kernel(f"act_{ffn}", _act_forward, h_AH)(ffn, h_AH, F_)

@@ -17,7 +17,6 @@ Rounds alternate between the settings compared; the reported time is the median 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from stgc.bench.moe import write_csv
 from stgc.provenance import git_revision
 
 DEFAULT_TASKS = ("stgc_gqa", "stgc_textvqa_val", "stgc_pope_moellava_adv", "stgc_scienceqa_img")
@@ -52,24 +52,10 @@ def small_checkpoint(out: Path, mini_root: Path, size: str = "small") -> Path:
     """A randomly initialised checkpoint of ``size`` with the mini suite's tokenizer and a processor."""
     from transformers import AutoTokenizer
 
-    from stgc.backbones import vision_config
-    from stgc.config import MoEConfig
-    from stgc.modeling import IMAGE_TOKEN, build_model, build_processor
+    from stgc.modeling import save_random_checkpoint
 
     tok = AutoTokenizer.from_pretrained(str(mini_root / "tokenizer"), local_files_only=True)
-    torch.manual_seed(0)
-    model = build_model(
-        "stablelm",
-        size,
-        vocab_size=len(tok),
-        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        pad_token_id=tok.pad_token_id,
-        moe=MoEConfig(),
-    )
-    vis = vision_config(size)
-    model.save_pretrained(str(out))
-    build_processor(tok, vis.image_size, vis.patch_size).save_pretrained(str(out))
-    return out
+    return save_random_checkpoint(out, tok, backbone="stablelm", size=size)
 
 
 def _ensure_suite(mini_root: Path, docs: int) -> None:
@@ -216,11 +202,7 @@ def run_bench(args: argparse.Namespace, bench: str) -> int:
             )
         )
     out = args.out or Path(f"results/bench/{bench}.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({k: r[k] for k in COLUMNS} for r in rows)
+    write_csv(rows, out, COLUMNS)
     for r in rows:
         print(
             f"{bench:8s} {r['setting']:16s} {r['samples']:5d} samples {r['seconds']:8.2f} s "

@@ -270,14 +270,16 @@ def run_benchmark(cfg: BenchConfig, device: torch.device | None = None) -> list[
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
+    """Write ``rows`` (dicts with at least ``columns``) to ``path`` (folders created); every benchmark's
+    CSV goes through here."""
     import csv
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+        writer.writerows({k: r[k] for k in columns} for r in rows)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -15,7 +15,6 @@ smoke test.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from stgc.bench.moe import measure
+from stgc.bench.moe import measure, write_csv
 from stgc.config import MoEConfig
 from stgc.methods import build_method
 from stgc.moe import MoEBlock, RoutingContext, routing_context
@@ -264,11 +263,7 @@ def run(args: argparse.Namespace) -> int:
     if "baseline" not in args.modes:
         args.modes = ["baseline", *args.modes]
     rows = run_benchmark(stack=stack, modes=tuple(args.modes), device=device, **kw)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({k: r[k] for k in COLUMNS} for r in rows)
+    write_csv(rows, args.out, COLUMNS)
     for r in rows:
         print(
             f"{r['suite']:7s} {r['mode']:10s} {r['step_ms']:10.3f} ms  {r['time_overhead_pct']:+7.2f}%  "
