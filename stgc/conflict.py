@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from stgc.moe import RoutingRecord, _kernel, expert_segments
+from stgc.moe import RoutingRecord, TokenGrads, _kernel, expert_sums
 
 SCORES = ("mean", "concat", "g1", "g2")
 LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
@@ -39,26 +39,12 @@ HIST_BINS = 20  # score histogram over [-1, 1]
 # scores and masks
 
 
-def _rowstats(g_AX: Tensor, mean_EX: Tensor, expert_A: Tensor) -> tuple[Tensor, Tensor]:
-    """(|g_a|^2, <g_a, mean_{e(a)}>) per row, accumulated in mean's dtype. Compiled on GPU: one pass over g,
-    the expert mean is read by index inside the kernel (no A x X gathered copy)."""
-    gf = g_AX.to(mean_EX.dtype)
-    return (gf * gf).sum(-1), (gf * mean_EX[expert_A]).sum(-1)
-
-
-def _row_stats(g_AX: Tensor, mean_EX: Tensor, expert_A: Tensor, segs) -> tuple[Tensor, Tensor]:
-    """(|g_a|^2, <g_a, mean_{e(a)}>): one compiled pass over a large g on GPU; otherwise per expert slice
-    (a matrix-vector product and a norm, no A x X gathered copy of the means)."""
-    fn = _kernel("rowstats", _rowstats, g_AX)
-    if fn is not _rowstats:
-        return fn(g_AX, mean_EX, expert_A)
-    acc = mean_EX.dtype
-    sq = torch.zeros(g_AX.shape[0], device=g_AX.device, dtype=acc)
-    dot = torch.zeros_like(sq)
-    for e, s, t in segs:
-        sq[s:t] = torch.linalg.vector_norm(g_AX[s:t], dim=-1, dtype=acc).square()
-        dot[s:t] = (g_AX[s:t] @ mean_EX[e].to(g_AX.dtype)).to(acc)
-    return sq, dot
+def _rowstats(g_AX: Tensor, m_EX: Tensor, v_EX: Tensor | None, expert_A: Tensor):
+    """(|g_a|^2, <g_a, m_e(a)>, <g_a, v_e(a)> or None) per row, accumulated in m's dtype: one pass over g
+    (compiled on a large GPU tensor: the expert vectors are read by index inside the kernel)."""
+    gf = g_AX.to(m_EX.dtype)
+    sq, dot_m = (gf * gf).sum(-1), (gf * m_EX[expert_A]).sum(-1)
+    return sq, dot_m, (None if v_EX is None else (gf * v_EX[expert_A]).sum(-1))
 
 
 def conflict_scores(
@@ -71,7 +57,8 @@ def conflict_scores(
     score: str = "mean",
     zero_norm: float = 1e-20,
     allreduce_mean: bool = False,
-    segments: list[tuple[int, int, int]] | None = None,
+    sq1_A: Tensor | None = None,
+    w_out_EDF: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cosine score of each assignment's gradient with its expert's mean gradient.
 
@@ -80,44 +67,47 @@ def conflict_scores(
     ``mean``: (cos(g1, gbar1) + cos(g2, gbar2)) / 2 (default); ``concat``: cos([g1; g2], [gbar1; gbar2]);
     ``g1`` / ``g2``: one cosine.
     Returns (score_A fp32 (fp64 for fp64 inputs), considered_A bool): an assignment is considered when it is
-    valid (not padding) and both its gradients and its expert's means have norm > ``zero_norm`` (a pair no
-    loss reaches is never conflicting; an expert with no tokens has no mean).
+    valid (not padding, not dropped) and both its gradients and its expert's means have norm >
+    ``zero_norm`` (a pair no loss reaches is never conflicting; an expert with no tokens has no mean).
+    ``valid_A`` may be ``None`` (every row is a real, kept assignment).
 
-    ``valid_A`` may be ``None`` (every assignment is a real token: padding is not routed by default).
-    ``segments`` (expert, start, end) may be given by the caller (the MoE block knows them on the host),
-    which avoids a device sync.
+    ``sq1_A`` (|g1|^2 per row) and ``w_out_EDF`` (SwiGLU: g1 = g2 @ W_out[e]) come from the MoE block's
+    backward; with both, g1 is not read at all: sum_e g1 = (sum_e g2) W_out[e] and
+    <g1_a, gbar1_e> = <g2_a, W_out[e] gbar1_e>, so one pass over g2 (dim D) replaces two over g1 (dim F).
 
-    Cost: inputs stay in their dtype (bf16 on GPU; no full-size fp32 copies): the per-expert sums are one
-    GEMM each (fp32 accumulation inside, the E x F result rounded to the input dtype: ~1e-3 relative error
-    of the means in bf16), norms and dot products accumulate in fp32; squared norm and dot product of a row
-    come from one pass (a compiled reduction on a large layer). About 2 passes over g1 and g2 in all
-    (cost: ``stgc bench stgc``).
+    Cost: inputs stay in their dtype (bf16 on GPU; no full-size fp32 copies): per-expert sums are one skinny
+    GEMM (fp32 accumulation inside, the E x X result rounded to the input dtype: ~1e-3 relative error of the
+    means in bf16); norms and dot products accumulate in fp32 in one pass per tensor (``stgc bench stgc``).
     """
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not valid; choose one of {SCORES}.")
-    A = expert_A.shape[0]
-    dev = g2_AD.device
     acc = torch.promote_types(g2_AD.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
-    if segments is None:
-        segments = expert_segments(torch.bincount(expert_A, minlength=num_experts).tolist())
-    segs = segments
-    # Per-expert sums as one skinny product each, onehot_EA @ g (fp32 accumulation inside the GEMM; one
-    # read of g for all experts, no per-expert copies); padding rows get weight 0.
-    member_EA = torch.zeros(num_experts, A, device=dev, dtype=g2_AD.dtype)
-    member_EA.scatter_(0, expert_A[None], 1.0 if valid_A is None else valid_A[None].to(g2_AD.dtype))
-    sums1 = (member_EA.to(g1_AF.dtype) @ g1_AF).to(acc)
-    sums2 = (member_EA @ g2_AD).to(acc)
-    counts = member_EA.sum(1, dtype=acc)
+    E = num_experts
+    counts = torch.zeros(E, device=g2_AD.device, dtype=acc).index_add_(
+        0, expert_A, torch.ones_like(expert_A, dtype=acc) if valid_A is None else valid_A.to(acc)
+    )
+    sums2 = expert_sums(g2_AD, expert_A, E, valid_A).to(acc)
+    linear = w_out_EDF is not None
+    sums1 = None if linear else expert_sums(g1_AF, expert_A, E, valid_A).to(acc)
     if allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
-        for t_ in (sums1, sums2, counts):
+        for t_ in (sums2, counts) if linear else (sums1, sums2, counts):
             torch.distributed.all_reduce(t_)
-    mean1 = sums1 / counts.clamp_min(1)[:, None]
     mean2 = sums2 / counts.clamp_min(1)[:, None]
+    if linear:
+        # gbar1_e = gbar2_e W_out[e]; v_e = W_out[e] gbar1_e gives <g1_a, gbar1_e> = <g2_a, v_e>
+        w = w_out_EDF
+        mean1 = torch.bmm(mean2.to(w.dtype)[:, None, :], w)[:, 0].to(acc)
+        v_ED = torch.bmm(mean1.to(w.dtype)[:, None, :], w.transpose(1, 2))[:, 0].to(acc)
+        sq2, dot2, dot1 = _kernel("rowstats_g2v", _rowstats, g2_AD)(g2_AD, mean2, v_ED, expert_A)
+        if sq1_A is None:
+            sq1_A = torch.linalg.vector_norm(g1_AF, dim=-1, dtype=acc).square()
+        sq1 = sq1_A.to(acc)
+    else:
+        mean1 = sums1 / counts.clamp_min(1)[:, None]
+        sq1, dot1, _ = _kernel("rowstats_g1", _rowstats, g1_AF)(g1_AF, mean1, None, expert_A)
+        sq2, dot2, _ = _kernel("rowstats_g2", _rowstats, g2_AD)(g2_AD, mean2, None, expert_A)
     mnorm1 = torch.linalg.vector_norm(mean1, dim=-1)
     mnorm2 = torch.linalg.vector_norm(mean2, dim=-1)
-
-    sq1, dot1 = _row_stats(g1_AF, mean1, expert_A, segs)
-    sq2, dot2 = _row_stats(g2_AD, mean2, expert_A, segs)
     s_A, considered = _kernel("score_tail", _score_tail, g1_AF)(
         sq1, dot1, sq2, dot2, mnorm1, mnorm2, expert_A, zero_norm, score
     )
@@ -277,37 +267,30 @@ class ConflictObserver:
     def applies_to(self, layer_idx: int) -> bool:
         return self.scale != 0 and (self.apply_layers is None or layer_idx in self.apply_layers)
 
-    def __call__(
-        self,
-        record: RoutingRecord,
-        g1_AF: Tensor,
-        g2_AD: Tensor,
-        expert_A: Tensor,
-        token_A: Tensor,
-        valid_A: Tensor | None,
-        segments: list[tuple[int, int, int]] | None = None,
-    ) -> Tensor | None:
+    def __call__(self, record: RoutingRecord, grads: TokenGrads) -> Tensor | None:
         if not self.active:
             return None
         E = record.num_experts
+        token_A, expert_A = grads.token_A, grads.expert_A
         if self.collect_grads:
-            self.grads[record.layer_idx] = (g1_AF.detach(), g2_AD.detach(), expert_A, token_A)
+            self.grads[record.layer_idx] = (grads.g1_AF.detach(), grads.g2_AD.detach(), expert_A, token_A)
         score_A, considered_A = conflict_scores(
-            g1_AF,
-            g2_AD,
+            grads.g1_AF,
+            grads.g2_AD,
             expert_A,
-            valid_A,
+            grads.valid_A,
             E,
             score=self.score,
             allreduce_mean=self.allreduce_mean,
-            segments=segments,
+            sq1_A=grads.sq1_A,
+            w_out_EDF=grads.w_out_EDF,
         )
         conflict_A = considered_A & (score_A < self.tau)
         grad_TE = None
         cel = torch.zeros((), device=score_A.device)
         if self.applies_to(record.layer_idx):
             if self.loss_form == "neg_logit_ce":
-                grad_TE, cel = _kernel("cel_grad", _cel_grad_neg_logit_ce, g1_AF)(
+                grad_TE, cel = _kernel("cel_grad", _cel_grad_neg_logit_ce, grads.g1_AF)(
                     record.logits_TE.detach(), token_A, expert_A, conflict_A, self.scale
                 )
             else:

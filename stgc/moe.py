@@ -38,7 +38,6 @@ class RoutingRecord:
     kept_TK: False where the capacity limit dropped an assignment (all True without a capacity factor).
     tokens_per_expert_E: kept assignments per expert over real tokens (all K slots).
     aux_loss: the layer's unscaled load-balancing loss E * sum_e f_e P_e over real tokens.
-    grad_stats: filled during backward by a gradient observer (STGC's fused mode); ``None`` otherwise.
     """
 
     layer_idx: int
@@ -50,7 +49,6 @@ class RoutingRecord:
     kept_TK: Tensor
     tokens_per_expert_E: Tensor
     aux_loss: Tensor
-    grad_stats: dict | None = None
 
     @property
     def num_experts(self) -> int:
@@ -61,26 +59,36 @@ class RoutingRecord:
         return self.topk_idx_TK.shape[-1]
 
 
-class GradObserver(Protocol):
-    """Receives the token-level bias gradients of one MoE layer inside its backward (STGC.md section 2).
+@dataclasses.dataclass
+class TokenGrads:
+    """The token-level bias gradients of one MoE layer (STGC.md section 2), handed to a ``GradObserver``
+    inside the layer's backward. Rows are all T*K (token, slot) assignments in expert-sorted order; dropped
+    and padding assignments are rows too (their gradients are zero) and ``valid_A`` marks them False.
 
-    ``g1_AF``: gradient at the first (real or virtual) bias of each routed assignment;
-    ``g2_AD``: gradient at the output bias (= combine weight * dL/dy_t);
-    rows are in expert-sorted order; ``expert_A`` / ``token_A`` say which expert / token each row is,
-    ``valid_A`` is False for padding tokens. Returns an extra gradient for the router logits (T, E) to add
-    to the ordinary one (the fused conflict elimination loss), or ``None``.
+    g1_AF: gradient at the first bias: dL/da at the down projection's input (SwiGLU's virtual bias) or
+        dL/dh at fc1's bias (GELU). g2_AD: gradient at the output bias, w_A * dL/dy_t.
+    expert_A / token_A: expert and token of each row. valid_A: ``None`` when every row is a real, kept
+        assignment (known on the host without a device sync).
+    sq1_A: |g1_a|^2 in fp32, computed in the pass that produced g1 (or ``None``).
+    w_out_EDF: SwiGLU only: the down projections. There g1 = g2 @ W_out[e] exactly, so per-expert sums of
+        g1 and dot products with g1 can be taken from g2 and W_out without another pass over g1.
     """
 
-    def __call__(
-        self,
-        record: RoutingRecord,
-        g1_AF: Tensor,
-        g2_AD: Tensor,
-        expert_A: Tensor,
-        token_A: Tensor,
-        valid_A: Tensor | None,
-        segments: list[tuple[int, int, int]] | None = None,
-    ) -> Tensor | None: ...
+    g1_AF: Tensor
+    g2_AD: Tensor
+    expert_A: Tensor
+    token_A: Tensor
+    valid_A: Tensor | None = None
+    sq1_A: Tensor | None = None
+    w_out_EDF: Tensor | None = None
+
+
+class GradObserver(Protocol):
+    """Called inside each MoE layer's backward with the layer's ``RoutingRecord`` and ``TokenGrads``
+    (STGC.md section 2). Returns an extra gradient for the router logits (T, E) to add to the ordinary one
+    (the fused conflict elimination loss), or ``None``. An observer with ``active = False`` is skipped."""
+
+    def __call__(self, record: RoutingRecord, grads: TokenGrads) -> Tensor | None: ...
 
 
 @dataclasses.dataclass
@@ -246,6 +254,71 @@ def expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def expert_sums(x_AX: Tensor, expert_A: Tensor, num_experts: int, weight_A: Tensor | None = None) -> Tensor:
+    """Per-expert sums of the rows of ``x_AX`` (optionally weighted, e.g. by a 0/1 validity mask) as one
+    skinny product onehot_EA @ x: one read of x for all experts, fp32 accumulation inside the GEMM, the
+    E x X result in x's dtype; no device sync and no per-expert copies."""
+    member_EA = torch.zeros(num_experts, x_AX.shape[0], device=x_AX.device, dtype=x_AX.dtype)
+    member_EA.scatter_(0, expert_A[None], 1.0 if weight_A is None else weight_A[None].to(x_AX.dtype))
+    return member_EA @ x_AX
+
+
+class _Groups:
+    """How expert-sorted rows split into experts, and the three per-expert products of an expert FFN.
+
+    Either device-side end offsets for ``torch._grouped_mm`` (one kernel per product for all experts and no
+    host sync: the CUDA bf16 path) or host-side segments (one product per expert: CPU, fp64, odd sizes).
+    """
+
+    def __init__(self, offsets_E: Tensor | None, segments: list[tuple[int, int, int]] | None, E: int):
+        self.offsets_E, self.segments, self.E = offsets_E, segments, E
+
+    def rows_wt(self, a_AX: Tensor, w_EYX: Tensor) -> Tensor:
+        """out[rows of e] = a[rows of e] @ w[e]^T (the forward of a linear layer)."""
+        if self.offsets_E is not None:
+            return torch._grouped_mm(a_AX, w_EYX.transpose(1, 2), offs=self.offsets_E)
+        out = a_AX.new_empty(a_AX.shape[0], w_EYX.shape[1])
+        for e, s, t in self.segments:
+            torch.mm(a_AX[s:t], w_EYX[e].t(), out=out[s:t])
+        return out
+
+    def rows_w(self, g_AY: Tensor, w_EYX: Tensor) -> Tensor:
+        """out[rows of e] = g[rows of e] @ w[e] (a linear layer's input gradient)."""
+        if self.offsets_E is not None:
+            return torch._grouped_mm(g_AY, w_EYX, offs=self.offsets_E)
+        out = g_AY.new_empty(g_AY.shape[0], w_EYX.shape[2])
+        for e, s, t in self.segments:
+            torch.mm(g_AY[s:t], w_EYX[e], out=out[s:t])
+        return out
+
+    def weight_grad(self, g_AY: Tensor, a_AX: Tensor) -> Tensor:
+        """out[e] = g[rows of e]^T @ a[rows of e] (a linear layer's weight gradient); 0 for empty experts."""
+        if self.offsets_E is not None:
+            return torch._grouped_mm(g_AY.t(), a_AX, offs=self.offsets_E)
+        out = g_AY.new_empty(self.E, g_AY.shape[1], a_AX.shape[1])
+        done = set()
+        for e, s, t in self.segments:
+            torch.mm(g_AY[s:t].t(), a_AX[s:t], out=out[e])
+            done.add(e)
+        for e in set(range(self.E)) - done:  # (zero-filling only the empty ones: the bank is large)
+            out[e].zero_()
+        return out
+
+
+def grouped_mm_supported(x: Tensor, *dims: int) -> bool:
+    """Whether the expert products go through ``torch._grouped_mm``: CUDA bf16 with 16-byte aligned rows by
+    default; ``STGC_GROUPED_MM=0`` turns it off, ``=1`` forces it wherever torch has it (CPU included, for
+    tests; fp32 / bf16 only)."""
+    env = os.environ.get("STGC_GROUPED_MM", "")
+    if env == "0" or not hasattr(torch, "_grouped_mm"):
+        return False
+    elems = 16 // x.element_size()
+    aligned = all(d % elems == 0 for d in dims)
+    if env == "1":
+        return aligned and x.dtype in (torch.float32, torch.bfloat16)
+    return x.is_cuda and x.dtype == torch.bfloat16 and aligned
+
+
 def _act_forward(ffn: str, h: Tensor, F_: int) -> Tensor:
     if ffn == "swiglu":
         return F.silu(h[:, :F_]) * h[:, F_:]
@@ -255,8 +328,10 @@ def _act_forward(ffn: str, h: Tensor, F_: int) -> Tensor:
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-def _act_backward(ffn: str, h: Tensor, grad_a: Tensor, F_: int) -> Tensor:
-    """d(activation)/dh applied to grad_a, computed in at least fp32 and returned in h's dtype.
+def _act_backward(ffn: str, h: Tensor, grad_a: Tensor, F_: int, with_sq: bool = False):
+    """d(activation)/dh applied to grad_a, computed in at least fp32 and returned in h's dtype; with
+    ``with_sq`` also |g1|^2 per row in fp32 (g1: grad_a for SwiGLU's virtual bias, grad_h for GELU's fc1
+    bias), read in the same pass (STGC's token-gradient norms at no extra read of g1).
 
     Written as plain elementwise code so that ``torch.compile`` fuses it into one kernel on GPU (no
     full-size fp32 temporaries: the upcast happens per element inside the kernel)."""
@@ -267,30 +342,33 @@ def _act_backward(ffn: str, h: Tensor, grad_a: Tensor, F_: int) -> Tensor:
         sig = torch.sigmoid(gate)
         d_gate = ga * up * sig * (1 + gate * (1 - sig))
         d_up = ga * gate * sig
-        return torch.cat([d_gate, d_up], dim=1).to(h.dtype)
+        grad_h = torch.cat([d_gate, d_up], dim=1).to(h.dtype)
+        return (grad_h, (ga * ga).sum(-1)) if with_sq else grad_h
     x = h.to(ct)
     th = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
     d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-    return (ga * d).to(h.dtype)
+    gh = ga * d
+    return (gh.to(h.dtype), (gh * gh).sum(-1)) if with_sq else gh.to(h.dtype)
 
 
 def _rowdot_scale(dy_AD: Tensor, o_AD: Tensor, w_A: Tensor) -> tuple[Tensor, Tensor]:
     """(<dy_A, o_A> in fp32, g2_A = w_A * dy_A): the combine weights' gradient and the output-bias gradient,
-    in one pass over dy on GPU (compiled)."""
+    in one pass over dy on GPU (compiled). A dropped assignment (weight 0) gets no weight gradient, as if it
+    had not been computed."""
     ct = torch.promote_types(dy_AD.dtype, torch.float32)
-    grad_w_A = (dy_AD.to(ct) * o_AD.to(ct)).sum(-1)
+    grad_w_A = torch.where(w_A != 0, (dy_AD.to(ct) * o_AD.to(ct)).sum(-1), 0.0)
     g2_AD = (dy_AD.to(ct) * w_A[:, None].to(ct)).to(dy_AD.dtype)
     return grad_w_A, g2_AD
 
 
-def _combine(o_ext: Tensor, pos_TK: Tensor, w_TK: Tensor | None) -> Tensor:
-    """y_t = sum_k w_tk * o[pos_tk] (fp32 accumulation); ``o_ext``'s last row is zero, the position of
-    dropped slots. A gather instead of an atomic scatter-add: faster, and deterministic for any K."""
-    ct = torch.promote_types(o_ext.dtype, torch.float32)
-    g = o_ext[pos_TK].to(ct)
+def _combine(o_AD: Tensor, pos_TK: Tensor, w_TK: Tensor | None) -> Tensor:
+    """y_t = sum_k w_tk * o[pos_tk] (fp32 accumulation). A gather instead of an atomic scatter-add: faster,
+    and deterministic for any K."""
+    ct = torch.promote_types(o_AD.dtype, torch.float32)
+    g = o_AD[pos_TK].to(ct)
     if w_TK is not None:
         g = g * w_TK[..., None].to(ct)
-    return g.sum(1).to(o_ext.dtype)
+    return g.sum(1).to(o_AD.dtype)
 
 
 _COMPILED: dict[str, object] = {}
@@ -314,20 +392,13 @@ def _kernel(name: str, fn, big: Tensor):
     return _COMPILED[name]
 
 
-def _mm(a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor) -> None:
-    """out = a @ b (+ bias), written in place (no concatenation pass afterwards)."""
-    if bias is None:
-        torch.mm(a, b, out=out)
-    else:
-        torch.addmm(bias, a, b, out=out)
-
-
 class _ExpertsFn(torch.autograd.Function):
     """Sorted-token expert computation and combine, with a hand-written backward.
 
-    Forward: x_A = x[token_A]; per expert e (a contiguous slice of the sorted assignments):
-    h = x_e W_in^T (+b_in) (gate and up in ONE product for SwiGLU); a = act(h) over all experts at once;
-    o = a W_out^T (+b_out); y[t] = sum over its assignments of w_A * o_A.
+    Forward: x_A = x[token_A]; h = x_A W_in[e]^T (+b_in) (gate and up in ONE product for SwiGLU);
+    a = act(h); o = a W_out[e]^T (+b_out); y[t] = sum over its K assignments of w_A * o_A. Every (token,
+    slot) assignment is a row (dropped and padding ones with w_A = 0), so the row count T*K is known on the
+    host and the products need no device sync (``_Groups``).
     Backward has the token-level bias gradients in hand (g2_A = w_A dy[token_A], g1_A = dL/da (SwiGLU's
     virtual bias) or dL/dh (GELU's fc1 bias)), so a gradient observer (STGC fused mode) can add a
     router-logit gradient in the same pass. ``logits_TE`` is an input only so that the observer's extra
@@ -348,92 +419,74 @@ class _ExpertsFn(torch.autograd.Function):
         order_A,
         expert_A,
         pos_TK,
-        counts,
+        groups,
         ffn,
         observer,
         record,
-        route_padding,
+        valid_A,
     ):
         F_ = w_out.shape[-1]
-        A, D, H = token_A.shape[0], x_TD.shape[1], w_in.shape[1]
         x_AD = x_TD.index_select(0, token_A)
         w_A = weights_TK.reshape(-1).index_select(0, order_A)
-        h_AH = x_TD.new_empty(A, H)
-        segs = expert_segments(counts)
-        for e, s, t in segs:
-            _mm(x_AD[s:t], w_in[e].t(), None if b_in is None else b_in[e], h_AH[s:t])
+        h_AH = groups.rows_wt(x_AD, w_in)
+        if b_in is not None:
+            h_AH += b_in.index_select(0, expert_A)
         a_AF = _kernel(f"act_{ffn}", _act_forward, h_AH)(ffn, h_AH, F_)
-        o_ext = x_TD.new_empty(A + 1, D)  # row A stays zero: the target of dropped slots
-        o_ext[A].zero_()
-        for e, s, t in segs:
-            _mm(a_AF[s:t], w_out[e].t(), None if b_out is None else b_out[e], o_ext[s:t])
-        y_TD = _kernel("combine", _combine, o_ext)(o_ext, pos_TK, weights_TK)
-        ctx.save_for_backward(x_AD, h_AH, a_AF, o_ext, w_A, w_in, w_out, token_A, order_A, expert_A, pos_TK)
-        ctx.segs, ctx.ffn, ctx.observer, ctx.record = segs, ffn, observer, record
-        ctx.counts = counts
-        ctx.route_padding = route_padding
+        o_AD = groups.rows_wt(a_AF, w_out)
+        if b_out is not None:
+            o_AD += b_out.index_select(0, expert_A)
+        y_TD = _kernel("combine", _combine, o_AD)(o_AD, pos_TK, weights_TK)
+        saved = (x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out, token_A, order_A, expert_A, pos_TK, valid_A)
+        ctx.save_for_backward(*saved)
+        ctx.groups, ctx.ffn, ctx.observer, ctx.record = groups, ffn, observer, record
         ctx.has_bias = b_in is not None
-        ctx.T = x_TD.shape[0]
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_AD, h_AH, a_AF, o_ext, w_A, w_in, w_out, token_A, order_A, expert_A, pos_TK = ctx.saved_tensors
-        ffn, segs = ctx.ffn, ctx.segs
-        A, F_ = token_A.shape[0], w_out.shape[-1]
+        (x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out, token_A, order_A, expert_A, pos_TK, valid_A) = (
+            ctx.saved_tensors
+        )
+        ffn, groups, observer = ctx.ffn, ctx.groups, ctx.observer
+        F_ = w_out.shape[-1]
         need_x, need_w, _, need_win, need_bin, need_wout, need_bout = ctx.needs_input_grad[:7]
-        if getattr(ctx.observer, "skip_weight_grads", False):
+        if getattr(observer, "skip_weight_grads", False):
             # two_pass first pass: only token gradients and input gradients are needed
             need_win = need_bin = need_wout = need_bout = False
+        observe = observer is not None and getattr(observer, "active", True)
         dy_AD = dy_TD.index_select(0, token_A)
         # dL/dw_A = <dy_t, o_A>; g2_A = w_A * dy_t is the output-bias gradient of assignment A
-        grad_w_A, g2_AD = _kernel("rowdot", _rowdot_scale, dy_AD)(dy_AD, o_ext[:A], w_A)
+        grad_w_A, g2_AD = _kernel("rowdot", _rowdot_scale, dy_AD)(dy_AD, o_AD, w_A)
         del dy_AD
         grad_w_TK = None
         if need_w:
-            grad_w_TK = grad_w_A.new_zeros(pos_TK.numel())
-            grad_w_TK[order_A] = grad_w_A
-            grad_w_TK = grad_w_TK.view(pos_TK.shape)
-        grad_a_AF = torch.empty_like(a_AF)
-        for e, s, t in segs:
-            torch.mm(g2_AD[s:t], w_out[e], out=grad_a_AF[s:t])  # = the virtual first-bias gradient
-        grad_h_AH = _kernel(f"actb_{ffn}", _act_backward, h_AH)(ffn, h_AH, grad_a_AF, F_)
-        # every expert with tokens writes its whole gradient slice below; only empty experts need zeros
-        # (zero-filling the full E x H x D banks cost ~0.25 ms per layer at StableLM-1.6B's shape)
-        empty = [e for e, n in enumerate(ctx.counts) if n == 0]
-        g_win = torch.empty_like(w_in) if need_win else None
-        g_wout = torch.empty_like(w_out) if need_wout else None
-        for e in empty:
-            for g in (g_win, g_wout):
-                if g is not None:
-                    g[e].zero_()
-        g_bin = w_in.new_zeros(w_in.shape[0], F_) if (ctx.has_bias and need_bin) else None
-        g_bout = w_out.new_zeros(w_out.shape[0], w_out.shape[1]) if (ctx.has_bias and need_bout) else None
-        grad_x_ext = None
+            grad_w_TK = torch.empty_like(grad_w_A).index_copy_(0, order_A, grad_w_A).view(pos_TK.shape)
+        grad_a_AF = groups.rows_w(g2_AD, w_out)  # = the virtual first-bias gradient (SwiGLU)
+        grad_h_AH = _kernel(f"actb_{ffn}_{observe}", _act_backward, h_AH)(ffn, h_AH, grad_a_AF, F_, observe)
+        sq1_A = None
+        if observe:
+            grad_h_AH, sq1_A = grad_h_AH
+        E = w_in.shape[0]
+        g_wout = groups.weight_grad(g2_AD, a_AF) if need_wout else None
+        g_win = groups.weight_grad(grad_h_AH, x_AD) if need_win else None
+        g_bin = expert_sums(grad_h_AH, expert_A, E) if (ctx.has_bias and need_bin) else None
+        g_bout = expert_sums(g2_AD, expert_A, E) if (ctx.has_bias and need_bout) else None
+        grad_x_TD = None
         if need_x:
-            grad_x_ext = x_AD.new_empty(A + 1, x_AD.shape[1])
-            grad_x_ext[A].zero_()
-        ct = torch.promote_types(dy_TD.dtype, torch.float32)
-        for e, s, t in segs:
-            if need_wout:
-                torch.mm(g2_AD[s:t].t(), a_AF[s:t], out=g_wout[e])
-            if need_win:
-                torch.mm(grad_h_AH[s:t].t(), x_AD[s:t], out=g_win[e])
-            if g_bin is not None:
-                g_bin[e] = grad_h_AH[s:t].sum(0, dtype=ct).to(g_bin.dtype)
-            if g_bout is not None:
-                g_bout[e] = g2_AD[s:t].sum(0, dtype=ct).to(g_bout.dtype)
-            if need_x:
-                torch.mm(grad_h_AH[s:t], w_in[e], out=grad_x_ext[s:t])
-        grad_x_TD = _kernel("combine", _combine, grad_x_ext)(grad_x_ext, pos_TK, None) if need_x else None
+            grad_x_AD = groups.rows_w(grad_h_AH, w_in)
+            grad_x_TD = _kernel("combine", _combine, grad_x_AD)(grad_x_AD, pos_TK, None)
         grad_logits = None
-        if ctx.observer is not None:
-            rec = ctx.record
-            # padding is routed only with route_padding (MoE-LLaVA's behaviour); otherwise all rows are real
-            valid_A = rec.token_mask_T.index_select(0, token_A) if ctx.route_padding else None
-            # SwiGLU: virtual bias at the down projection's input (dL/da); GELU: the real fc1 bias (dL/dh)
-            g1_AF = grad_a_AF if ffn == "swiglu" else grad_h_AH
-            grad_logits = ctx.observer(rec, g1_AF, g2_AD, expert_A, token_A, valid_A, segs)
+        if observe:
+            grads = TokenGrads(
+                g1_AF=grad_a_AF if ffn == "swiglu" else grad_h_AH,
+                g2_AD=g2_AD,
+                expert_A=expert_A,
+                token_A=token_A,
+                valid_A=valid_A,
+                sq1_A=sq1_A,
+                w_out_EDF=w_out.detach() if ffn == "swiglu" else None,
+            )
+            grad_logits = observer(ctx.record, grads)
         return (grad_x_TD, grad_w_TK, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 9
 
 
@@ -533,23 +586,26 @@ class MoEBlock(nn.Module):
     def _grouped(self, x_TD, logits_TE, topk_idx_TK, weights_TK, kept_TK, ctx, record) -> Tensor:
         T, K = topk_idx_TK.shape
         E = self.config.num_experts
-        flat_e = topk_idx_TK.reshape(-1)
-        flat_keep = kept_TK.reshape(-1)
-        # Sort kept assignments by expert (stable: token order inside an expert); dropped ones go last.
-        key = torch.where(flat_keep, flat_e, E)
-        counts_all = (
-            torch.zeros(E + 1, dtype=torch.long, device=key.device)
-            .index_add_(0, key, torch.ones_like(key))
-            .tolist()  # the one host sync of the block: the expert slices are sized on the host
-        )
-        counts, A = counts_all[:E], sum(counts_all[:E])
-        sorted_key, order_A = torch.sort(key, stable=True)
-        order_A, expert_A = order_A[:A], sorted_key[:A]
-        token_A = order_A // K
-        pos_TK = torch.full((T * K,), A, dtype=torch.long, device=x_TD.device)
-        pos_TK[order_A] = torch.arange(A, device=x_TD.device)
         b = self.experts
+        # Every (token, slot) assignment is a row, sorted by expert (stable: token order inside an expert);
+        # dropped and padding ones ride along with combine weight 0 (as a dense FFN computes padding), so
+        # the row count is T*K on the host and no step of the block waits for the device.
+        flat_e = topk_idx_TK.reshape(-1)
+        expert_A, order_A = torch.sort(flat_e, stable=True)
+        token_A = order_A // K
+        pos_TK = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(T * K, device=x_TD.device))
+        counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).index_add_(
+            0, flat_e, torch.ones_like(flat_e)
+        )  # (not bincount: it syncs to size its output)
+        if grouped_mm_supported(x_TD, b.hidden_size, b.w_in.shape[1], b.intermediate_size):
+            groups = _Groups(counts_E.cumsum(0).to(torch.int32), None, E)
+        else:  # one product per expert, sized on the host (a sync; CPU and unusual shapes only)
+            groups = _Groups(None, expert_segments(counts_E.tolist()), E)
         observer = ctx.observer if ctx is not None else None
+        valid_A = None
+        dropping = self.config.capacity_factor is not None
+        if observer is not None and (dropping or ctx.token_mask_BT is not None):
+            valid_A = (kept_TK & record.token_mask_T[:, None]).reshape(-1).index_select(0, order_A)
         return _ExpertsFn.apply(
             x_TD,
             weights_TK,
@@ -562,11 +618,11 @@ class MoEBlock(nn.Module):
             order_A,
             expert_A,
             pos_TK.view(T, K),
-            counts,
+            groups,
             b.ffn,
             observer,
             record,
-            self.config.route_padding,
+            valid_A,
         )
 
     @classmethod

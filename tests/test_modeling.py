@@ -127,7 +127,7 @@ def test_external_routing_context():
     seen = []
 
     class Observer:
-        def __call__(self, record, g1_AF, g2_AD, expert_A, token_A, valid_A, segments=None):
+        def __call__(self, record, grads):
             seen.append(record.layer_idx)
             return None
 
@@ -280,7 +280,7 @@ def test_activation_checkpointing_routes_like_the_forward():
         batch = image_batch(model, pad_right=3)
         seen = []
 
-        def observer(record, g1_AF, g2_AD, expert_A, token_A, valid_A, segments=None, seen=seen):
+        def observer(record, grads, seen=seen):
             seen.append(record.layer_idx)
 
         ctx = RoutingContext(records=[], observer=observer)

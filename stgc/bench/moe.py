@@ -4,6 +4,8 @@ Implementations (same router and expert weights, same tokens, same upstream grad
 the backward of each, with MoE-LLaVA's coefficient 0.01):
 - ``stgc``: ``stgc.moe.MoEBlock`` with the project's defaults (no capacity, deterministic top-2)
 - ``stgc_moellava_settings``: the block with MoE-LLaVA's routing (capacity 1.5, Gumbel 2nd expert)
+- ``stgc_per_expert``: the block with one product per expert sized on the host (``STGC_GROUPED_MM=0``: its
+  CPU path, one device sync per forward) instead of ``torch._grouped_mm``
 - ``deepspeed_moellava``: ``deepspeed.moe.layer.MoE`` as MoE-LLaVA configures it (``MOELLAVA_DS_SETTINGS``)
 - ``deepspeed_nodrop``: the same without token dropping (drop_tokens=False)
 - ``floor``: the experts' matrix products alone on tokens pre-sorted and split evenly over the experts:
@@ -21,10 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +39,14 @@ from stgc.config import MoEConfig
 from stgc.moe import MoEBlock, RoutingContext, routing_context
 from stgc.provenance import git_revision
 
-IMPLS = ("stgc", "stgc_moellava_settings", "deepspeed_moellava", "deepspeed_nodrop", "floor")
+IMPLS = (
+    "stgc",
+    "stgc_moellava_settings",
+    "stgc_per_expert",
+    "deepspeed_moellava",
+    "deepspeed_nodrop",
+    "floor",
+)
 BASELINE_IMPL, FLOOR_IMPL = "deepspeed_moellava", "floor"
 AUX_COEF = 0.01  # MoE-LLaVA's router_aux_loss_coef
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -149,15 +160,16 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     block_ml = MoEBlock(moellava_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_ml.load_state_dict(block.state_dict())
 
-    def ours(b: MoEBlock) -> Callable[[], None]:
+    def ours(b: MoEBlock, grouped_mm: str = "") -> Callable[[], None]:
         xi = x.detach().requires_grad_()
 
         def step() -> None:
-            _clear_grads(xi, *b.parameters())
-            ctx = RoutingContext(records=[])
-            with routing_context(b, ctx):
-                y = b(xi)
-            torch.autograd.backward([y, ctx.records[0].aux_loss], [dy, coef])
+            with mock.patch.dict(os.environ, {"STGC_GROUPED_MM": grouped_mm}):
+                _clear_grads(xi, *b.parameters())
+                ctx = RoutingContext(records=[])
+                with routing_context(b, ctx):
+                    y = b(xi)
+                torch.autograd.backward([y, ctx.records[0].aux_loss], [dy, coef])
 
         return step
 
@@ -208,6 +220,7 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     return {
         "stgc": ours(block),
         "stgc_moellava_settings": ours(block_ml),
+        "stgc_per_expert": ours(block, grouped_mm="0"),
         "deepspeed_moellava": deepspeed(**MOELLAVA_DS_SETTINGS),
         "deepspeed_nodrop": deepspeed(**nodrop),
         "floor": floor(),

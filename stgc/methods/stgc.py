@@ -109,6 +109,7 @@ class STGC(RoutingMethod):
         import torch
 
         from stgc.conflict import reference_token_grads
+        from stgc.moe import TokenGrads
 
         records = ctx.records
         alpha = self.coefficients(step)["aux"]
@@ -118,21 +119,21 @@ class STGC(RoutingMethod):
             o = model(**inputs, routing_ctx=c)
             return o.loss + alpha * sum(r.aux_loss for r in c.records)
 
-        grads = reference_token_grads(model, main_loss, records)
+        token_grads = reference_token_grads(model, main_loss, records)
         obs.active = True
         for r in records:
-            g1_TKF, g2_TKD = grads[r.layer_idx]
+            g1_TKF, g2_TKD = token_grads[r.layer_idx]
             T, K = r.topk_idx_TK.shape
-            keep = (r.kept_TK & r.token_mask_T[:, None]).reshape(-1)
-            expert_A = r.topk_idx_TK.reshape(-1)[keep]
-            order = torch.argsort(expert_A, stable=True)
-            token_A = torch.arange(T, device=expert_A.device).repeat_interleave(K)[keep][order]
-            obs(
-                r,
-                g1_TKF.reshape(T * K, -1)[keep][order],
-                g2_TKD.reshape(T * K, -1)[keep][order],
-                expert_A[order],
-                token_A,
-                r.token_mask_T[token_A],
+            # the rows the MoE block hands its observer: all T*K assignments by expert, padding and dropped
+            # ones marked invalid
+            valid_A = (r.kept_TK & r.token_mask_T[:, None]).reshape(-1)
+            expert_A, order = torch.sort(r.topk_idx_TK.reshape(-1), stable=True)
+            grads = TokenGrads(
+                g1_AF=g1_TKF.reshape(T * K, -1)[order],
+                g2_AD=g2_TKD.reshape(T * K, -1)[order],
+                expert_A=expert_A,
+                token_A=order // K,
+                valid_A=valid_A[order],
             )
+            obs(r, grads)
         obs.active = False

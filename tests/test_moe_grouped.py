@@ -1,0 +1,103 @@
+"""The two ways the MoE block issues its expert products give the same numbers: ``torch._grouped_mm`` with
+device-side offsets (the CUDA bf16 path, no host sync) and one product per expert sized on the host (CPU,
+fp64). Both run here on CPU (torch's grouped GEMM has a CPU fallback for fp32); plus the SwiGLU shortcut of
+the conflict scores (g1's sums and dot products taken from g2 and W_out) against the direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stgc.config import MoEConfig
+from stgc.conflict import ConflictObserver, conflict_scores
+from stgc.moe import MoEBlock, RoutingContext, grouped_mm_supported, routing_context
+
+D, F_ = 16, 24
+
+
+def _run(monkeypatch, grouped: bool, ffn: str, cfg: MoEConfig, x, mask, dy):
+    monkeypatch.setenv("STGC_GROUPED_MM", "1" if grouped else "0")
+    torch.manual_seed(0)
+    block = MoEBlock(cfg, D, F_, ffn, layer_idx=0).train()
+    if ffn == "gelu":
+        with torch.no_grad():
+            block.experts.b_in.normal_()
+            block.experts.b_out.normal_()
+    assert grouped_mm_supported(x, D, F_, 2 * F_) == grouped
+    obs = ConflictObserver(scale=0.1)
+    xi = x.clone().requires_grad_()
+    with routing_context(block, RoutingContext(token_mask_BT=mask, records=[], observer=obs)):
+        y = block(xi)
+    (y * dy).sum().backward()
+    grads = {n: p.grad for n, p in block.named_parameters()}
+    return y, xi.grad, grads, obs.layers[0]
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
+@pytest.mark.parametrize("capacity", [None, 1.0])
+def test_grouped_and_per_expert_products_agree(monkeypatch, ffn, capacity):
+    """Outputs, every gradient (router, experts, biases, input) and the conflict scores agree, with padding
+    and with capacity dropping (dropped and padding rows are computed with weight 0: they change nothing)."""
+    cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity, min_capacity=0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 11, D, generator=g)
+    dy = torch.randn(3, 11, D, generator=g)
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[0, 8:] = mask[2, 5:] = False
+    loop = _run(monkeypatch, False, ffn, cfg, x, mask, dy)
+    grouped = _run(monkeypatch, True, ffn, cfg, x, mask, dy)
+    torch.testing.assert_close(grouped[0], loop[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped[1], loop[1], rtol=1e-5, atol=1e-6)
+    assert grouped[2].keys() == loop[2].keys()
+    for name in loop[2]:
+        torch.testing.assert_close(grouped[2][name], loop[2][name], rtol=1e-5, atol=1e-6, msg=name)
+    lg, ll = grouped[3], loop[3]
+    assert torch.equal(lg.token_A, ll.token_A) and torch.equal(lg.expert_A, ll.expert_A)
+    assert torch.equal(lg.considered_A, ll.considered_A)
+    torch.testing.assert_close(lg.score_A, ll.score_A, rtol=1e-4, atol=1e-5)
+    # padding rows are never considered
+    assert not bool((lg.considered_A & ~mask.reshape(-1)[lg.token_A]).any())
+    # padding tokens get no output from the experts
+    assert float(grouped[0].detach()[~mask].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("score", ["mean", "concat", "g1", "g2"])
+def test_swiglu_shortcut_equals_direct_scores(score):
+    """With g1 = g2 W_out[e], scores from (g2, W_out, |g1|^2) equal scores from g1 and g2 (float64)."""
+    g = torch.Generator().manual_seed(0)
+    A, E = 40, 3
+    w_out = torch.randn(E, D, F_, generator=g, dtype=torch.float64)
+    expert = torch.sort(torch.randint(0, E, (A,), generator=g)).values
+    g2 = torch.randn(A, D, generator=g, dtype=torch.float64)
+    g1 = torch.einsum("ad,adf->af", g2, w_out[expert])
+    valid = torch.rand(A, generator=g) > 0.2
+    direct = conflict_scores(g1, g2, expert, valid, E, score=score)
+    shortcut = conflict_scores(
+        g1, g2, expert, valid, E, score=score, w_out_EDF=w_out, sq1_A=g1.square().sum(-1)
+    )
+    assert torch.equal(direct[1], shortcut[1])
+    torch.testing.assert_close(shortcut[0], direct[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_block_and_observer_never_sync_on_cuda():
+    """On the grouped path neither the block's forward and backward nor the conflict observer waits for the
+    device (torch's sync debug mode turns any synchronising call into an error)."""
+    torch.manual_seed(0)
+    block = MoEBlock(MoEConfig(), 256, 512, "swiglu", 0).cuda().bfloat16().train()
+    block.router.float()
+    x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(4, 128, dtype=torch.bool, device="cuda")
+    mask[1, 100:] = False
+    for step in range(2):  # the first call may compile kernels
+        obs = ConflictObserver(scale=0.01)
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with routing_context(block, RoutingContext(token_mask_BT=mask, records=[], observer=obs)):
+                y = block(x)
+            y.float().square().mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(block.router.weight.grad).all()
