@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from stgc.moe import RoutingRecord, TokenGrads, _kernel, expert_sums
+from stgc.moe import RoutingRecord, TokenGrads, _kernel, expert_membership
 
 SCORES = ("mean", "concat", "g1", "g2")
 LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
@@ -83,12 +83,11 @@ def conflict_scores(
         raise ValueError(f"score={score!r} is not valid; choose one of {SCORES}.")
     acc = torch.promote_types(g2_AD.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
     E = num_experts
-    counts = torch.zeros(E, device=g2_AD.device, dtype=acc).index_add_(
-        0, expert_A, torch.ones_like(expert_A, dtype=acc) if valid_A is None else valid_A.to(acc)
-    )
-    sums2 = expert_sums(g2_AD, expert_A, E, valid_A).to(acc)
+    member_EA = expert_membership(expert_A, E, valid_A, g2_AD.dtype)
+    counts = member_EA.sum(1, dtype=acc)
+    sums2 = (member_EA @ g2_AD).to(acc)
     linear = w_out_EDF is not None
-    sums1 = None if linear else expert_sums(g1_AF, expert_A, E, valid_A).to(acc)
+    sums1 = None if linear else (member_EA.to(g1_AF.dtype) @ g1_AF).to(acc)
     if allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
         for t_ in (sums2, counts) if linear else (sums1, sums2, counts):
             torch.distributed.all_reduce(t_)

@@ -254,13 +254,17 @@ def expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def expert_sums(x_AX: Tensor, expert_A: Tensor, num_experts: int, weight_A: Tensor | None = None) -> Tensor:
-    """Per-expert sums of the rows of ``x_AX`` (optionally weighted, e.g. by a 0/1 validity mask) as one
-    skinny product onehot_EA @ x: one read of x for all experts, fp32 accumulation inside the GEMM, the
-    E x X result in x's dtype; no device sync and no per-expert copies."""
-    member_EA = torch.zeros(num_experts, x_AX.shape[0], device=x_AX.device, dtype=x_AX.dtype)
-    member_EA.scatter_(0, expert_A[None], 1.0 if weight_A is None else weight_A[None].to(x_AX.dtype))
-    return member_EA @ x_AX
+def expert_membership(expert_A: Tensor, num_experts: int, weight_A: Tensor | None, dtype) -> Tensor:
+    """onehot_EA (times ``weight_A``, e.g. a 0/1 validity mask) in ``dtype``: ``member_EA @ x_AX`` is the
+    per-expert sum of x's rows (one skinny GEMM: one read of x for all experts, fp32 accumulation inside,
+    no device sync, no per-expert copies), ``member_EA.sum(1)`` the per-expert counts (no atomics)."""
+    member_EA = torch.zeros(num_experts, expert_A.shape[0], device=expert_A.device, dtype=dtype)
+    return member_EA.scatter_(0, expert_A[None], 1.0 if weight_A is None else weight_A[None].to(dtype))
+
+
+def expert_sums(x_AX: Tensor, expert_A: Tensor, num_experts: int) -> Tensor:
+    """Per-expert sums of the rows of ``x_AX`` (E x X, in x's dtype; see ``expert_membership``)."""
+    return expert_membership(expert_A, num_experts, None, x_AX.dtype) @ x_AX
 
 
 class _Groups:
@@ -351,13 +355,14 @@ def _act_backward(ffn: str, h: Tensor, grad_a: Tensor, F_: int, with_sq: bool = 
     return (gh.to(h.dtype), (gh * gh).sum(-1)) if with_sq else gh.to(h.dtype)
 
 
-def _rowdot_scale(dy_AD: Tensor, o_AD: Tensor, w_A: Tensor) -> tuple[Tensor, Tensor]:
-    """(<dy_A, o_A> in fp32, g2_A = w_A * dy_A): the combine weights' gradient and the output-bias gradient,
-    in one pass over dy on GPU (compiled). A dropped assignment (weight 0) gets no weight gradient, as if it
-    had not been computed."""
-    ct = torch.promote_types(dy_AD.dtype, torch.float32)
-    grad_w_A = torch.where(w_A != 0, (dy_AD.to(ct) * o_AD.to(ct)).sum(-1), 0.0)
-    g2_AD = (dy_AD.to(ct) * w_A[:, None].to(ct)).to(dy_AD.dtype)
+def _rowdot_scale(dy_TD: Tensor, token_A: Tensor, o_AD: Tensor, w_A: Tensor) -> tuple[Tensor, Tensor]:
+    """(<dy_t, o_A> in fp32, g2_A = w_A * dy_t) for t = token_A: the combine weights' gradient and the
+    output-bias gradient, in one pass that reads dy by index (compiled on GPU: no gathered copy of dy). A
+    dropped assignment (weight 0) gets no weight gradient, as if it had not been computed."""
+    ct = torch.promote_types(dy_TD.dtype, torch.float32)
+    dy_AD = dy_TD[token_A].to(ct)
+    grad_w_A = torch.where(w_A != 0, (dy_AD * o_AD.to(ct)).sum(-1), 0.0)
+    g2_AD = (dy_AD * w_A[:, None].to(ct)).to(dy_TD.dtype)
     return grad_w_A, g2_AD
 
 
@@ -379,6 +384,20 @@ _COMPILED: dict[str, object] = {}
 # H100 (`stgc bench stgc`): the `small` model's full step took 87 ms with every helper compiled and 67 ms
 # eager, while at StableLM-1.6B's MoE shape the compiled activation backward alone saves ~0.7 ms per layer.
 COMPILE_MIN_NUMEL = int(os.environ.get("STGC_COMPILE_MIN_NUMEL", 2**25))
+
+
+def _triton_ok(big: Tensor) -> bool:
+    """Whether ``stgc.kernels`` (Triton) runs this pass: CUDA, large enough to matter, Triton importable,
+    not turned off (STGC_NO_TRITON=1, or STGC_NO_COMPILE=1 for every generated kernel)."""
+    if not big.is_cuda or big.numel() < COMPILE_MIN_NUMEL:
+        return False
+    if os.environ.get("STGC_NO_TRITON") == "1" or os.environ.get("STGC_NO_COMPILE") == "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _kernel(name: str, fn, big: Tensor):
@@ -454,15 +473,19 @@ class _ExpertsFn(torch.autograd.Function):
             # two_pass first pass: only token gradients and input gradients are needed
             need_win = need_bin = need_wout = need_bout = False
         observe = observer is not None and getattr(observer, "active", True)
-        dy_AD = dy_TD.index_select(0, token_A)
         # dL/dw_A = <dy_t, o_A>; g2_A = w_A * dy_t is the output-bias gradient of assignment A
-        grad_w_A, g2_AD = _kernel("rowdot", _rowdot_scale, dy_AD)(dy_AD, o_AD, w_A)
-        del dy_AD
+        grad_w_A, g2_AD = _kernel("rowdot", _rowdot_scale, o_AD)(dy_TD.contiguous(), token_A, o_AD, w_A)
         grad_w_TK = None
         if need_w:
             grad_w_TK = torch.empty_like(grad_w_A).index_copy_(0, order_A, grad_w_A).view(pos_TK.shape)
         grad_a_AF = groups.rows_w(g2_AD, w_out)  # = the virtual first-bias gradient (SwiGLU)
-        grad_h_AH = _kernel(f"actb_{ffn}_{observe}", _act_backward, h_AH)(ffn, h_AH, grad_a_AF, F_, observe)
+        if ffn == "swiglu" and _triton_ok(h_AH):
+            from stgc.kernels import swiglu_backward
+
+            grad_h_AH = swiglu_backward(h_AH, grad_a_AF, observe)
+        else:
+            actb = _kernel(f"actb_{ffn}_{observe}", _act_backward, h_AH)
+            grad_h_AH = actb(ffn, h_AH, grad_a_AF, F_, observe)
         sq1_A = None
         if observe:
             grad_h_AH, sq1_A = grad_h_AH
