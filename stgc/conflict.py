@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from stgc.moe import RoutingRecord, TokenGrads, _kernel, expert_membership
+from stgc.moe import RoutingRecord, TokenGrads, _kernel, _triton_ok, expert_membership
 
 SCORES = ("mean", "concat", "g1", "g2")
 LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
@@ -97,10 +97,18 @@ def conflict_scores(
         w = w_out_EDF
         mean1 = torch.bmm(mean2.to(w.dtype)[:, None, :], w)[:, 0].to(acc)
         v_ED = torch.bmm(mean1.to(w.dtype)[:, None, :], w.transpose(1, 2))[:, 0].to(acc)
-        sq2, dot2, dot1 = _kernel("rowstats_g2v", _rowstats, g2_AD)(g2_AD, mean2, v_ED, expert_A)
         if sq1_A is None:
             sq1_A = torch.linalg.vector_norm(g1_AF, dim=-1, dtype=acc).square()
         sq1 = sq1_A.to(acc)
+        if acc == torch.float32 and _triton_ok(g1_AF):  # one Triton pass: row sums and the cosine tail
+            from stgc.kernels import conflict_rows
+
+            mnorm1, mnorm2 = (torch.linalg.vector_norm(m, dim=-1) for m in (mean1, mean2))
+            s_A, considered = conflict_rows(
+                g2_AD, mean2, v_ED, expert_A, sq1, mnorm1, mnorm2, zero_norm, score
+            )
+            return s_A, (considered if valid_A is None else considered & valid_A)
+        sq2, dot2, dot1 = _kernel("rowstats_g2v", _rowstats, g2_AD)(g2_AD, mean2, v_ED, expert_A)
     else:
         mean1 = sums1 / counts.clamp_min(1)[:, None]
         sq1, dot1, _ = _kernel("rowstats_g1", _rowstats, g1_AF)(g1_AF, mean1, None, expert_A)

@@ -119,3 +119,27 @@ def test_triton_swiglu_backward_equals_eager():
     torch.testing.assert_close(out_h, ref_h, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out_sq, ref_sq, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(swiglu_backward(h, ga, False), ref_h, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("score", ["mean", "concat", "g1", "g2"])
+def test_triton_conflict_rows_equal_eager(monkeypatch, score):
+    """The one-pass Triton score kernel equals the eager computation of the same SwiGLU shortcut."""
+    import stgc.moe
+
+    monkeypatch.setattr(stgc.moe, "COMPILE_MIN_NUMEL", 0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    A, E, D2, F2 = 700, 4, 256, 384
+    w_out = (0.05 * torch.randn(E, D2, F2, device="cuda", generator=g)).bfloat16()
+    expert = torch.sort(torch.randint(0, E, (A,), device="cuda", generator=g)).values
+    g2 = torch.randn(A, D2, device="cuda", generator=g).bfloat16()
+    g1 = torch.einsum("ad,adf->af", g2.float(), w_out.float()[expert]).bfloat16()
+    valid = torch.rand(A, device="cuda", generator=g) > 0.1
+    kw = dict(score=score, w_out_EDF=w_out, sq1_A=g1.float().square().sum(-1))
+    fast = conflict_scores(g1, g2, expert, valid, E, **kw)
+    monkeypatch.setenv("STGC_NO_TRITON", "1")
+    monkeypatch.setenv("STGC_NO_COMPILE", "1")
+    slow = conflict_scores(g1, g2, expert, valid, E, **kw)
+    assert torch.equal(fast[1], slow[1])
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-4, atol=1e-5)
