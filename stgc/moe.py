@@ -190,8 +190,9 @@ def _capacity_keep(topk_idx_TK: Tensor, count_mask_T: Tensor, config: MoEConfig)
     Tokens outside ``count_mask_T`` take no position (MoE-LLaVA counts padding: ``route_padding``)."""
     T, K = topk_idx_TK.shape
     E = config.num_experts
-    n = int(count_mask_T.sum())
-    capacity = max(math.ceil(config.capacity_factor * K * n / E), config.min_capacity)
+    # computed on the device (a host int would sync every layer); fp64 so that ceil matches Python's
+    n = count_mask_T.sum().to(torch.float64)
+    capacity = torch.ceil(config.capacity_factor * K * n / E).clamp_min(config.min_capacity)
     keep_TK = torch.zeros_like(topk_idx_TK, dtype=torch.bool)
     offset_E = torch.zeros(E, dtype=torch.long, device=topk_idx_TK.device)
     for k in range(K):
