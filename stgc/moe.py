@@ -2,7 +2,8 @@
 
 Shape legend: B batch, T tokens (flattened batch x sequence), D model dim, F expert FFN dim, H expert input
 projection width (2F for SwiGLU: gate and up in one matrix; F for GELU), E experts, K top-k,
-A routed (token, expert) assignments (T*K at most, fewer with capacity dropping).
+A (token, slot) assignment rows: all T*K of them in the expert path (a dropped or padding assignment is a
+row with combine weight 0, so that the row count is known on the host and nothing waits for the device).
 
 Routing leaves the block in one way only: a ``RoutingRecord`` appended to the active ``RoutingContext``
 (set by the model around a forward; see ``routing_context``). Layers keep their signatures.
