@@ -311,16 +311,19 @@ class _Groups:
         return out
 
 
-def grouped_mm_supported(x: Tensor, *dims: int) -> bool:
-    """Whether the expert products go through ``torch._grouped_mm``: CUDA bf16 with 16-byte aligned rows by
-    default; ``STGC_GROUPED_MM=0`` turns it off, ``=1`` forces it wherever torch has it (CPU included, for
-    tests; fp32 / bf16 only)."""
-    env = os.environ.get("STGC_GROUPED_MM", "")
-    if env == "0" or not hasattr(torch, "_grouped_mm"):
+EXPERT_PRODUCTS = ("auto", "grouped", "per_expert")
+
+
+def use_grouped_mm(x: Tensor, dims: tuple[int, ...], mode: str = "auto") -> bool:
+    """Whether the expert products go through ``torch._grouped_mm``. ``auto``: on CUDA bf16 with 16-byte
+    aligned rows; ``grouped``: wherever torch has it for x's dtype (fp32 / bf16; CPU included, for tests),
+    else per expert; ``per_expert``: never."""
+    if mode not in EXPERT_PRODUCTS:
+        raise ValueError(f"expert_products={mode!r} is not valid; choose one of {EXPERT_PRODUCTS}.")
+    if mode == "per_expert" or not hasattr(torch, "_grouped_mm"):
         return False
-    elems = 16 // x.element_size()
-    aligned = all(d % elems == 0 for d in dims)
-    if env == "1":
+    aligned = all(d % (16 // x.element_size()) == 0 for d in dims)
+    if mode == "grouped":
         return aligned and x.dtype in (torch.float32, torch.bfloat16)
     return x.is_cuda and x.dtype == torch.bfloat16 and aligned
 
@@ -388,12 +391,16 @@ _COMPILED: dict[str, object] = {}
 COMPILE_MIN_NUMEL = int(os.environ.get("STGC_COMPILE_MIN_NUMEL", 2**25))
 
 
+def _generated(big: Tensor) -> bool:
+    """Whether a pass reading ``big`` gets a generated GPU kernel (compiled or Triton): ``big`` is a CUDA
+    tensor of at least COMPILE_MIN_NUMEL elements and STGC_NO_COMPILE=1 is not set."""
+    return big.is_cuda and big.numel() >= COMPILE_MIN_NUMEL and os.environ.get("STGC_NO_COMPILE") != "1"
+
+
 def _triton_ok(big: Tensor) -> bool:
-    """Whether ``stgc.kernels`` (Triton) runs this pass: CUDA, large enough to matter, Triton importable,
-    not turned off (STGC_NO_TRITON=1, or STGC_NO_COMPILE=1 for every generated kernel)."""
-    if not big.is_cuda or big.numel() < COMPILE_MIN_NUMEL:
-        return False
-    if os.environ.get("STGC_NO_TRITON") == "1" or os.environ.get("STGC_NO_COMPILE") == "1":
+    """Whether ``stgc.kernels`` (Triton) runs this pass: ``_generated``, Triton importable and
+    STGC_NO_TRITON=1 not set (the compiled or eager code runs instead)."""
+    if not _generated(big) or os.environ.get("STGC_NO_TRITON") == "1":
         return False
     try:
         import triton  # noqa: F401
@@ -403,9 +410,9 @@ def _triton_ok(big: Tensor) -> bool:
 
 
 def _kernel(name: str, fn, big: Tensor):
-    """``fn`` compiled with torch.compile when ``big`` (the largest tensor it reads) is a CUDA tensor of at
-    least COMPILE_MIN_NUMEL elements; eager otherwise, or everywhere with STGC_NO_COMPILE=1."""
-    if not big.is_cuda or big.numel() < COMPILE_MIN_NUMEL or os.environ.get("STGC_NO_COMPILE") == "1":
+    """``fn`` compiled with torch.compile when ``_generated(big)`` (``big``: the largest tensor it reads);
+    eager otherwise."""
+    if not _generated(big):
         return fn
     if name not in _COMPILED:
         # dynamic=None: token counts vary between calls, feature sizes stay static (aligned, vectorised)
@@ -566,6 +573,7 @@ class MoEBlock(nn.Module):
         self.experts = ExpertBank(config.num_experts, hidden_size, intermediate_size, ffn)
         self.routing_ctx: RoutingContext | None = None
         self.use_reference_experts = False  # the plain-autograd path (tests, `reference` STGC mode)
+        self.expert_products = "auto"  # see ``use_grouped_mm`` (benchmarks and tests pick a path)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
@@ -622,7 +630,7 @@ class MoEBlock(nn.Module):
         counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).index_add_(
             0, flat_e, torch.ones_like(flat_e)
         )  # (not bincount: it syncs to size its output)
-        if grouped_mm_supported(x_TD, b.hidden_size, b.w_in.shape[1], b.intermediate_size):
+        if use_grouped_mm(x_TD, (b.hidden_size, b.w_in.shape[1], b.intermediate_size), self.expert_products):
             groups = _Groups(counts_E.cumsum(0).to(torch.int32), None, E)
         else:  # one product per expert, sized on the host (a sync; CPU and unusual shapes only)
             groups = _Groups(None, expert_segments(counts_E.tolist()), E)

@@ -10,32 +10,33 @@ import torch
 
 from stgc.config import MoEConfig
 from stgc.conflict import ConflictObserver, conflict_scores
-from stgc.moe import MoEBlock, RoutingContext, grouped_mm_supported, routing_context
+from stgc.moe import MoEBlock, RoutingContext, routing_context, use_grouped_mm
 
 D, F_ = 16, 24
 
 
-def _run(monkeypatch, grouped: bool, ffn: str, cfg: MoEConfig, x, mask, dy):
-    monkeypatch.setenv("STGC_GROUPED_MM", "1" if grouped else "0")
+def _run(grouped: bool, ffn: str, cfg: MoEConfig, x, mask, dy):
     torch.manual_seed(0)
     block = MoEBlock(cfg, D, F_, ffn, layer_idx=0).train()
+    block.expert_products = "grouped" if grouped else "per_expert"
     if ffn == "gelu":
         with torch.no_grad():
             block.experts.b_in.normal_()
             block.experts.b_out.normal_()
-    assert grouped_mm_supported(x, D, F_, 2 * F_) == grouped
+    assert use_grouped_mm(x, (D, F_, 2 * F_), block.expert_products) == grouped
     obs = ConflictObserver(scale=0.1)
     xi = x.clone().requires_grad_()
-    with routing_context(block, RoutingContext(token_mask_BT=mask, records=[], observer=obs)):
+    ctx = RoutingContext(token_mask_BT=mask, records=[], observer=obs)
+    with routing_context(block, ctx):
         y = block(xi)
     (y * dy).sum().backward()
     grads = {n: p.grad for n, p in block.named_parameters()}
-    return y, xi.grad, grads, obs.layers[0]
+    return y, xi.grad, grads, obs.layers[0], ctx.records[0]
 
 
 @pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
 @pytest.mark.parametrize("capacity", [None, 1.0])
-def test_grouped_and_per_expert_products_agree(monkeypatch, ffn, capacity):
+def test_grouped_and_per_expert_products_agree(ffn, capacity):
     """Outputs, every gradient (router, experts, biases, input) and the conflict scores agree, with padding
     and with capacity dropping (dropped and padding rows are computed with weight 0: they change nothing)."""
     cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity, min_capacity=0)
@@ -44,8 +45,11 @@ def test_grouped_and_per_expert_products_agree(monkeypatch, ffn, capacity):
     dy = torch.randn(3, 11, D, generator=g)
     mask = torch.ones(3, 11, dtype=torch.bool)
     mask[0, 8:] = mask[2, 5:] = False
-    loop = _run(monkeypatch, False, ffn, cfg, x, mask, dy)
-    grouped = _run(monkeypatch, True, ffn, cfg, x, mask, dy)
+    loop = _run(False, ffn, cfg, x, mask, dy)
+    grouped = _run(True, ffn, cfg, x, mask, dy)
+    record = grouped[4]
+    if capacity is not None:  # the capacity case must drop real assignments, or it tests nothing
+        assert bool((~record.kept_TK & record.token_mask_T[:, None]).any())
     torch.testing.assert_close(grouped[0], loop[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grouped[1], loop[1], rtol=1e-5, atol=1e-6)
     assert grouped[2].keys() == loop[2].keys()

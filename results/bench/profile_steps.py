@@ -2,7 +2,8 @@
 
 From the repository root on a CUDA machine:
 ``python results/bench/profile_steps.py > results/bench/profile_steps.txt``.
-For each step: the median wall time (CUDA events), then one step under ``torch.profiler``: the number and
+For each step: the median wall time (CUDA events), the median host time to issue it (the step's Python
+and launches, no synchronisation), then one step under ``torch.profiler``: the number and
 summed time of its kernels, the span from the first to the last kernel, and the GPU idle time between
 kernels (gaps over 3 us; the profiler itself slows the host, so spans and gaps are inflated); then the
 kernels by summed time. Last, the kernels the fused STGC mode adds to the baseline on the layer stack.
@@ -12,35 +13,37 @@ from __future__ import annotations
 
 import collections
 import statistics
+import time
 
 import torch
 
 from stgc.bench.deepspeed_ref import single_process_group
-from stgc.bench.moe import BenchConfig, _steps
+from stgc.bench.moe import BenchConfig, _steps, measure
 from stgc.bench.stgc import StackShape, _layer_steps
 
 
-def wall_ms(step, n: int = 20) -> float:
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+def host_ms(step, n: int = 20) -> float:
+    """Median host time to issue one step (the GPU idle at its start; no synchronisation inside)."""
     times = []
     for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         step()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 
 def profile(name: str, step, top: int = 15) -> collections.Counter:
-    wall = wall_ms(step)
+    wall = measure(step, torch.device("cuda"), warmup=3, repeats=20)[0]
+    host = host_ms(step)
     acts = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=acts) as prof:
         step()
         torch.cuda.synchronize()
+    cpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    launches = sum(e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel")) for e in cpu)
+    compiled = [e.cpu_time_total for e in cpu if e.name.startswith("Torch-Compiled Region")]
     ev = sorted(
         (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
         key=lambda e: e.time_range.start,
@@ -53,8 +56,14 @@ def profile(name: str, step, top: int = 15) -> collections.Counter:
     for e in ev:
         by_name[e.name[:80]] += e.time_range.end - e.time_range.start
     print(
-        f"== {name}: wall {wall:.3f} ms | {len(ev)} kernels, sum {total / 1e3:.3f} ms | "
+        f"== {name}: wall {wall:.3f} ms | host issues it in {host:.3f} ms | "
+        f"{len(ev)} kernels, sum {total / 1e3:.3f} ms | "
         f"span {span / 1e3:.3f} ms | idle between kernels {idle / 1e3:.3f} ms"
+    )
+    mean_c = statistics.mean(compiled) / 1e3 if compiled else 0.0
+    print(
+        f"   host side (under the profiler): {launches} kernel launches, "
+        f"{len(compiled)} torch.compile calls at {mean_c:.3f} ms each"
     )
     for k, v in by_name.most_common(top):
         print(f"   {v / 1e3:7.3f} ms  {k}")

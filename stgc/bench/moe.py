@@ -4,8 +4,9 @@ Implementations (same router and expert weights, same tokens, same upstream grad
 the backward of each, with MoE-LLaVA's coefficient 0.01):
 - ``stgc``: ``stgc.moe.MoEBlock`` with the project's defaults (no capacity, deterministic top-2)
 - ``stgc_moellava_settings``: the block with MoE-LLaVA's routing (capacity 1.5, Gumbel 2nd expert)
-- ``stgc_per_expert``: the block with one product per expert sized on the host (``STGC_GROUPED_MM=0``: its
-  CPU path, one device sync per forward) instead of ``torch._grouped_mm``
+- ``stgc_per_expert``: the block with one product per expert sized on the host
+  (``expert_products="per_expert"``: its CPU path, one device sync per forward) instead of
+  ``torch._grouped_mm``
 - ``deepspeed_moellava``: ``deepspeed.moe.layer.MoE`` as MoE-LLaVA configures it (``MOELLAVA_DS_SETTINGS``)
 - ``deepspeed_nodrop``: the same without token dropping (drop_tokens=False)
 - ``floor``: the experts' matrix products alone on tokens pre-sorted and split evenly over the experts:
@@ -23,12 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -159,17 +158,19 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     )
     block_ml = MoEBlock(moellava_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_ml.load_state_dict(block.state_dict())
+    block_pe = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
+    block_pe.load_state_dict(block.state_dict())
+    block_pe.expert_products = "per_expert"
 
-    def ours(b: MoEBlock, grouped_mm: str = "") -> Callable[[], None]:
+    def ours(b: MoEBlock) -> Callable[[], None]:
         xi = x.detach().requires_grad_()
 
         def step() -> None:
-            with mock.patch.dict(os.environ, {"STGC_GROUPED_MM": grouped_mm}):
-                _clear_grads(xi, *b.parameters())
-                ctx = RoutingContext(records=[])
-                with routing_context(b, ctx):
-                    y = b(xi)
-                torch.autograd.backward([y, ctx.records[0].aux_loss], [dy, coef])
+            _clear_grads(xi, *b.parameters())
+            ctx = RoutingContext(records=[])
+            with routing_context(b, ctx):
+                y = b(xi)
+            torch.autograd.backward([y, ctx.records[0].aux_loss], [dy, coef])
 
         return step
 
@@ -220,7 +221,7 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     return {
         "stgc": ours(block),
         "stgc_moellava_settings": ours(block_ml),
-        "stgc_per_expert": ours(block, grouped_mm="0"),
+        "stgc_per_expert": ours(block_pe),
         "deepspeed_moellava": deepspeed(**MOELLAVA_DS_SETTINGS),
         "deepspeed_nodrop": deepspeed(**nodrop),
         "floor": floor(),
