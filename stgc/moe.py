@@ -70,7 +70,7 @@ class TokenGrads:
         dL/dh at fc1's bias (GELU). g2_AD: gradient at the output bias, w_A * dL/dy_t.
     expert_A / token_A: expert and token of each row. valid_A: ``None`` when every row is a real, kept
         assignment (known on the host without a device sync).
-    sq1_A: |g1_a|^2 in fp32, computed in the pass that produced g1 (or ``None``).
+    sq1_A: |g1_a|^2 in fp32 (SwiGLU), computed in the pass that produced g1 (or ``None``).
     w_out_EDF: SwiGLU only: the down projections. There g1 = g2 @ W_out[e] exactly, so per-expert sums of
         g1 and dot products with g1 can be taken from g2 and W_out without another pass over g1.
     """
@@ -339,8 +339,8 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def _act_backward(ffn: str, h: Tensor, grad_a: Tensor, F_: int, with_sq: bool = False):
     """d(activation)/dh applied to grad_a, computed in at least fp32 and returned in h's dtype; with
-    ``with_sq`` also |g1|^2 per row in fp32 (g1: grad_a for SwiGLU's virtual bias, grad_h for GELU's fc1
-    bias), read in the same pass (STGC's token-gradient norms at no extra read of g1).
+    ``with_sq`` (SwiGLU) also |grad_a|^2 per row in fp32: the norm of the virtual first-bias gradient g1,
+    read in the same pass (the conflict scores' SwiGLU shortcut then never reads g1).
 
     Written as plain elementwise code so that ``torch.compile`` fuses it into one kernel on GPU (no
     full-size fp32 temporaries: the upcast happens per element inside the kernel)."""
@@ -356,8 +356,7 @@ def _act_backward(ffn: str, h: Tensor, grad_a: Tensor, F_: int, with_sq: bool = 
     x = h.to(ct)
     th = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
     d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-    gh = ga * d
-    return (gh.to(h.dtype), (gh * gh).sum(-1)) if with_sq else gh.to(h.dtype)
+    return (ga * d).to(h.dtype)
 
 
 def _rowdot_scale(dy_TD: Tensor, token_A: Tensor, o_AD: Tensor, w_A: Tensor) -> tuple[Tensor, Tensor]:
@@ -488,15 +487,16 @@ class _ExpertsFn(torch.autograd.Function):
         if need_w:
             grad_w_TK = torch.empty_like(grad_w_A).index_copy_(0, order_A, grad_w_A).view(pos_TK.shape)
         grad_a_AF = groups.rows_w(g2_AD, w_out)  # = the virtual first-bias gradient (SwiGLU)
+        with_sq = observe and ffn == "swiglu"  # |g1|^2 for the SwiGLU shortcut of the conflict scores
         if ffn == "swiglu" and _triton_ok(h_AH):
             from stgc.kernels import swiglu_backward
 
-            grad_h_AH = swiglu_backward(h_AH, grad_a_AF, observe)
+            grad_h_AH = swiglu_backward(h_AH, grad_a_AF, with_sq)
         else:
-            actb = _kernel(f"actb_{ffn}_{observe}", _act_backward, h_AH)
-            grad_h_AH = actb(ffn, h_AH, grad_a_AF, F_, observe)
+            actb = _kernel(f"actb_{ffn}_{with_sq}", _act_backward, h_AH)
+            grad_h_AH = actb(ffn, h_AH, grad_a_AF, F_, with_sq)
         sq1_A = None
-        if observe:
+        if with_sq:
             grad_h_AH, sq1_A = grad_h_AH
         E = w_in.shape[0]
         g_wout = groups.weight_grad(g2_AD, a_AF) if need_wout else None
