@@ -242,15 +242,10 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 block.routing_ctx = replay
         records = ctx.records[first:] if ctx.records is not None else None
         aux_loss = torch.stack([r.aux_loss for r in records]).sum() if records else None
+        # every field LLaVA's output has in the installed transformers (5.24 renamed past_key_values and
+        # image_hidden_states), plus the routing outputs
         return MoELlavaCausalLMOutputWithPast(
-            loss=out.loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            image_hidden_states=out.image_hidden_states,
-            aux_loss=aux_loss,
-            routing_records=records if output_routing else None,
+            **dict(out.items()), aux_loss=aux_loss, routing_records=records if output_routing else None
         )
 
     # ----------------------------------------------------------------------------------------------------
