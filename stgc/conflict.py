@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from stgc.moe import RoutingRecord, TokenGrads, _kernel, _triton_ok, expert_membership
+from stgc.moe import RoutingRecord, TokenGrads, _kernel, expert_membership
 
 SCORES = ("mean", "concat", "g1", "g2")
 LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
@@ -100,14 +100,6 @@ def conflict_scores(
         if sq1_A is None:
             sq1_A = torch.linalg.vector_norm(g1_AF, dim=-1, dtype=acc).square()
         sq1 = sq1_A.to(acc)
-        if acc == torch.float32 and _triton_ok(g1_AF):  # one Triton pass: row sums and the cosine tail
-            from stgc.kernels import conflict_rows
-
-            mnorm1, mnorm2 = (torch.linalg.vector_norm(m, dim=-1) for m in (mean1, mean2))
-            s_A, considered = conflict_rows(
-                g2_AD, mean2, v_ED, expert_A, sq1, mnorm1, mnorm2, zero_norm, score
-            )
-            return s_A, (considered if valid_A is None else considered & valid_A)
         sq2, dot2, dot1 = _kernel("rowstats_g2v", _rowstats, g2_AD)(g2_AD, mean2, v_ED, expert_A)
     else:
         mean1 = sums1 / counts.clamp_min(1)[:, None]
@@ -151,6 +143,46 @@ def _score_tail(
         denom = ((n1 * n1 + n2 * n2) * (m1 * m1 + m2 * m2)).sqrt()
         s_A = (dot1 + dot2) / denom.clamp_min(zero_norm)
     return s_A.clamp(-1.0, 1.0), considered
+
+
+def _token_scores(
+    record: RoutingRecord, grads: TokenGrads, obs: ConflictObserver, cel_scale: float | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``conflict_scores`` (SwiGLU shortcut) and the conflict masks from the MoE block's Triton backward:
+    the per-expert sums of g2 come from the pass that wrote g2 and the scores from one read of dy
+    (``stgc.kernels.conflict_tokens``); with ``cel_scale`` also the scaled neg_logit_ce gradient and L_cel.
+    Means are over valid rows (``record.tokens_per_expert_E`` counts exactly those)."""
+    from stgc.kernels import conflict_tokens
+
+    sums2 = grads.sums2_ED
+    counts = record.tokens_per_expert_E.to(sums2.dtype)
+    if obs.allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t_ in (sums2, counts):
+            torch.distributed.all_reduce(t_)
+    mean2 = sums2 / counts.clamp_min(1)[:, None]
+    w = grads.w_out_EDF
+    # gbar1_e = gbar2_e W_out[e]; v_e = W_out[e] gbar1_e gives <g1_a, gbar1_e> = <g2_a, v_e>
+    mean1 = torch.bmm(mean2.to(w.dtype)[:, None, :], w)[:, 0]
+    v_ED = torch.bmm(mean1[:, None, :], w.transpose(1, 2))[:, 0]
+    mnorm1 = torch.linalg.vector_norm(mean1, dim=-1, dtype=torch.float32)
+    mnorm2 = torch.linalg.vector_norm(mean2, dim=-1)
+    return conflict_tokens(
+        grads.dy_TD,
+        mean2,
+        v_ED,
+        mnorm1,
+        mnorm2,
+        grads.sq1_A,
+        record.topk_idx_TK,
+        record.weights_TK,
+        grads.pos_TK,
+        grads.valid_TK,
+        record.logits_TE,
+        tau=obs.tau,
+        zero_norm=1e-20,
+        score=obs.score,
+        cel_scale=cel_scale,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -281,21 +313,31 @@ class ConflictObserver:
         token_A, expert_A = grads.token_A, grads.expert_A
         if self.collect_grads:
             self.grads[record.layer_idx] = (grads.g1_AF.detach(), grads.g2_AD.detach(), expert_A, token_A)
-        score_A, considered_A = conflict_scores(
-            grads.g1_AF,
-            grads.g2_AD,
-            expert_A,
-            grads.valid_A,
-            E,
-            score=self.score,
-            allreduce_mean=self.allreduce_mean,
-            sq1_A=grads.sq1_A,
-            w_out_EDF=grads.w_out_EDF,
-        )
-        conflict_A = considered_A & (score_A < self.tau)
-        grad_TE = None
-        cel = torch.zeros((), device=score_A.device)
-        if self.applies_to(record.layer_idx):
+        applies = self.applies_to(record.layer_idx)
+        grad_TE = cel = None
+        if grads.dy_TD is not None and grads.sums2_ED is not None:
+            fused_cel = applies and self.loss_form == "neg_logit_ce"
+            score_A, considered_A, conflict_A, grad_TE, cel = _token_scores(
+                record, grads, self, self.scale if fused_cel else None
+            )
+            if fused_cel:
+                applies = False  # done: the kernel computed the scaled gradient and L_cel
+        else:
+            score_A, considered_A = conflict_scores(
+                grads.g1_AF,
+                grads.g2_AD,
+                expert_A,
+                grads.rows_valid(),
+                E,
+                score=self.score,
+                allreduce_mean=self.allreduce_mean,
+                sq1_A=grads.sq1_A,
+                w_out_EDF=grads.w_out_EDF,
+            )
+            conflict_A = considered_A & (score_A < self.tau)
+        if cel is None:
+            cel = torch.zeros((), device=score_A.device)
+        if applies:
             if self.loss_form == "neg_logit_ce":
                 grad_TE, cel = _kernel("cel_grad", _cel_grad_neg_logit_ce, grads.g1_AF)(
                     record.logits_TE.detach(), token_A, expert_A, conflict_A, self.scale

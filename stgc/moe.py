@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -73,7 +74,14 @@ class TokenGrads:
     sq1_A: |g1_a|^2 in fp32 (SwiGLU), computed in the pass that produced g1 (or ``None``).
     w_out_EDF: SwiGLU only: the down projections. There g1 = g2 @ W_out[e] exactly, so per-expert sums of
         g1 and dot products with g1 can be taken from g2 and W_out without another pass over g1.
+    valid_A is ``None`` also when ``valid_TK`` is given (the Triton path); ``rows_valid()`` gives it.
     """
+
+    def rows_valid(self) -> Tensor | None:
+        """Validity of each sorted row (``None``: all valid)."""
+        if self.valid_A is not None or self.valid_TK is None:
+            return self.valid_A
+        return self.valid_TK.reshape(-1).index_select(0, self.order_A)
 
     g1_AF: Tensor
     g2_AD: Tensor
@@ -82,6 +90,13 @@ class TokenGrads:
     valid_A: Tensor | None = None
     sq1_A: Tensor | None = None
     w_out_EDF: Tensor | None = None
+    # the Triton path's extras (SwiGLU): g2_a = w_a dy[token_a] with w = the record's combine weights, so
+    # an observer can score every assignment from one read of dy (``stgc.kernels.conflict_tokens``)
+    dy_TD: Tensor | None = None
+    sums2_ED: Tensor | None = None  # fp32 sums of g2 over each expert's valid rows
+    pos_TK: Tensor | None = None  # sorted row of each (token, slot)
+    order_A: Tensor | None = None  # (token * K + slot) of each sorted row
+    valid_TK: Tensor | None = None  # (token, slot) validity; ``None``: all valid
 
 
 class GradObserver(Protocol):
@@ -396,16 +411,29 @@ def _generated(big: Tensor) -> bool:
     return big.is_cuda and big.numel() >= COMPILE_MIN_NUMEL and os.environ.get("STGC_NO_COMPILE") != "1"
 
 
-def _triton_ok(big: Tensor) -> bool:
-    """Whether ``stgc.kernels`` (Triton) runs this pass: ``_generated``, Triton importable and
-    STGC_NO_TRITON=1 not set (the compiled or eager code runs instead)."""
-    if not _generated(big) or os.environ.get("STGC_NO_TRITON") == "1":
-        return False
+# Tests set this to run the Triton kernels on CPU tensors (with TRITON_INTERPRET=1, Triton's interpreter).
+TRITON_ON_CPU = False
+
+
+@functools.cache
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _triton_ok(t: Tensor) -> bool:
+    """Whether ``stgc.kernels`` (Triton) runs the passes over ``t``: a CUDA tensor (or ``TRITON_ON_CPU``)
+    that is not fp64, Triton importable and STGC_NO_TRITON=1 not set (else the compiled or eager code).
+    No size threshold: a Triton launch costs about what one eager op does, and replaces several."""
+    return (
+        (t.is_cuda or TRITON_ON_CPU)
+        and t.dtype != torch.float64
+        and os.environ.get("STGC_NO_TRITON") != "1"
+        and _triton_importable()
+    )
 
 
 def _kernel(name: str, fn, big: Tensor):
@@ -419,6 +447,28 @@ def _kernel(name: str, fn, big: Tensor):
     return _COMPILED[name]
 
 
+@dataclasses.dataclass
+class Dispatch:
+    """How one forward's (token, slot) assignments map to expert-sorted rows (A = T*K; see the legend).
+
+    token_A / expert_A / order_A (= token * K + slot): per sorted row. pos_TK: the sorted row of each
+    (token, slot). groups: the per-expert split of the rows. valid_TK: (token, slot) validity (not padding,
+    not dropped) where an observer needs it, else ``None``. triton: the expert path's elementwise passes
+    (and the observer's scores) run as ``stgc.kernels``. x_AD / w_A: the gathered inputs and combine
+    weights when the routing kernel already produced them (else the expert path gathers them).
+    """
+
+    token_A: Tensor
+    expert_A: Tensor
+    order_A: Tensor
+    pos_TK: Tensor
+    groups: _Groups
+    triton: bool
+    valid_TK: Tensor | None = None
+    x_AD: Tensor | None = None
+    w_A: Tensor | None = None
+
+
 class _ExpertsFn(torch.autograd.Function):
     """Sorted-token expert computation and combine, with a hand-written backward.
 
@@ -429,76 +479,77 @@ class _ExpertsFn(torch.autograd.Function):
     Backward has the token-level bias gradients in hand (g2_A = w_A dy[token_A], g1_A = dL/da (SwiGLU's
     virtual bias) or dL/dh (GELU's fc1 bias)), so a gradient observer (STGC fused mode) can add a
     router-logit gradient in the same pass. ``logits_TE`` is an input only so that the observer's extra
-    gradient has somewhere to go.
+    gradient has somewhere to go. On the Triton path (``Dispatch.triton``) each elementwise pass is one kernel
+    and, for SwiGLU, the observer also gets the per-expert sums of g2 from the pass that writes g2.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        x_TD,
-        weights_TK,
-        logits_TE,
-        w_in,
-        b_in,
-        w_out,
-        b_out,
-        token_A,
-        order_A,
-        expert_A,
-        pos_TK,
-        groups,
-        ffn,
-        observer,
-        record,
-        valid_A,
-    ):
+    def forward(ctx, x_TD, weights_TK, logits_TE, w_in, b_in, w_out, b_out, dispatch, ffn, observer, record):
         F_ = w_out.shape[-1]
-        x_AD = x_TD.index_select(0, token_A)
-        w_A = weights_TK.reshape(-1).index_select(0, order_A)
+        d, groups = dispatch, dispatch.groups
+        x_AD = x_TD.index_select(0, d.token_A) if d.x_AD is None else d.x_AD
+        w_A = weights_TK.reshape(-1).index_select(0, d.order_A) if d.w_A is None else d.w_A
+        triton_path = d.triton
+        if triton_path:
+            from stgc import kernels
         h_AH = groups.rows_wt(x_AD, w_in)
         if b_in is not None:
-            h_AH += b_in.index_select(0, expert_A)
-        a_AF = _kernel(f"act_{ffn}", _act_forward, h_AH)(ffn, h_AH, F_)
+            h_AH += b_in.index_select(0, d.expert_A)
+        if triton_path and ffn == "swiglu":
+            a_AF = kernels.swiglu_forward(h_AH)
+        else:
+            a_AF = _kernel(f"act_{ffn}", _act_forward, h_AH)(ffn, h_AH, F_)
         o_AD = groups.rows_wt(a_AF, w_out)
         if b_out is not None:
-            o_AD += b_out.index_select(0, expert_A)
-        y_TD = _kernel("combine", _combine, o_AD)(o_AD, pos_TK, weights_TK)
-        saved = (x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out, token_A, order_A, expert_A, pos_TK, valid_A)
-        ctx.save_for_backward(*saved)
-        ctx.groups, ctx.ffn, ctx.observer, ctx.record = groups, ffn, observer, record
-        ctx.has_bias = b_in is not None
+            o_AD += b_out.index_select(0, d.expert_A)
+        if triton_path:
+            y_TD = kernels.combine(o_AD, d.pos_TK, weights_TK)
+        else:
+            y_TD = _kernel("combine", _combine, o_AD)(o_AD, d.pos_TK, weights_TK)
+        ctx.save_for_backward(x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out)
+        ctx.dispatch, ctx.ffn, ctx.observer, ctx.record = dispatch, ffn, observer, record
+        ctx.has_bias, ctx.triton_path = b_in is not None, triton_path
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        (x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out, token_A, order_A, expert_A, pos_TK, valid_A) = (
-            ctx.saved_tensors
-        )
-        ffn, groups, observer = ctx.ffn, ctx.groups, ctx.observer
+        x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out = ctx.saved_tensors
+        ffn, d, observer, triton_path = ctx.ffn, ctx.dispatch, ctx.observer, ctx.triton_path
+        groups, token_A, expert_A, pos_TK = d.groups, d.token_A, d.expert_A, d.pos_TK
+        if triton_path:
+            from stgc import kernels
         F_ = w_out.shape[-1]
+        E = w_in.shape[0]
         need_x, need_w, _, need_win, need_bin, need_wout, need_bout = ctx.needs_input_grad[:7]
         if getattr(observer, "skip_weight_grads", False):
             # two_pass first pass: only token gradients and input gradients are needed
             need_win = need_bin = need_wout = need_bout = False
         observe = observer is not None and getattr(observer, "active", True)
+        # SwiGLU on the Triton path: the observer scores from dy and the sums of g2 (``TokenGrads``)
+        fast_obs = observe and triton_path and ffn == "swiglu"
+        dy_TD = dy_TD.contiguous()
         # dL/dw_A = <dy_t, o_A>; g2_A = w_A * dy_t is the output-bias gradient of assignment A
-        grad_w_A, g2_AD = _kernel("rowdot", _rowdot_scale, o_AD)(dy_TD.contiguous(), token_A, o_AD, w_A)
+        sums2_ED = None
+        if triton_path:
+            stats = dict(expert_A=expert_A, num_experts=E, order_A=d.order_A, valid_TK=d.valid_TK)
+            grad_w_A, g2_AD, sums2_ED = kernels.rowdot_scale(
+                dy_TD, token_A, o_AD, w_A, **(stats if fast_obs else {})
+            )
+        else:
+            grad_w_A, g2_AD = _kernel("rowdot", _rowdot_scale, o_AD)(dy_TD, token_A, o_AD, w_A)
         grad_w_TK = None
         if need_w:
-            grad_w_TK = torch.empty_like(grad_w_A).index_copy_(0, order_A, grad_w_A).view(pos_TK.shape)
+            grad_w_TK = torch.empty_like(grad_w_A).index_copy_(0, d.order_A, grad_w_A).view(pos_TK.shape)
         grad_a_AF = groups.rows_w(g2_AD, w_out)  # = the virtual first-bias gradient (SwiGLU)
         with_sq = observe and ffn == "swiglu"  # |g1|^2 for the SwiGLU shortcut of the conflict scores
-        if ffn == "swiglu" and _triton_ok(h_AH):
-            from stgc.kernels import swiglu_backward
-
-            grad_h_AH = swiglu_backward(h_AH, grad_a_AF, with_sq)
+        if ffn == "swiglu" and triton_path:
+            grad_h_AH = kernels.swiglu_backward(h_AH, grad_a_AF, with_sq)
         else:
             actb = _kernel(f"actb_{ffn}_{with_sq}", _act_backward, h_AH)
             grad_h_AH = actb(ffn, h_AH, grad_a_AF, F_, with_sq)
         sq1_A = None
         if with_sq:
             grad_h_AH, sq1_A = grad_h_AH
-        E = w_in.shape[0]
         g_wout = groups.weight_grad(g2_AD, a_AF) if need_wout else None
         g_win = groups.weight_grad(grad_h_AH, x_AD) if need_win else None
         g_bin = expert_sums(grad_h_AH, expert_A, E) if (ctx.has_bias and need_bin) else None
@@ -506,7 +557,10 @@ class _ExpertsFn(torch.autograd.Function):
         grad_x_TD = None
         if need_x:
             grad_x_AD = groups.rows_w(grad_h_AH, w_in)
-            grad_x_TD = _kernel("combine", _combine, grad_x_AD)(grad_x_AD, pos_TK, None)
+            if triton_path:
+                grad_x_TD = kernels.combine(grad_x_AD, pos_TK, None)
+            else:
+                grad_x_TD = _kernel("combine", _combine, grad_x_AD)(grad_x_AD, pos_TK, None)
         grad_logits = None
         if observe:
             grads = TokenGrads(
@@ -514,12 +568,48 @@ class _ExpertsFn(torch.autograd.Function):
                 g2_AD=g2_AD,
                 expert_A=expert_A,
                 token_A=token_A,
-                valid_A=valid_A,
                 sq1_A=sq1_A,
                 w_out_EDF=w_out.detach() if ffn == "swiglu" else None,
+                dy_TD=dy_TD if fast_obs else None,
+                sums2_ED=sums2_ED,
+                pos_TK=pos_TK,
+                order_A=d.order_A,
+                valid_TK=d.valid_TK,
             )
             grad_logits = observer(ctx.record, grads)
-        return (grad_x_TD, grad_w_TK, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 9
+        return (grad_x_TD, grad_w_TK, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 4
+
+
+class _RouteFn(torch.autograd.Function):
+    """The Triton routing (``stgc.kernels.route_and_dispatch``) as an autograd function: the router logits,
+    probabilities, combine weights and aux loss are differentiable (their gradients in closed form,
+    ``stgc.kernels.route_backward``); indices, counts, the dispatch and the token mask are not."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_ED, token_mask_T, top_k, count_padding):
+        from stgc.kernels import route_and_dispatch
+
+        r = route_and_dispatch(x_TD, w_ED, token_mask_T, top_k, count_padding, gather=True)
+        ctx.save_for_backward(x_TD, w_ED, token_mask_T, r.probs_TE, r.topk_TK, r.weights_TK, r.f_E, r.n_real)
+        ctx.count_padding = count_padding
+        outs = (r.topk_TK, r.tokens_per_expert_E, r.pos_TK, r.order_A, r.expert_A, r.token_A, r.w_A, r.x_AD)
+        outs += (r.offsets_E, r.token_mask_T)
+        ctx.mark_non_differentiable(*outs)
+        ctx.set_materialize_grads(False)
+        return (r.logits_TE, r.probs_TE, r.weights_TK, r.aux) + outs
+
+    @staticmethod
+    def backward(ctx, g_logits, g_probs, g_weights, g_aux, *_):
+        from stgc.kernels import route_backward
+
+        x_TD, w_ED, token_mask_T, probs, topk, weights, f_E, n_real = ctx.saved_tensors
+        if all(g is None for g in (g_logits, g_probs, g_weights, g_aux)):
+            return (None,) * 5
+        dx, dw = route_backward(
+            x_TD, w_ED, token_mask_T, ctx.count_padding, probs, topk, weights, f_E, n_real,
+            g_logits, g_probs, g_weights, g_aux,
+        )  # fmt: skip
+        return dx, dw.to(w_ED.dtype), None, None, None
 
 
 def experts_reference(
@@ -574,11 +664,13 @@ class MoEBlock(nn.Module):
         self.routing_ctx: RoutingContext | None = None
         self.use_reference_experts = False  # the plain-autograd path (tests, `reference` STGC mode)
         self.expert_products = "auto"  # see ``use_grouped_mm`` (benchmarks and tests pick a path)
+        self.use_triton = True  # ``stgc.kernels`` where ``_triton_ok`` (False: the eager/compiled code)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
         ctx = self.routing_ctx
+        token_mask_T = None
         if ctx is not None and ctx.token_mask_BT is not None:
             token_mask_T = ctx.token_mask_BT.reshape(-1).to(device=x_TD.device, dtype=torch.bool)
             if token_mask_T.numel() != x_TD.shape[0]:
@@ -586,77 +678,122 @@ class MoEBlock(nn.Module):
                     f"routing context token mask has {token_mask_T.numel()} entries for {x_TD.shape[0]} "
                     "tokens; pass the mask of this forward's tokens (attention_mask[:, -seq_len:])."
                 )
-        else:
-            token_mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
-        probs_TE, topk_idx_TK, weights_TK, kept_TK, tpe_E, aux = route(
-            logits_TE, self.config, token_mask_T, training=self.training
-        )
-        record = RoutingRecord(
-            layer_idx=self.layer_idx,
-            logits_TE=logits_TE,
-            probs_TE=probs_TE,
-            topk_idx_TK=topk_idx_TK,
-            weights_TK=weights_TK,
-            token_mask_T=token_mask_T,
-            kept_TK=kept_TK,
-            tokens_per_expert_E=tpe_E,
-            aux_loss=aux,
-        )
         injected = (
             None if ctx is None or ctx.injected_biases is None else ctx.injected_biases.get(self.layer_idx)
         )
-        if injected is not None:
-            y_TD = experts_reference(self.experts, x_TD, topk_idx_TK, weights_TK, kept_TK, *injected)
-        elif self.use_reference_experts:
-            y_TD = experts_reference(self.experts, x_TD, topk_idx_TK, weights_TK, kept_TK)
+        reference = injected is not None or self.use_reference_experts
+        triton = self.use_triton and _triton_ok(x_TD)
+        if not reference and triton and self._fast_routing():
+            record, dispatch = self._route_triton(x_TD, token_mask_T, ctx)
         else:
-            y_TD = self._grouped(x_TD, logits_TE, topk_idx_TK, weights_TK, kept_TK, ctx, record)
+            if token_mask_T is None:
+                token_mask_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
+            logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+            probs_TE, topk_idx_TK, weights_TK, kept_TK, tpe_E, aux = route(
+                logits_TE, self.config, token_mask_T, training=self.training
+            )
+            record = RoutingRecord(
+                layer_idx=self.layer_idx,
+                logits_TE=logits_TE,
+                probs_TE=probs_TE,
+                topk_idx_TK=topk_idx_TK,
+                weights_TK=weights_TK,
+                token_mask_T=token_mask_T,
+                kept_TK=kept_TK,
+                tokens_per_expert_E=tpe_E,
+                aux_loss=aux,
+            )
+            dispatch = None if reference else self._dispatch(x_TD, record, ctx, triton)
+        if reference:
+            r = record
+            bias = () if injected is None else injected
+            y_TD = experts_reference(self.experts, x_TD, r.topk_idx_TK, r.weights_TK, r.kept_TK, *bias)
+        else:
+            b = self.experts
+            observer = ctx.observer if ctx is not None else None
+            y_TD = _ExpertsFn.apply(
+                x_TD,
+                record.weights_TK,
+                record.logits_TE,
+                b.w_in,
+                b.b_in,
+                b.w_out,
+                b.b_out,
+                dispatch,
+                b.ffn,
+                observer,
+                record,
+            )
         if ctx is not None and ctx.records is not None:
             ctx.records.append(record)
         return y_TD.reshape(shape)
 
-    def _grouped(self, x_TD, logits_TE, topk_idx_TK, weights_TK, kept_TK, ctx, record) -> Tensor:
-        T, K = topk_idx_TK.shape
-        E = self.config.num_experts
+    def _fast_routing(self) -> bool:
+        """Whether the routing can run as two Triton launches (``_RouteFn``): the default deterministic
+        top-k (no capacity, no Gumbel sampling in this mode)."""
+        c = self.config
+        sampling = c.second_expert_sampling and (self.training or c.sample_at_eval)
+        return c.capacity_factor is None and not sampling
+
+    def _groups(self, x_TD: Tensor, offsets_E: Tensor) -> _Groups:
         b = self.experts
+        if use_grouped_mm(x_TD, (b.hidden_size, b.w_in.shape[1], b.intermediate_size), self.expert_products):
+            return _Groups(offsets_E.to(torch.int32), None, self.config.num_experts)
+        # one product per expert, sized on the host (a sync; CPU and unusual shapes only)
+        counts = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1).long())
+        return _Groups(None, expert_segments(counts.tolist()), self.config.num_experts)
+
+    @staticmethod
+    def _valid_TK(record: RoutingRecord, ctx: RoutingContext | None, dropping: bool) -> Tensor | None:
+        """(token, slot) validity for an observer (``None``: no observer, or every assignment is valid)."""
+        if ctx is None or ctx.observer is None or not (dropping or ctx.token_mask_BT is not None):
+            return None
+        return (record.kept_TK & record.token_mask_T[:, None]).contiguous()
+
+    def _route_triton(
+        self, x_TD: Tensor, token_mask_T: Tensor | None, ctx: RoutingContext | None
+    ) -> tuple[RoutingRecord, Dispatch]:
+        c = self.config
+        T, K = x_TD.shape[0], c.top_k
+        (logits, probs, weights, aux, topk, tpe, pos, order, expert, token, w_A, x_AD, offsets, mask) = (
+            _RouteFn.apply(x_TD, self.router.weight, token_mask_T, K, c.route_padding)
+        )
+        token_mask_T = mask if token_mask_T is None else token_mask_T
+        kept = token_mask_T[:, None].expand(T, K) if not c.route_padding else mask.new_ones(1, 1).expand(T, K)
+        record = RoutingRecord(
+            layer_idx=self.layer_idx,
+            logits_TE=logits,
+            probs_TE=probs,
+            topk_idx_TK=topk,
+            weights_TK=weights,
+            token_mask_T=token_mask_T,
+            kept_TK=kept,
+            tokens_per_expert_E=tpe,
+            aux_loss=aux,
+        )
+        groups = self._groups(x_TD, offsets)
+        valid_TK = self._valid_TK(record, ctx, dropping=False)
+        return record, Dispatch(token, expert, order, pos, groups, True, valid_TK, x_AD, w_A)
+
+    def _dispatch(
+        self, x_TD: Tensor, record: RoutingRecord, ctx: RoutingContext | None, triton: bool
+    ) -> Dispatch:
+        """The eager expert sort (CPU, fp64, capacity or sampling routing)."""
+        T, K = record.topk_idx_TK.shape
+        E = self.config.num_experts
         # Every (token, slot) assignment is a row, sorted by expert (stable: token order inside an expert);
         # dropped and padding ones ride along with combine weight 0 (as a dense FFN computes padding), so
         # the row count is T*K on the host and no step of the block waits for the device.
-        flat_e = topk_idx_TK.reshape(-1)
+        flat_e = record.topk_idx_TK.reshape(-1)
         expert_A, order_A = torch.sort(flat_e, stable=True)
         token_A = order_A // K
         pos_TK = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(T * K, device=x_TD.device))
         counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).index_add_(
             0, flat_e, torch.ones_like(flat_e)
         )  # (not bincount: it syncs to size its output)
-        if use_grouped_mm(x_TD, (b.hidden_size, b.w_in.shape[1], b.intermediate_size), self.expert_products):
-            groups = _Groups(counts_E.cumsum(0).to(torch.int32), None, E)
-        else:  # one product per expert, sized on the host (a sync; CPU and unusual shapes only)
-            groups = _Groups(None, expert_segments(counts_E.tolist()), E)
-        observer = ctx.observer if ctx is not None else None
-        valid_A = None
-        dropping = self.config.capacity_factor is not None
-        if observer is not None and (dropping or ctx.token_mask_BT is not None):
-            valid_A = (kept_TK & record.token_mask_T[:, None]).reshape(-1).index_select(0, order_A)
-        return _ExpertsFn.apply(
-            x_TD,
-            weights_TK,
-            logits_TE,
-            b.w_in,
-            b.b_in,
-            b.w_out,
-            b.b_out,
-            token_A,
-            order_A,
-            expert_A,
-            pos_TK.view(T, K),
-            groups,
-            b.ffn,
-            observer,
-            record,
-            valid_A,
-        )
+        groups = self._groups(x_TD, counts_E.cumsum(0))
+        valid_TK = self._valid_TK(record, ctx, dropping=self.config.capacity_factor is not None)
+        return Dispatch(token_A, expert_A, order_A, pos_TK.view(T, K), groups, triton, valid_TK)
 
     @classmethod
     def from_dense(

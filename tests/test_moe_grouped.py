@@ -1,7 +1,8 @@
 """The two ways the MoE block issues its expert products give the same numbers: ``torch._grouped_mm`` with
 device-side offsets (the CUDA bf16 path, no host sync) and one product per expert sized on the host (CPU,
 fp64). Both run here on CPU (torch's grouped GEMM has a CPU fallback for fp32); plus the SwiGLU shortcut of
-the conflict scores (g1's sums and dot products taken from g2 and W_out) against the direct computation."""
+the conflict scores (g1's sums and dot products taken from g2 and W_out) against the direct computation, and
+the Triton activation kernels against eager code."""
 
 from __future__ import annotations
 
@@ -107,43 +108,22 @@ def test_block_and_observer_never_sync_on_cuda():
     assert torch.isfinite(block.router.weight.grad).all()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_triton_swiglu_backward_equals_eager():
-    """The Triton activation backward (and its |grad_a|^2 per row) equals the plain elementwise code."""
-    from stgc.kernels import swiglu_backward
-    from stgc.moe import _act_backward
+def test_triton_swiglu_passes_equal_eager():
+    """The Triton activation forward and backward (with |grad_a|^2 per row) equal the plain elementwise
+    code (on CPU: Triton's interpreter)."""
+    pytest.importorskip("triton")
+    from stgc.kernels import swiglu_backward, swiglu_forward
+    from stgc.moe import _act_backward, _act_forward
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    A, F = 300, 1100  # F not a multiple of the block: the masked tail
-    h = torch.randn(A, 2 * F, device="cuda", generator=g).bfloat16()
-    ga = torch.randn(A, F, device="cuda", generator=g).bfloat16()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    A, F = 37, 300  # neither a multiple of its block: the masked tails
+    h = torch.randn(A, 2 * F, generator=g).to(dev, torch.bfloat16)
+    ga = torch.randn(A, F, generator=g).to(dev, torch.bfloat16)
     ref_h, ref_sq = _act_backward("swiglu", h, ga, F, True)
     out_h, out_sq = swiglu_backward(h, ga, True)
     torch.testing.assert_close(out_h, ref_h, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out_sq, ref_sq, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(swiglu_backward(h, ga, False), ref_h, rtol=1e-2, atol=1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("score", ["mean", "concat", "g1", "g2"])
-def test_triton_conflict_rows_equal_eager(monkeypatch, score):
-    """The one-pass Triton score kernel equals the eager computation of the same SwiGLU shortcut."""
-    import stgc.moe
-
-    monkeypatch.setattr(stgc.moe, "COMPILE_MIN_NUMEL", 0)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    A, E, D2, F2 = 700, 4, 256, 384
-    w_out = (0.05 * torch.randn(E, D2, F2, device="cuda", generator=g)).bfloat16()
-    expert = torch.sort(torch.randint(0, E, (A,), device="cuda", generator=g)).values
-    g2 = torch.randn(A, D2, device="cuda", generator=g).bfloat16()
-    g1 = torch.einsum("ad,adf->af", g2.float(), w_out.float()[expert]).bfloat16()
-    valid = torch.rand(A, device="cuda", generator=g) > 0.1
-    kw = dict(score=score, w_out_EDF=w_out, sq1_A=g1.float().square().sum(-1))
-    fast = conflict_scores(g1, g2, expert, valid, E, **kw)
-    monkeypatch.setenv("STGC_NO_TRITON", "1")
-    monkeypatch.setenv("STGC_NO_COMPILE", "1")
-    slow = conflict_scores(g1, g2, expert, valid, E, **kw)
-    assert torch.equal(fast[1], slow[1])
-    torch.testing.assert_close(fast[0], slow[0], rtol=1e-4, atol=1e-5)
+    ref_a = _act_forward("swiglu", h.float(), F)
+    torch.testing.assert_close(swiglu_forward(h).float(), ref_a, rtol=1e-2, atol=1e-2)

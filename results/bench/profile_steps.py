@@ -3,10 +3,11 @@
 From the repository root on a CUDA machine:
 ``python results/bench/profile_steps.py > results/bench/profile_steps.txt``.
 For each step: the median wall time (CUDA events), the median host time to issue it (the step's Python
-and launches, no synchronisation), then one step under ``torch.profiler``: the number and
-summed time of its kernels, the span from the first to the last kernel, and the GPU idle time between
-kernels (gaps over 3 us; the profiler itself slows the host, so spans and gaps are inflated); then the
-kernels by summed time. Last, the kernels the fused STGC mode adds to the baseline on the layer stack.
+and launches, no synchronisation) and to issue its first grouped expert product, then one step under
+``torch.profiler``: the number and summed time of its kernels, the span from the first to the last
+kernel, and the GPU idle time between kernels (gaps over 3 us; the profiler itself slows the host, so
+spans and gaps are inflated); then the kernels by summed time. Last, the kernels the fused STGC mode
+adds to the baseline on the layer stack.
 """
 
 from __future__ import annotations
@@ -34,9 +35,35 @@ def host_ms(step, n: int = 20) -> float:
     return statistics.median(times)
 
 
+def host_to_first_product_ms(step, n: int = 20) -> float:
+    """Median host time from the start of a step to the issue of its first grouped expert product (the
+    GPU has nothing else to do until then when the step starts on an idle GPU); NaN if it issues none."""
+    original, marks = torch._grouped_mm, []
+
+    def marked(*args, **kwargs):
+        if len(marks) == len(times):
+            marks.append(time.perf_counter())
+        return original(*args, **kwargs)
+
+    times: list[float] = []
+    torch._grouped_mm = marked
+    try:
+        for _ in range(n):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter())
+            step()
+            if len(marks) < len(times):
+                marks.append(float("nan"))
+        torch.cuda.synchronize()
+    finally:
+        torch._grouped_mm = original
+    return statistics.median((m - t) * 1e3 for m, t in zip(marks, times))
+
+
 def profile(name: str, step, top: int = 15) -> collections.Counter:
     wall = measure(step, torch.device("cuda"), warmup=3, repeats=20)[0]
     host = host_ms(step)
+    first = host_to_first_product_ms(step)
     acts = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=acts) as prof:
         step()
@@ -56,7 +83,8 @@ def profile(name: str, step, top: int = 15) -> collections.Counter:
     for e in ev:
         by_name[e.name[:80]] += e.time_range.end - e.time_range.start
     print(
-        f"== {name}: wall {wall:.3f} ms | host issues it in {host:.3f} ms | "
+        f"== {name}: wall {wall:.3f} ms | host issues it in {host:.3f} ms "
+        f"(first expert product after {first:.3f} ms) | "
         f"{len(ev)} kernels, sum {total / 1e3:.3f} ms | "
         f"span {span / 1e3:.3f} ms | idle between kernels {idle / 1e3:.3f} ms"
     )
@@ -75,7 +103,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     with single_process_group():
         steps = _steps(BenchConfig(tokens=(8192,)), 8192, dev)
-        for impl in ("stgc", "floor"):
+        for impl in ("stgc", "stgc_eager", "floor", "floor_grouped"):
             profile(f"MoE block bench, {impl}, 8192 tokens", steps[impl])
         del steps
     layer_steps, shape = _layer_steps(StackShape(), dev, torch.bfloat16)

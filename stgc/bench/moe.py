@@ -9,13 +9,19 @@ the backward of each, with MoE-LLaVA's coefficient 0.01):
   ``torch._grouped_mm``
 - ``deepspeed_moellava``: ``deepspeed.moe.layer.MoE`` as MoE-LLaVA configures it (``MOELLAVA_DS_SETTINGS``)
 - ``deepspeed_nodrop``: the same without token dropping (drop_tokens=False)
+- ``stgc_eager``: the block without ``stgc.kernels`` (``use_triton=False``: eager routing and sort, the
+  compiled elementwise helpers), the path before the Triton routing
 - ``floor``: the experts' matrix products alone on tokens pre-sorted and split evenly over the experts:
   per expert the forward [n, D] x [D, 2F] and [n, F] x [F, D] products and the four backward products
   (dA, dW_out, dW_in, dX), one SwiGLU pass each way (compiled on CUDA); no autograd, routing or combine
+- ``floor_grouped``: the same six products as one ``torch._grouped_mm`` each (device offsets), as the block
+  issues them: a stricter floor (the grouped kernels are faster than one product per expert)
 
 Default shape: StableLM-2-1.6B's FFN (D 2048, F 5632), E 4, top-2, bf16 experts with an fp32 router, T in
 {8192, 16384} tokens. ``--quick`` uses tiny shapes so that the CPU smoke test runs in seconds. Times are
-medians over repeats (CUDA events on a GPU); peak memory is torch.cuda.max_memory_allocated during one
+medians over repeats (CUDA events on a GPU), each step synchronised (the GPU starts idle: the host's time
+to issue the first kernels is in the figure); ``pipelined_ms`` is the time per step of 10 steps issued back
+to back (the host runs ahead, as in training). Peak memory is torch.cuda.max_memory_allocated during one
 step minus the memory allocated before it (NaN on a CPU).
 """
 
@@ -40,13 +46,16 @@ from stgc.provenance import git_revision
 
 IMPLS = (
     "stgc",
+    "stgc_eager",
     "stgc_moellava_settings",
     "stgc_per_expert",
     "deepspeed_moellava",
     "deepspeed_nodrop",
     "floor",
+    "floor_grouped",
 )
-BASELINE_IMPL, FLOOR_IMPL = "deepspeed_moellava", "floor"
+BASELINE_IMPL, FLOOR_IMPL, GROUPED_FLOOR_IMPL = "deepspeed_moellava", "floor", "floor_grouped"
+PIPELINED_STEPS = 10
 AUX_COEF = 0.01  # MoE-LLaVA's router_aux_loss_coef
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = (
@@ -57,6 +66,9 @@ COLUMNS = (
     "peak_mem_mib",
     "speedup_vs_deepspeed_moellava",
     "ratio_to_floor",
+    "ratio_to_floor_grouped",
+    "pipelined_ms",
+    "pipelined_ratio_to_floor",
     "device",
     "torch_version",
     "git_revision",
@@ -135,6 +147,27 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
     return statistics.median(times), peak
 
 
+def measure_pipelined(step: Callable[[], None], device: torch.device, steps: int = PIPELINED_STEPS) -> float:
+    """ms per step of ``steps`` steps issued back to back (one synchronisation at the end), median of 3."""
+    _sync(device)
+    times = []
+    for _ in range(3):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t0) * 1e3 / steps)
+    return statistics.median(times)
+
+
 def _clear_grads(*tensors: Tensor) -> None:
     for t in tensors:
         t.grad = None
@@ -161,6 +194,9 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     block_pe = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_pe.load_state_dict(block.state_dict())
     block_pe.expert_products = "per_expert"
+    block_eager = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
+    block_eager.load_state_dict(block.state_dict())
+    block_eager.use_triton = False
 
     def ours(b: MoEBlock) -> Callable[[], None]:
         xi = x.detach().requires_grad_()
@@ -217,14 +253,38 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
 
         return step
 
+    def floor_grouped() -> Callable[[], None]:
+        # the six products through the block's own product helper (torch._grouped_mm with device offsets
+        # where the block uses it), on the same even split; the same compiled activation passes
+        w_in, w_out = block.experts.w_in.detach(), block.experts.w_out.detach()
+        A = T * cfg.top_k
+        xs, dys = x.repeat(cfg.top_k, 1)[:A].contiguous(), dy.repeat(cfg.top_k, 1)[:A].contiguous()
+        ends = torch.tensor([round((e + 1) * A / E) for e in range(E)], device=device)
+        groups = block._groups(xs, ends)
+        act_fwd, act_bwd = _compiled(_swiglu_fwd, device), _compiled(_swiglu_bwd, device)
+
+        def step() -> None:
+            h = groups.rows_wt(xs, w_in)
+            a = act_fwd(h)
+            groups.rows_wt(a, w_out)
+            ga = groups.rows_w(dys, w_out)
+            groups.weight_grad(dys, a)
+            gh = act_bwd(h, ga)
+            groups.weight_grad(gh, xs)
+            groups.rows_w(gh, w_in)
+
+        return step
+
     nodrop = {**MOELLAVA_DS_SETTINGS, "drop_tokens": False}
     return {
         "stgc": ours(block),
+        "stgc_eager": ours(block_eager),
         "stgc_moellava_settings": ours(block_ml),
         "stgc_per_expert": ours(block_pe),
         "deepspeed_moellava": deepspeed(**MOELLAVA_DS_SETTINGS),
         "deepspeed_nodrop": deepspeed(**nodrop),
         "floor": floor(),
+        "floor_grouped": floor_grouped(),
     }
 
 
@@ -265,11 +325,13 @@ def run_benchmark(cfg: BenchConfig, device: torch.device | None = None) -> list[
         for T in cfg.tokens:
             results = {}
             for impl, step in _steps(cfg, T, device).items():
-                results[impl] = measure(step, device, cfg.warmup, cfg.repeats)
+                ms, mib = measure(step, device, cfg.warmup, cfg.repeats)
+                results[impl] = (ms, mib, measure_pipelined(step, device))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             base_ms, floor_ms = results[BASELINE_IMPL][0], results[FLOOR_IMPL][0]
-            for impl, (ms, mib) in results.items():
+            grouped_ms, floor_pipe = results[GROUPED_FLOOR_IMPL][0], results[FLOOR_IMPL][2]
+            for impl, (ms, mib, pipe) in results.items():
                 rows.append(
                     dict(
                         impl=impl,
@@ -278,6 +340,9 @@ def run_benchmark(cfg: BenchConfig, device: torch.device | None = None) -> list[
                         peak_mem_mib=round(mib, 1),
                         speedup_vs_deepspeed_moellava=round(base_ms / ms, 3),
                         ratio_to_floor=round(ms / floor_ms, 3),
+                        ratio_to_floor_grouped=round(ms / grouped_ms, 3),
+                        pipelined_ms=round(pipe, 4),
+                        pipelined_ratio_to_floor=round(pipe / floor_pipe, 3),
                         **stamp,
                     )
                 )
@@ -297,7 +362,16 @@ def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...] = COLUMNS) 
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ("impl", "tokens", "fwd_bwd_ms", "peak_mem_mib", "speedup_vs_deepspeed_moellava", "ratio_to_floor")
+    cols = (
+        "impl",
+        "tokens",
+        "fwd_bwd_ms",
+        "peak_mem_mib",
+        "speedup_vs_deepspeed_moellava",
+        "ratio_to_floor",
+        "ratio_to_floor_grouped",
+        "pipelined_ms",
+    )
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) for r in rows]
