@@ -151,27 +151,21 @@ def _token_scores(
     """``conflict_scores`` (SwiGLU shortcut) and the conflict masks from the MoE block's Triton backward:
     the per-expert sums of g2 come from the pass that wrote g2 and the scores from one read of dy
     (``stgc.kernels.conflict_tokens``); with ``cel_scale`` also the scaled neg_logit_ce gradient and L_cel.
-    Means are over valid rows (``record.tokens_per_expert_E`` counts exactly those)."""
+    The scores are cosines, so the expert sums stand in for the means (same direction; an expert with no
+    valid rows has sum 0 and no conflicts); with ``allreduce_mean`` the sums are summed over ranks."""
     from stgc.kernels import conflict_tokens
 
     sums2 = grads.sums2_ED
-    counts = record.tokens_per_expert_E.to(sums2.dtype)
     if obs.allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
-        for t_ in (sums2, counts):
-            torch.distributed.all_reduce(t_)
-    mean2 = sums2 / counts.clamp_min(1)[:, None]
+        torch.distributed.all_reduce(sums2)
     w = grads.w_out_EDF
-    # gbar1_e = gbar2_e W_out[e]; v_e = W_out[e] gbar1_e gives <g1_a, gbar1_e> = <g2_a, v_e>
-    mean1 = torch.bmm(mean2.to(w.dtype)[:, None, :], w)[:, 0]
-    v_ED = torch.bmm(mean1[:, None, :], w.transpose(1, 2))[:, 0]
-    mnorm1 = torch.linalg.vector_norm(mean1, dim=-1, dtype=torch.float32)
-    mnorm2 = torch.linalg.vector_norm(mean2, dim=-1)
+    # gbar1_e ∝ sum2_e W_out[e]; v_e = W_out[e] gbar1_e gives <g1_a, gbar1_e> = <g2_a, v_e>
+    sums1 = torch.bmm(sums2.to(w.dtype)[:, None, :], w)
+    v_ED = torch.bmm(sums1, w.transpose(1, 2))[:, 0]
     return conflict_tokens(
         grads.dy_TD,
-        mean2,
+        sums2,
         v_ED,
-        mnorm1,
-        mnorm2,
         grads.sq1_A,
         record.topk_idx_TK,
         record.weights_TK,

@@ -10,7 +10,9 @@ on CPU tensors (the tests hold each one equal to the eager code it replaces).
 
 Shape legend as in ``stgc.moe``: T tokens, D model dim, E experts, K top-k, A = T*K assignment rows in
 expert-sorted order, F expert FFN dim (SwiGLU: h is [gate | up], 2F wide). ``*_PAD`` sizes are powers of
-two (tl.arange); E_PAD is at least 16 (the smallest ``tl.dot`` width).
+two (tl.arange). Products with the few experts are broadcast products reduced along D in fp32 (Triton's
+fp32 ``tl.dot`` without tensor cores measured ~10x slower); only the per-expert sums of bf16 rows use
+``tl.dot`` (a one-hot matrix is exact in bf16, the accumulation fp32).
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ from torch import Tensor
 
 ROUTE_BLOCK_T = 32  # tokens per program of the routing kernels (and of the token-wise score kernel)
 GATHER_BLOCK_D = 256  # columns per program of the dispatch's token gather
-ROW_BLOCK = 32  # assignment rows per program of the row kernels
+ROW_BLOCK = 64  # assignment rows per program of the row kernels
 
 
-def _pad(n: int, least: int = 16) -> int:
+def _pad(n: int, least: int = 2) -> int:
     return max(least, triton.next_power_of_2(n))
+
+
+def _bcast_block(width: int, rows: int = ROUTE_BLOCK_T) -> int:
+    """Columns per chunk of a [rows, width, columns] broadcast product (about 8K elements a chunk)."""
+    return max(16, min(128, 8192 // (rows * width)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -52,7 +59,6 @@ def _route_kernel(
     D,
     E: tl.constexpr,
     E_PAD: tl.constexpr,
-    E_ST: tl.constexpr,
     K: tl.constexpr,
     K_PAD: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -65,7 +71,8 @@ def _route_kernel(
     rmask = rows < T
     ce = tl.arange(0, E_PAD)
     emask = ce < E
-    # logits = x W^T with x upcast to fp32 and fp32 products (the router "computed in fp32")
+    # logits = x W^T with x upcast to fp32 and fp32 products and sums (the router "computed in fp32"); E is
+    # small, so a broadcast product reduced along D (no matrix instructions, no fp32 tensor-core rounding)
     acc = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dc = d0 + tl.arange(0, BLOCK_D)
@@ -73,8 +80,8 @@ def _route_kernel(
         xb = tl.load(
             x_ptr + rows[:, None].to(tl.int64) * D + dc[None, :], mask=rmask[:, None] & dm[None, :], other=0.0
         ).to(tl.float32)
-        wb = tl.load(w_ptr + ce[None, :] * D + dc[:, None], mask=emask[None, :] & dm[:, None], other=0.0)
-        acc += tl.dot(xb, wb.to(tl.float32), input_precision="ieee")
+        wb = tl.load(w_ptr + ce[:, None] * D + dc[None, :], mask=emask[:, None] & dm[None, :], other=0.0)
+        acc += tl.sum(xb[:, None, :] * wb.to(tl.float32)[None, :, :], axis=2)
     z = tl.where(emask[None, :], acc, float("-inf"))
     ez = tl.exp(z - tl.max(z, axis=1)[:, None])
     p = ez / tl.sum(ez, axis=1)[:, None]
@@ -117,17 +124,16 @@ def _route_kernel(
     tl.store(topk_ptr + outk, idx_TK.to(tl.int64), mask=mk)
     tl.store(weights_ptr + outk, w_TK, mask=mk)
 
-    # partial sums of this block, E_ST wide: [P_e, f_e count, tokens-per-expert count, n counted] in fp32
-    # (exact counts below 2^24 per block) and the assignment counts per expert in int32
+    # partial sums of this block: [P_e, f_e count, tokens-per-expert count, n counted] in fp32 (exact
+    # counts below 2^24 per block) and the assignment counts per expert in int32
     psum = tl.sum(tl.where(counted[:, None], p, 0.0), axis=0)
-    base = part_ptr + pid * 4 * E_ST
-    st = ce < E_ST
-    tl.store(base + ce, psum, mask=st)
-    tl.store(base + E_ST + ce, f1, mask=st)
-    tl.store(base + 2 * E_ST + ce, ccnt, mask=st)
+    base = part_ptr + pid * 4 * E_PAD
+    tl.store(base + ce, psum)
+    tl.store(base + E_PAD + ce, f1)
+    tl.store(base + 2 * E_PAD + ce, ccnt)
     n_counted = tl.sum(counted.to(tl.float32), axis=0)
-    tl.store(base + 3 * E_ST + ce, tl.where(ce == 0, n_counted, 0.0), mask=st)
-    tl.store(acnt_ptr + pid * E_ST + ce, acnt, mask=st)
+    tl.store(base + 3 * E_PAD + ce, tl.where(ce == 0, n_counted, 0.0))
+    tl.store(acnt_ptr + pid * E_PAD + ce, acnt)
 
 
 @triton.jit
@@ -159,8 +165,8 @@ def _dispatch_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # E_PAD here: the partial sums' width (E_ST of the routing kernel). Grid: (token blocks, column blocks
-    # of the gather); every program ranks its tokens' assignments, column block 0 writes the indices.
+    # Grid: (token blocks, column blocks of the gather); every program ranks its tokens' assignments,
+    # column block 0 writes the indices.
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     ce = tl.arange(0, E_PAD)
@@ -247,7 +253,7 @@ def route_and_dispatch(
     MoE-LLaVA's ``route_padding`` (padding counts in L_aux and carries weight)."""
     T, D = x_TD.shape
     E, K = w_ED.shape[0], top_k
-    E_PAD, E_ST, K_PAD = _pad(E), _pad(E, 2), _pad(K, 2)
+    E_PAD, K_PAD = _pad(E, 2), _pad(K, 2)
     dev = x_TD.device
     x_TD, w_ED = x_TD.contiguous(), w_ED.contiguous()
     nprog = triton.cdiv(T, ROUTE_BLOCK_T)
@@ -255,8 +261,8 @@ def route_and_dispatch(
     probs = torch.empty_like(logits)
     topk = torch.empty(T, K, device=dev, dtype=torch.int64)
     weights = torch.empty(T, K, device=dev, dtype=torch.float32)
-    part = torch.empty(max(nprog, 1), 4, E_ST, device=dev, dtype=torch.float32)
-    acnt = torch.empty(max(nprog, 1), E_ST, device=dev, dtype=torch.int32)
+    part = torch.empty(max(nprog, 1), 4, E_PAD, device=dev, dtype=torch.float32)
+    acnt = torch.empty(max(nprog, 1), E_PAD, device=dev, dtype=torch.int32)
     mask_out = torch.empty(T, device=dev, dtype=torch.bool)
     # (the logits stand in for pointers a kernel does not read under its flags)
     mask = logits if token_mask_T is None else token_mask_T.contiguous().view(torch.uint8)
@@ -264,8 +270,8 @@ def route_and_dispatch(
     if T:
         _route_kernel[grid](
             x_TD, w_ED, mask, logits, probs, topk, weights, part, acnt, mask_out.view(torch.uint8), T, D,
-            E=E, E_PAD=E_PAD, E_ST=E_ST, K=K, K_PAD=K_PAD, HAS_MASK=token_mask_T is not None,
-            COUNT_PADDING=count_padding, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=64, num_warps=4,
+            E=E, E_PAD=E_PAD, K=K, K_PAD=K_PAD, HAS_MASK=token_mask_T is not None,
+            COUNT_PADDING=count_padding, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=_bcast_block(E_PAD), num_warps=4,
         )  # fmt: skip
     A = T * K
     i64 = dict(device=dev, dtype=torch.int64)
@@ -282,7 +288,7 @@ def route_and_dispatch(
         _dispatch_kernel[grid](
             topk, weights, acnt, part, x_TD, pos, order, expert, token, w_A,
             x_AD if gather else w_A, offsets, aux, fn, tpe, T, D, nprog,
-            E=E, E_PAD=E_ST, K=K, K_PAD=K_PAD, NP_PAD=_pad(nprog), GATHER=gather,
+            E=E, E_PAD=E_PAD, K=K, K_PAD=K_PAD, NP_PAD=_pad(nprog), GATHER=gather,
             BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=GATHER_BLOCK_D, num_warps=4 if nprog <= 256 else 8,
         )  # fmt: skip
     else:
@@ -365,17 +371,17 @@ def _route_bwd_kernel(
     if HAS_GZ:
         dz += tl.load(gz_ptr + e2, mask=m2, other=0.0)
     dz = tl.where(m2, dz, 0.0)
-    # dx = dz W (fp32, rounded to x's dtype); this block's share of dW = dz^T x
+    # dx = dz W (fp32, rounded to x's dtype); this block's share of dW = dz^T x (broadcast products)
     for d0 in range(0, D, BLOCK_D):
         dc = d0 + tl.arange(0, BLOCK_D)
         dm = dc < D
         wb = tl.load(w_ptr + ce[:, None] * D + dc[None, :], mask=emask[:, None] & dm[None, :], other=0.0)
-        dxb = tl.dot(dz, wb.to(tl.float32), input_precision="ieee")
+        dxb = tl.sum(dz[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
         xm = rmask[:, None] & dm[None, :]
         xo = rows[:, None].to(tl.int64) * D + dc[None, :]
         tl.store(dx_ptr + xo, dxb.to(dx_ptr.dtype.element_ty), mask=xm)
         xb = tl.load(x_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-        dwb = tl.dot(tl.trans(dz), xb, input_precision="ieee")
+        dwb = tl.sum(dz[:, :, None] * xb[:, None, :], axis=0)
         tl.store(
             dwpart_ptr + pid * E * D + ce[:, None] * D + dc[None, :], dwb, mask=emask[:, None] & dm[None, :]
         )
@@ -415,7 +421,7 @@ def route_backward(
             c(g_logits), c(g_probs), c(g_weights), c(g_aux), dx, dwpart, T, D,
             E=E, E_PAD=_pad(E), K=K, HAS_MASK=token_mask_T is not None, COUNT_PADDING=count_padding,
             HAS_GZ=g_logits is not None, HAS_GP=g_probs is not None, HAS_GW=g_weights is not None,
-            HAS_GAUX=g_aux is not None, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=64, num_warps=4,
+            HAS_GAUX=g_aux is not None, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=_bcast_block(_pad(E)), num_warps=4,
         )  # fmt: skip
     else:
         dwpart.zero_()
@@ -532,8 +538,10 @@ def _rowdot_kernel(
     A,
     D,
     E: tl.constexpr,
+    E_DOT: tl.constexpr,
     STATS: tl.constexpr,
     HAS_VALID: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -548,6 +556,9 @@ def _rowdot_kernel(
         if HAS_VALID:
             order = tl.load(order_ptr + rows, mask=rm, other=0)
             use = use & (tl.load(valid_ptr + order, mask=rm, other=0) != 0)
+        ce = tl.arange(0, E_DOT)
+        # one-hot [E_DOT, rows] of the valid rows' experts: per-expert sums of g2 as one matrix product
+        oh = ((ex[None, :] == ce[:, None]) & use[None, :]).to(g2_ptr.dtype.element_ty)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dc = d0 + tl.arange(0, BLOCK_D)
@@ -555,13 +566,15 @@ def _rowdot_kernel(
         dy = tl.load(dy_ptr + tok[:, None] * D + dc[None, :], mask=m, other=0.0).to(tl.float32)
         o = tl.load(o_ptr + rows[:, None].to(tl.int64) * D + dc[None, :], mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(dy * o, axis=1)
-        g2 = w[:, None] * dy
-        g2_off = rows[:, None].to(tl.int64) * D + dc[None, :]
-        tl.store(g2_ptr + g2_off, g2.to(g2_ptr.dtype.element_ty), mask=m)
+        g2 = (w[:, None] * dy).to(g2_ptr.dtype.element_ty)
+        tl.store(g2_ptr + rows[:, None].to(tl.int64) * D + dc[None, :], g2, mask=m)
         if STATS:
-            for e in tl.static_range(E):
-                s = tl.sum(tl.where((use & (ex == e))[:, None], g2, 0.0), axis=0)
-                tl.store(part_ptr + (pid * E + e) * D + dc, s, mask=dc < D)
+            if IEEE:  # fp32 rows: fp32 products (no tf32 rounding)
+                s = tl.dot(oh, g2, input_precision="ieee")
+            else:
+                s = tl.dot(oh, g2)
+            sm = (ce < E)[:, None] & (dc < D)[None, :]
+            tl.store(part_ptr + (pid * E + ce[:, None]) * D + dc[None, :], s, mask=sm)
     tl.store(gw_ptr + rows, tl.where(w != 0, acc, 0.0), mask=rm)
 
 
@@ -592,8 +605,9 @@ def rowdot_scale(
             dy_TD.contiguous(), o_AD.contiguous(), token_A, w_A.contiguous(),
             expert_A if stats else token_A, order_A if has_valid else token_A,
             valid_TK.reshape(-1).view(torch.uint8) if has_valid else token_A, gw, g2, part, A, D,
-            E=max(num_experts, 1), STATS=stats, HAS_VALID=has_valid, BLOCK_R=ROW_BLOCK, BLOCK_D=128,
-            num_warps=4,
+            E=max(num_experts, 1), E_DOT=_pad(num_experts, 16), STATS=stats, HAS_VALID=has_valid,
+            IEEE=dy_TD.dtype == torch.float32,
+            BLOCK_R=ROW_BLOCK, BLOCK_D=64, num_warps=4,
         )  # fmt: skip
     elif stats:
         part.zero_()
@@ -609,10 +623,8 @@ SCORE_CODES = {"mean": 0, "g1": 1, "g2": 2, "concat": 3}
 @triton.jit
 def _conflict_kernel(
     dy_ptr,
-    mean2_ptr,
+    m2_ptr,
     v_ptr,
-    mn1_ptr,
-    mn2_ptr,
     sq1_ptr,
     topk_ptr,
     w_ptr,
@@ -631,6 +643,7 @@ def _conflict_kernel(
     E: tl.constexpr,
     E_PAD: tl.constexpr,
     K: tl.constexpr,
+    K_PAD: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_VALID: tl.constexpr,
     CEL: tl.constexpr,
@@ -642,44 +655,60 @@ def _conflict_kernel(
     rm = rows < T
     ce = tl.arange(0, E_PAD)
     emask = ce < E
-    # <dy_t, gbar2_e> and <dy_t, v_e> for every expert, |dy_t|^2: g2 = w dy, so one read of dy serves K slots
-    d2 = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
-    d1 = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+    ck = tl.arange(0, K_PAD)
+    vk = rm[:, None] & (ck[None, :] < K)
+    e_TK = tl.load(topk_ptr + rows[:, None] * K + ck[None, :], mask=vk, other=0).to(tl.int32)
+    # per (token, slot): <dy_t, m2_e> and <dy_t, v_e> of its expert (rows gathered from the E x D means);
+    # per expert: |m2_e|^2 and <m2_e, v_e> (= |m1_e|^2: v_e = W_out[e] m1_e, m1_e = W_out[e]^T m2_e)
+    d2 = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    d1 = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
     sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    mm = tl.zeros([E_PAD], dtype=tl.float32)
+    mv = tl.zeros([E_PAD], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dc = d0 + tl.arange(0, BLOCK_D)
         dm = dc < D
         dy = tl.load(
             dy_ptr + rows[:, None].to(tl.int64) * D + dc[None, :], mask=rm[:, None] & dm[None, :], other=0.0
         ).to(tl.float32)
-        em = dm[:, None] & emask[None, :]
-        m2 = tl.load(mean2_ptr + ce[None, :] * D + dc[:, None], mask=em, other=0.0)
-        vv = tl.load(v_ptr + ce[None, :] * D + dc[:, None], mask=em, other=0.0)
-        d2 += tl.dot(dy, m2, input_precision="ieee")
-        d1 += tl.dot(dy, vv, input_precision="ieee")
         sq += tl.sum(dy * dy, axis=1)
+        for k in tl.static_range(K):
+            e = tl.sum(tl.where(ck[None, :] == k, e_TK, 0), axis=1)
+            gm = rm[:, None] & dm[None, :]
+            m2 = tl.load(m2_ptr + e[:, None] * D + dc[None, :], mask=gm, other=0.0)
+            vv = tl.load(v_ptr + e[:, None] * D + dc[None, :], mask=gm, other=0.0).to(tl.float32)
+            sel = ck[None, :] == k
+            d2 += tl.where(sel, tl.sum(dy * m2, axis=1)[:, None], 0.0)
+            d1 += tl.where(sel, tl.sum(dy * vv, axis=1)[:, None], 0.0)
+        em = emask[:, None] & dm[None, :]
+        m2e = tl.load(m2_ptr + ce[:, None] * D + dc[None, :], mask=em, other=0.0)
+        ve = tl.load(v_ptr + ce[:, None] * D + dc[None, :], mask=em, other=0.0).to(tl.float32)
+        mm += tl.sum(m2e * m2e, axis=1)
+        mv += tl.sum(m2e * ve, axis=1)
+    mn2_E = tl.sqrt(mm)
+    mn1_E = tl.sqrt(tl.maximum(mv, 0.0))
     if CEL:
         zm = rm[:, None] & emask[None, :]
         zl = tl.load(logits_ptr + rows[:, None] * E + ce[None, :], mask=zm, other=0.0)
         nz = tl.where(emask[None, :], -zl, float("-inf"))
         nz = nz - tl.max(nz, axis=1)[:, None]
-        lse = tl.log(tl.sum(tl.exp(nz), axis=1))
-        logq = nz - lse[:, None]  # log softmax(-z)
+        logq = nz - tl.log(tl.sum(tl.exp(nz), axis=1))[:, None]  # log softmax(-z)
         q = tl.exp(logq)
         g = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
         cel = tl.zeros([BLOCK_T], dtype=tl.float32)
         nconf = tl.zeros([BLOCK_T], dtype=tl.float32)
     for k in tl.static_range(K):
-        e = tl.load(topk_ptr + rows * K + k, mask=rm, other=0).to(tl.int32)
+        sel_k = ck[None, :] == k
+        e = tl.sum(tl.where(sel_k, e_TK, 0), axis=1)
         w = tl.load(w_ptr + rows * K + k, mask=rm, other=0.0)
         a = tl.load(pos_ptr + rows * K + k, mask=rm, other=0)
         sel = ce[None, :] == e[:, None]
-        dot2 = w * tl.sum(tl.where(sel, d2, 0.0), axis=1)
-        dot1 = w * tl.sum(tl.where(sel, d1, 0.0), axis=1)
+        dot2 = w * tl.sum(tl.where(sel_k, d2, 0.0), axis=1)
+        dot1 = w * tl.sum(tl.where(sel_k, d1, 0.0), axis=1)
         sq2 = w * w * sq
         sq1 = tl.load(sq1_ptr + a, mask=rm, other=0.0)
-        m1 = tl.load(mn1_ptr + e, mask=rm, other=0.0)
-        m2n = tl.load(mn2_ptr + e, mask=rm, other=0.0)
+        m1 = tl.sum(tl.where(sel, mn1_E[None, :], 0.0), axis=1)
+        m2n = tl.sum(tl.where(sel, mn2_E[None, :], 0.0), axis=1)
         n1 = tl.sqrt(sq1)
         n2 = tl.sqrt(sq2)
         considered = rm & (n1 > zero_norm) & (n2 > zero_norm) & (m1 > zero_norm) & (m2n > zero_norm)
@@ -725,10 +754,8 @@ def _cel_scale_kernel(gz_ptr, part_ptr, cel_ptr, n, nprog, scale, NP_PAD: tl.con
 
 def conflict_tokens(
     dy_TD: Tensor,
-    mean2_ED: Tensor,
+    m2_ED: Tensor,
     v_ED: Tensor,
-    mnorm1_E: Tensor,
-    mnorm2_E: Tensor,
     sq1_A: Tensor,
     topk_TK: Tensor,
     weights_TK: Tensor,
@@ -742,36 +769,39 @@ def conflict_tokens(
     cel_scale: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """STGC's SwiGLU-shortcut scores (``stgc.conflict.conflict_scores``) of every assignment in one pass
-    over dy: g2_a = w_a dy_t, so <g2_a, gbar2_e> = w_a <dy_t, gbar2_e>, <g1_a, gbar1_e> = w_a <dy_t, v_e>,
-    |g2_a|^2 = w_a^2 |dy_t|^2; with ``cel_scale`` also the scaled neg_logit_ce gradient and L_cel.
+    over dy. g2_a = w_a dy_t, so <g2_a, m2_e> = w_a <dy_t, m2_e>, <g1_a, m1_e> = w_a <dy_t, v_e> and
+    |g2_a|^2 = w_a^2 |dy_t|^2, with m2_e the expert's mean g2 (any positive multiple: the scores are
+    cosines), m1_e = W_out[e]^T m2_e, v_e = W_out[e] m1_e (so |m1_e|^2 = <m2_e, v_e>); |g1_a|^2 = ``sq1_A``.
+    With ``cel_scale`` also the scaled neg_logit_ce gradient (T x E) and L_cel.
     Returns (score_A fp32, considered_A, conflict_A (bool, sorted rows), grad_TE or None, cel or None)."""
     T, D = dy_TD.shape
-    E, K = mean2_ED.shape[0], topk_TK.shape[1]
+    E, K = m2_ED.shape[0], topk_TK.shape[1]
     A = T * K
     dev = dy_TD.device
     score_A = torch.empty(A, device=dev, dtype=torch.float32)
-    cons = torch.empty(A, device=dev, dtype=torch.int8)
-    conf = torch.empty(A, device=dev, dtype=torch.int8)
+    cons = torch.empty(A, device=dev, dtype=torch.bool)  # (written as 0/1 bytes through a uint8 view)
+    conf = torch.empty(A, device=dev, dtype=torch.bool)
     nprog = triton.cdiv(T, ROUTE_BLOCK_T)
     cel_on = cel_scale is not None
     gz = torch.empty(T, E, device=dev, dtype=torch.float32) if cel_on else score_A
     part = torch.empty(max(nprog, 1), 2, device=dev, dtype=torch.float32)
-    cel = torch.zeros((), device=dev, dtype=torch.float32) if cel_on else None
+    cel = torch.empty((), device=dev, dtype=torch.float32) if cel_on else None
     if T:
         _conflict_kernel[(nprog,)](
-            dy_TD.contiguous(), mean2_ED.float().contiguous(), v_ED.float().contiguous(),
-            mnorm1_E.float().contiguous(), mnorm2_E.float().contiguous(), sq1_A.float().contiguous(),
+            dy_TD.contiguous(), m2_ED.float().contiguous(), v_ED.contiguous(), sq1_A.float().contiguous(),
             topk_TK, weights_TK, pos_TK.contiguous(),
             valid_TK.contiguous().view(torch.uint8) if valid_TK is not None else topk_TK,
-            logits_TE.detach().contiguous(), score_A, cons, conf, gz, part, T, D, float(tau),
-            float(zero_norm), E=E, E_PAD=_pad(E), K=K, SCORE=SCORE_CODES[score],
+            logits_TE.detach().contiguous(), score_A, cons.view(torch.uint8), conf.view(torch.uint8), gz,
+            part, T, D, float(tau),
+            float(zero_norm), E=E, E_PAD=_pad(E), K=K, K_PAD=_pad(K), SCORE=SCORE_CODES[score],
             HAS_VALID=valid_TK is not None, CEL=cel_on, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=64, num_warps=4,
         )  # fmt: skip
         if cel_on:
             n = T * E
             _cel_scale_kernel[(triton.cdiv(n, 1024),)](
-                gz, part, cel, n, nprog, float(cel_scale), NP_PAD=_pad(nprog), BLOCK=1024, num_warps=4
+                gz, part, cel, n, nprog, float(cel_scale), NP_PAD=_pad(nprog, 16), BLOCK=1024, num_warps=4
             )
     elif cel_on:
         gz.zero_()
-    return score_A, cons.bool(), conf.bool(), (gz if cel_on else None), cel
+        cel.zero_()
+    return score_A, cons, conf, (gz if cel_on else None), cel

@@ -592,11 +592,9 @@ class _RouteFn(torch.autograd.Function):
         r = route_and_dispatch(x_TD, w_ED, token_mask_T, top_k, count_padding, gather=True)
         ctx.save_for_backward(x_TD, w_ED, token_mask_T, r.probs_TE, r.topk_TK, r.weights_TK, r.f_E, r.n_real)
         ctx.count_padding = count_padding
-        outs = (r.topk_TK, r.tokens_per_expert_E, r.pos_TK, r.order_A, r.expert_A, r.token_A, r.w_A, r.x_AD)
-        outs += (r.offsets_E, r.token_mask_T)
-        ctx.mark_non_differentiable(*outs)
         ctx.set_materialize_grads(False)
-        return (r.logits_TE, r.probs_TE, r.weights_TK, r.aux) + outs
+        # the rest of ``r`` (indices, counts, the dispatch) passes through untracked (fewer outputs to wrap)
+        return r.logits_TE, r.probs_TE, r.weights_TK, r.aux, r
 
     @staticmethod
     def backward(ctx, g_logits, g_probs, g_weights, g_aux, *_):
@@ -755,25 +753,30 @@ class MoEBlock(nn.Module):
     ) -> tuple[RoutingRecord, Dispatch]:
         c = self.config
         T, K = x_TD.shape[0], c.top_k
-        (logits, probs, weights, aux, topk, tpe, pos, order, expert, token, w_A, x_AD, offsets, mask) = (
-            _RouteFn.apply(x_TD, self.router.weight, token_mask_T, K, c.route_padding)
+        logits, probs, weights, aux, r = _RouteFn.apply(
+            x_TD, self.router.weight, token_mask_T, K, c.route_padding
         )
-        token_mask_T = mask if token_mask_T is None else token_mask_T
-        kept = token_mask_T[:, None].expand(T, K) if not c.route_padding else mask.new_ones(1, 1).expand(T, K)
+        token_mask_T = r.token_mask_T if token_mask_T is None else token_mask_T
+        if c.route_padding:
+            kept = r.token_mask_T.new_ones(1, 1).expand(T, K)
+        else:
+            kept = token_mask_T[:, None].expand(T, K)
         record = RoutingRecord(
             layer_idx=self.layer_idx,
             logits_TE=logits,
             probs_TE=probs,
-            topk_idx_TK=topk,
+            topk_idx_TK=r.topk_TK,
             weights_TK=weights,
             token_mask_T=token_mask_T,
             kept_TK=kept,
-            tokens_per_expert_E=tpe,
+            tokens_per_expert_E=r.tokens_per_expert_E,
             aux_loss=aux,
         )
-        groups = self._groups(x_TD, offsets)
+        groups = self._groups(x_TD, r.offsets_E)
         valid_TK = self._valid_TK(record, ctx, dropping=False)
-        return record, Dispatch(token, expert, order, pos, groups, True, valid_TK, x_AD, w_A)
+        return record, Dispatch(
+            r.token_A, r.expert_A, r.order_A, r.pos_TK, groups, True, valid_TK, r.x_AD, r.w_A
+        )
 
     def _dispatch(
         self, x_TD: Tensor, record: RoutingRecord, ctx: RoutingContext | None, triton: bool

@@ -1,7 +1,8 @@
 """Kernel time vs wall time of the MoE block, the matrix-product floor and the STGC layer stack (one GPU).
 
 From the repository root on a CUDA machine:
-``python results/bench/profile_steps.py > results/bench/profile_steps.txt``.
+``python results/bench/profile_steps.py [tokens ...] > results/bench/profile_steps.txt`` (the MoE block
+at each token count, default 8192; the layer stack at 8192).
 For each step: the median wall time (CUDA events), the median host time to issue it (the step's Python
 and launches, no synchronisation) and to issue its first grouped expert product, then one step under
 ``torch.profiler``: the number and summed time of its kernels, the span from the first to the last
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import statistics
+import sys
 import time
 
 import torch
@@ -41,7 +43,7 @@ def host_to_first_product_ms(step, n: int = 20) -> float:
     original, marks = torch._grouped_mm, []
 
     def marked(*args, **kwargs):
-        if len(marks) == len(times):
+        if len(marks) < len(times):  # the first product of the current step
             marks.append(time.perf_counter())
         return original(*args, **kwargs)
 
@@ -98,14 +100,48 @@ def profile(name: str, step, top: int = 15) -> collections.Counter:
     return by_name
 
 
+def launch_costs(n: int = 200) -> None:
+    """Host time per call on this machine: an allocation, an eager op, a Triton kernel of this project
+    (``stgc.kernels.combine``: one allocation and one launch) and a torch.compile'd function, tiny tensors."""
+    from stgc.kernels import combine
+
+    a = torch.randn(1024, device="cuda")
+    o = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    pos = torch.randint(0, 128, (64, 2), device="cuda")
+    w = torch.rand(64, 2, device="cuda")
+    compiled = torch.compile(lambda t: t * 2 + 1)
+    calls = {
+        "torch.empty": lambda: torch.empty(1024, device="cuda"),
+        "torch.add (eager op)": lambda: torch.add(a, a),
+        "Triton kernel (stgc.kernels.combine)": lambda: combine(o, pos, w),
+        "torch.compile'd function": lambda: compiled(a),
+    }
+    print("== host time per call (tiny tensors; median of 5 runs of", n, "calls)")
+    for name, fn in calls.items():
+        for _ in range(5):
+            fn()
+        runs = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            runs.append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+        print(f"   {statistics.median(runs):8.1f} us  {name}")
+
+
 def main() -> None:
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
+    tokens = [int(t) for t in sys.argv[1:]] or [8192]
+    launch_costs()
     with single_process_group():
-        steps = _steps(BenchConfig(tokens=(8192,)), 8192, dev)
-        for impl in ("stgc", "stgc_eager", "floor", "floor_grouped"):
-            profile(f"MoE block bench, {impl}, 8192 tokens", steps[impl])
-        del steps
+        for T in tokens:
+            steps = _steps(BenchConfig(tokens=(T,)), T, dev)
+            for impl in ("stgc", "stgc_eager", "floor", "floor_grouped"):
+                profile(f"MoE block bench, {impl}, {T} tokens", steps[impl])
+            del steps
     layer_steps, shape = _layer_steps(StackShape(), dev, torch.bfloat16)
     base = profile(f"layer stack ({shape}), baseline", layer_steps["baseline"])
     fused = profile(f"layer stack ({shape}), fused", layer_steps["fused"])
