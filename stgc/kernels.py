@@ -611,7 +611,34 @@ def rowdot_scale(
         )  # fmt: skip
     elif stats:
         part.zero_()
-    return gw, g2, (part.sum(0) if stats else None)
+    return gw, g2, (sum_rows(part.view(part.shape[0], -1)).view(num_experts, D) if stats else None)
+
+
+@triton.jit
+def _sum_rows_kernel(x_ptr, y_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        x = tl.load(
+            x_ptr + r[:, None].to(tl.int64) * N + cols[None, :],
+            mask=(r < R)[:, None] & cm[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(x, axis=0)
+    tl.store(y_ptr + cols, acc, mask=cm)
+
+
+def sum_rows(x_RN: Tensor) -> Tensor:
+    """x.sum(0) of an fp32 [R, N] tensor of partial sums (a fixed order: deterministic)."""
+    R, N = x_RN.shape
+    y = torch.empty(N, device=x_RN.device, dtype=torch.float32)
+    if N:
+        _sum_rows_kernel[(triton.cdiv(N, 64),)](
+            x_RN.contiguous(), y, R, N, BLOCK_R=32, BLOCK_N=64, num_warps=4
+        )
+    return y
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -131,6 +131,29 @@ def launch_costs(n: int = 200) -> None:
         print(f"   {statistics.median(runs):8.1f} us  {name}")
 
 
+def host_hotspots(name: str, step, n: int = 50, top: int = 22) -> None:
+    """Where the host's time to issue ``step`` goes: cProfile over ``n`` steps, functions by own time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"== host hot spots, {name} (cProfile, {n} steps; own time per step)")
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in rows:
+        where = f"{file.rsplit('/', 2)[-2:][-1]}:{line}"
+        print(
+            f"   {tottime / n * 1e3:7.3f} ms own {cumtime / n * 1e3:7.3f} ms cum "
+            f"{ncalls // n:4d}x  {func} ({where})"
+        )
+
+
 def main() -> None:
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
@@ -141,6 +164,8 @@ def main() -> None:
             steps = _steps(BenchConfig(tokens=(T,)), T, dev)
             for impl in ("stgc", "stgc_eager", "floor", "floor_grouped"):
                 profile(f"MoE block bench, {impl}, {T} tokens", steps[impl])
+            if T == tokens[0]:
+                host_hotspots(f"MoE block bench, stgc, {T} tokens", steps["stgc"])
             del steps
     layer_steps, shape = _layer_steps(StackShape(), dev, torch.bfloat16)
     base = profile(f"layer stack ({shape}), baseline", layer_steps["baseline"])

@@ -8,8 +8,9 @@ Two suites, measured in one run, each mode side by side with the baseline on the
 - ``small``: the ``small`` model (``stgc.backbones``, ~100M parameters) in a full training step: forward,
   backward, AdamW step, on a batch of image+text sequences.
 Targets (issue: STGC): fused <= 3% slower than the baseline step and <= 5% more peak memory, its extra work
-<= 5% of the MoE layers' forward+backward; two_pass <= 40% slower. ``--quick`` shrinks everything for a CPU
-smoke test.
+<= 5% of the MoE layers' forward+backward; two_pass <= 40% slower. The time overhead is the median over
+rounds of each round's mode / baseline ratio (with its quartiles); ``step_ms`` the median step time.
+``--quick`` shrinks everything for a CPU smoke test.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ COLUMNS = (
     "step_ms",
     "peak_mem_mib",
     "time_overhead_pct",
+    "overhead_p25_pct",
+    "overhead_p75_pct",
     "mem_overhead_pct",
     "device",
     "torch_version",
@@ -160,23 +163,33 @@ def _small_steps(
 
 def _measure_interleaved(
     steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, tuple[float, float]]:
-    """Median step time per mode with the modes interleaved round by round (a slow minute of the machine
-    hits every mode alike), then each mode's peak memory above what was allocated before its step."""
+) -> dict[str, tuple[float, float, list[float]]]:
+    """Per mode: the median step time, the peak memory above what was allocated before its step, and the
+    step time of each round. The modes are interleaved round by round (a slow minute of the machine hits
+    every mode alike) and their order rotates from round to round (no mode always follows the heaviest)."""
+    modes = list(steps)
     for _ in range(warmup):
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {m: [] for m in steps}
-    for _ in range(repeats):
-        for mode, step in steps.items():
-            times[mode].append(measure(step, device, warmup=0, repeats=1)[0])
+    for r in range(repeats):
+        for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            times[mode].append(measure(steps[mode], device, warmup=0, repeats=1)[0])
     out = {}
     for mode, step in steps.items():
         peak = measure(step, device, warmup=0, repeats=1)[1]
-        out[mode] = (statistics.median(times[mode]), peak)
+        out[mode] = (statistics.median(times[mode]), peak, times[mode])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _paired_overhead(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Median, 25th and 75th percentile over rounds of 100 * (mode / baseline - 1), the two measured in the
+    same round (a paired comparison: drifts of the machine between rounds cancel)."""
+    pct = sorted(100 * (t / b - 1) for t, b in zip(times, base, strict=True))
+    q = statistics.quantiles(pct, n=4, method="inclusive") if len(pct) > 1 else [pct[0]] * 3
+    return statistics.median(pct), q[0], q[2]
 
 
 def run_benchmark(
@@ -206,10 +219,11 @@ def run_benchmark(
         ("small", small_steps, small_shape, small_tokens),
     ):
         results = _measure_interleaved({m: steps[m] for m in modes}, device, warmup, repeats)
-        for mode, (ms, mib) in results.items():
+        for mode, (ms, mib, _) in results.items():
             print(f"  {suite:7s} {mode:10s} {ms:9.3f} ms  {mib:9.1f} MiB", flush=True)
-        base_ms, base_mib = results["baseline"]
-        for mode, (ms, mib) in results.items():
+        _, base_mib, base_times = results["baseline"]
+        for mode, (ms, mib, times) in results.items():
+            pct, p25, p75 = _paired_overhead(times, base_times)
             rows.append(
                 dict(
                     suite=suite,
@@ -217,7 +231,9 @@ def run_benchmark(
                     tokens=tokens,
                     step_ms=round(ms, 3),
                     peak_mem_mib=round(mib, 1),
-                    time_overhead_pct=round(100 * (ms / base_ms - 1), 2),
+                    time_overhead_pct=round(pct, 2),
+                    overhead_p25_pct=round(p25, 2),
+                    overhead_p75_pct=round(p75, 2),
                     mem_overhead_pct=round(100 * (mib / base_mib - 1), 2) if base_mib == base_mib else "",
                     shape=shape,
                     **stamp,
