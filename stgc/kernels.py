@@ -50,9 +50,9 @@ def _route_kernel(
     mask_ptr,
     logits_ptr,
     probs_ptr,
-    topk_ptr,
     weights_ptr,
-    part_ptr,
+    ib_ptr,
+    fb_ptr,
     acnt_ptr,
     mask_out_ptr,
     T,
@@ -66,6 +66,9 @@ def _route_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # buffers (``route_and_dispatch``): ib = [topk | ...] int64, fb = [... | partial sums] fp32
+    topk_ptr = ib_ptr
+    part_ptr = fb_ptr + T * K + E + 1
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
@@ -138,21 +141,13 @@ def _route_kernel(
 
 @triton.jit
 def _dispatch_kernel(
-    topk_ptr,
+    ib_ptr,
     weights_ptr,
-    acnt_ptr,
-    part_ptr,
-    x_ptr,
-    pos_ptr,
-    order_ptr,
-    expert_ptr,
-    token_ptr,
-    wa_ptr,
-    xa_ptr,
-    offs_ptr,
+    fb_ptr,
+    i32_ptr,
     aux_ptr,
-    f_ptr,
-    tpe_ptr,
+    x_ptr,
+    xa_ptr,
     T,
     D,
     nprog,
@@ -166,7 +161,21 @@ def _dispatch_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # Grid: (token blocks, column blocks of the gather); every program ranks its tokens' assignments,
-    # column block 0 writes the indices.
+    # column block 0 writes the indices. Buffers (``route_and_dispatch``), A = T*K:
+    # ib = [topk | pos | order | expert | token (A each) | tokens per expert (E)] int64,
+    # fb = [w_A (A) | f_E (E) | n_real | partial sums] fp32, i32 = [assignment counts | offsets (E)].
+    A = T * K
+    topk_ptr = ib_ptr
+    pos_ptr = ib_ptr + A
+    order_ptr = ib_ptr + 2 * A
+    expert_ptr = ib_ptr + 3 * A
+    token_ptr = ib_ptr + 4 * A
+    tpe_ptr = ib_ptr + 5 * A
+    wa_ptr = fb_ptr
+    f_ptr = fb_ptr + A
+    part_ptr = fb_ptr + A + E + 1
+    acnt_ptr = i32_ptr
+    offs_ptr = i32_ptr + nprog * E_PAD
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     ce = tl.arange(0, E_PAD)
@@ -257,46 +266,40 @@ def route_and_dispatch(
     dev = x_TD.device
     x_TD, w_ED = x_TD.contiguous(), w_ED.contiguous()
     nprog = triton.cdiv(T, ROUTE_BLOCK_T)
+    A = T * K
+    # few allocations (each one, and each kernel argument, costs host time): the differentiable outputs,
+    # then one int64, one fp32 and one int32 buffer for the rest (layout in ``_dispatch_kernel``); empty,
+    # not zeros: the kernels write every entry (a fill would be one more launch)
     logits = torch.empty(T, E, device=dev, dtype=torch.float32)
     probs = torch.empty_like(logits)
-    topk = torch.empty(T, K, device=dev, dtype=torch.int64)
     weights = torch.empty(T, K, device=dev, dtype=torch.float32)
-    part = torch.empty(max(nprog, 1), 4, E_PAD, device=dev, dtype=torch.float32)
-    acnt = torch.empty(max(nprog, 1), E_PAD, device=dev, dtype=torch.int32)
+    aux = torch.empty((), device=dev, dtype=torch.float32)
+    ib = torch.empty(5 * A + E, device=dev, dtype=torch.int64)
+    fb = torch.empty(A + E + 1 + max(nprog, 1) * 4 * E_PAD, device=dev, dtype=torch.float32)
+    i32 = torch.empty(max(nprog, 1) * E_PAD + E, device=dev, dtype=torch.int32)
     mask_out = torch.empty(T, device=dev, dtype=torch.bool)
+    x_AD = torch.empty(A, D, device=dev, dtype=x_TD.dtype) if gather else None
     # (the logits stand in for pointers a kernel does not read under its flags)
     mask = logits if token_mask_T is None else token_mask_T.contiguous().view(torch.uint8)
-    grid = (nprog,)
     if T:
-        _route_kernel[grid](
-            x_TD, w_ED, mask, logits, probs, topk, weights, part, acnt, mask_out.view(torch.uint8), T, D,
+        _route_kernel[(nprog,)](
+            x_TD, w_ED, mask, logits, probs, weights, ib, fb, i32, mask_out.view(torch.uint8), T, D,
             E=E, E_PAD=E_PAD, K=K, K_PAD=K_PAD, HAS_MASK=token_mask_T is not None,
             COUNT_PADDING=count_padding, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=_bcast_block(E_PAD), num_warps=4,
         )  # fmt: skip
-    A = T * K
-    i64 = dict(device=dev, dtype=torch.int64)
-    pos, order, expert, token = (torch.empty(A, **i64) for _ in range(4))
-    w_A = torch.empty(A, device=dev, dtype=torch.float32)
-    x_AD = torch.empty(A, D, device=dev, dtype=x_TD.dtype) if gather else None
-    # (empty, not zeros: program 0 writes every entry, and each fill would be one more launch)
-    offsets = torch.empty(E, device=dev, dtype=torch.int32)
-    aux = torch.empty((), device=dev, dtype=torch.float32)
-    fn = torch.empty(E + 1, device=dev, dtype=torch.float32)  # f_E, then n_real
-    tpe = torch.empty(E, **i64)
-    if T:
         grid = (nprog, triton.cdiv(D, GATHER_BLOCK_D) if gather else 1)
         _dispatch_kernel[grid](
-            topk, weights, acnt, part, x_TD, pos, order, expert, token, w_A,
-            x_AD if gather else w_A, offsets, aux, fn, tpe, T, D, nprog,
+            ib, weights, fb, i32, aux, x_TD, x_AD if gather else x_TD, T, D, nprog,
             E=E, E_PAD=E_PAD, K=K, K_PAD=K_PAD, NP_PAD=_pad(nprog), GATHER=gather,
             BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=GATHER_BLOCK_D, num_warps=4 if nprog <= 256 else 8,
         )  # fmt: skip
     else:
-        offsets.zero_(), aux.zero_(), fn.zero_(), tpe.zero_()
-        fn[E] = 1.0
+        ib.zero_(), fb.zero_(), i32.zero_(), aux.zero_()
+        fb[A + E] = 1.0
+    topk, pos, order, expert, token = ib[: 5 * A].view(5, A).unbind(0)
     return Routed(
-        logits, probs, topk, weights, aux, fn[:E], fn[E:], tpe, pos.view(T, K), order, expert, token, w_A,
-        x_AD, offsets, mask_out,
+        logits, probs, topk.view(T, K), weights, aux, fb[A : A + E], fb[A + E : A + E + 1], ib[5 * A :],
+        pos.view(T, K), order, expert, token, fb[:A], x_AD, i32[max(nprog, 1) * E_PAD :], mask_out,
     )  # fmt: skip
 
 
@@ -371,20 +374,20 @@ def _route_bwd_kernel(
     if HAS_GZ:
         dz += tl.load(gz_ptr + e2, mask=m2, other=0.0)
     dz = tl.where(m2, dz, 0.0)
-    # dx = dz W (fp32, rounded to x's dtype); this block's share of dW = dz^T x (broadcast products)
+    # dx = dz W (fp32, rounded to x's dtype); this block's share of dW = dz^T x, one expert at a time
     for d0 in range(0, D, BLOCK_D):
         dc = d0 + tl.arange(0, BLOCK_D)
         dm = dc < D
-        wb = tl.load(w_ptr + ce[:, None] * D + dc[None, :], mask=emask[:, None] & dm[None, :], other=0.0)
-        dxb = tl.sum(dz[:, :, None] * wb.to(tl.float32)[None, :, :], axis=1)
         xm = rmask[:, None] & dm[None, :]
         xo = rows[:, None].to(tl.int64) * D + dc[None, :]
-        tl.store(dx_ptr + xo, dxb.to(dx_ptr.dtype.element_ty), mask=xm)
         xb = tl.load(x_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-        dwb = tl.sum(dz[:, :, None] * xb[:, None, :], axis=0)
-        tl.store(
-            dwpart_ptr + pid * E * D + ce[:, None] * D + dc[None, :], dwb, mask=emask[:, None] & dm[None, :]
-        )
+        dxb = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for e in tl.static_range(E):
+            dz_e = tl.sum(tl.where(ce[None, :] == e, dz, 0.0), axis=1)
+            w_e = tl.load(w_ptr + e * D + dc, mask=dm, other=0.0).to(tl.float32)
+            dxb += dz_e[:, None] * w_e[None, :]
+            tl.store(dwpart_ptr + (pid * E + e) * D + dc, tl.sum(dz_e[:, None] * xb, axis=0), mask=dm)
+        tl.store(dx_ptr + xo, dxb.to(dx_ptr.dtype.element_ty), mask=xm)
 
 
 def route_backward(
@@ -421,7 +424,7 @@ def route_backward(
             c(g_logits), c(g_probs), c(g_weights), c(g_aux), dx, dwpart, T, D,
             E=E, E_PAD=_pad(E), K=K, HAS_MASK=token_mask_T is not None, COUNT_PADDING=count_padding,
             HAS_GZ=g_logits is not None, HAS_GP=g_probs is not None, HAS_GW=g_weights is not None,
-            HAS_GAUX=g_aux is not None, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=_bcast_block(_pad(E)), num_warps=4,
+            HAS_GAUX=g_aux is not None, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=64, num_warps=4,
         )  # fmt: skip
     else:
         dwpart.zero_()
