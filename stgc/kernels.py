@@ -10,9 +10,11 @@ on CPU tensors (the tests hold each one equal to the eager code it replaces).
 
 Shape legend as in ``stgc.moe``: T tokens, D model dim, E experts, K top-k, A = T*K assignment rows in
 expert-sorted order, F expert FFN dim (SwiGLU: h is [gate | up], 2F wide). ``*_PAD`` sizes are powers of
-two (tl.arange). Products with the few experts are broadcast products reduced along D in fp32 (Triton's
-fp32 ``tl.dot`` without tensor cores measured ~10x slower); only the per-expert sums of bf16 rows use
-``tl.dot`` (a one-hot matrix is exact in bf16, the accumulation fp32).
+two (tl.arange). Products with the few experts are row-wise products summed along D in fp32, one expert at a
+time (Triton's fp32 ``tl.dot`` without tensor cores measured ~10x slower, and a reduction over the middle
+axis of a 3-D product gave wrong router gradients on the H200 with Triton 3.6 while the interpreter was
+right: 2-D tiles only); only the per-expert sums of bf16 rows use ``tl.dot`` (a one-hot matrix is exact in
+bf16, the accumulation fp32).
 """
 
 from __future__ import annotations
@@ -31,11 +33,6 @@ ROW_BLOCK = 64  # assignment rows per program of the row kernels
 
 def _pad(n: int, least: int = 2) -> int:
     return max(least, triton.next_power_of_2(n))
-
-
-def _bcast_block(width: int, rows: int = ROUTE_BLOCK_T) -> int:
-    """Columns per chunk of a [rows, width, columns] broadcast product (about 8K elements a chunk)."""
-    return max(16, min(128, 8192 // (rows * width)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -75,7 +72,7 @@ def _route_kernel(
     ce = tl.arange(0, E_PAD)
     emask = ce < E
     # logits = x W^T with x upcast to fp32 and fp32 products and sums (the router "computed in fp32"); E is
-    # small, so a broadcast product reduced along D (no matrix instructions, no fp32 tensor-core rounding)
+    # small: one row-wise product and sum per expert (no matrix instructions, no fp32 tensor-core rounding)
     acc = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dc = d0 + tl.arange(0, BLOCK_D)
@@ -83,8 +80,9 @@ def _route_kernel(
         xb = tl.load(
             x_ptr + rows[:, None].to(tl.int64) * D + dc[None, :], mask=rmask[:, None] & dm[None, :], other=0.0
         ).to(tl.float32)
-        wb = tl.load(w_ptr + ce[:, None] * D + dc[None, :], mask=emask[:, None] & dm[None, :], other=0.0)
-        acc += tl.sum(xb[:, None, :] * wb.to(tl.float32)[None, :, :], axis=2)
+        for e in tl.static_range(E):
+            w_e = tl.load(w_ptr + e * D + dc, mask=dm, other=0.0).to(tl.float32)
+            acc += tl.where(ce[None, :] == e, tl.sum(xb * w_e[None, :], axis=1)[:, None], 0.0)
     z = tl.where(emask[None, :], acc, float("-inf"))
     ez = tl.exp(z - tl.max(z, axis=1)[:, None])
     p = ez / tl.sum(ez, axis=1)[:, None]
@@ -285,7 +283,7 @@ def route_and_dispatch(
         _route_kernel[(nprog,)](
             x_TD, w_ED, mask, logits, probs, weights, ib, fb, i32, mask_out.view(torch.uint8), T, D,
             E=E, E_PAD=E_PAD, K=K, K_PAD=K_PAD, HAS_MASK=token_mask_T is not None,
-            COUNT_PADDING=count_padding, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=_bcast_block(E_PAD), num_warps=4,
+            COUNT_PADDING=count_padding, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=128, num_warps=4,
         )  # fmt: skip
         grid = (nprog, triton.cdiv(D, GATHER_BLOCK_D) if gather else 1)
         _dispatch_kernel[grid](
