@@ -159,6 +159,8 @@ def _token_scores(
     if obs.allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums2)
     w = grads.w_out_EDF
+    if w.dtype == torch.float16:  # sums of many fp16 rows can exceed its range: use the means there
+        sums2 = sums2 / record.tokens_per_expert_E.clamp_min(1).to(sums2.dtype)[:, None]
     # gbar1_e ∝ sum2_e W_out[e]; v_e = W_out[e] gbar1_e gives <g1_a, gbar1_e> = <g2_a, v_e>
     sums1 = torch.bmm(sums2.to(w.dtype)[:, None, :], w)
     v_ED = torch.bmm(sums1, w.transpose(1, 2))[:, 0]

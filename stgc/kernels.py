@@ -99,16 +99,17 @@ def _route_kernel(
     counted = rmask if COUNT_PADDING else real  # tokens in L_aux
     kept = rmask if COUNT_PADDING else real  # tokens whose assignments carry weight
 
-    # top-k by repeated argmax (ties: the lower expert index first)
+    # top-k by repeated argmax (ties: the lower expert index first, as ``stgc.moe.route``); a NaN
+    # probability counts as the largest (as torch.topk has it), so a padded column is never chosen
     ck = tl.arange(0, K_PAD)
-    rem = tl.where(emask[None, :], p, -1.0)
+    rem = tl.where(emask[None, :], tl.where(p != p, 2.0, p), -1.0)
     idx_TK = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
     top_TK = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
     acnt = tl.zeros([E_PAD], dtype=tl.int32)
     ccnt = tl.zeros([E_PAD], dtype=tl.float32)
     f1 = tl.zeros([E_PAD], dtype=tl.float32)
     for k in tl.static_range(K):
-        idx = tl.argmax(rem, axis=1)
+        idx = tl.minimum(tl.argmax(rem, axis=1), E - 1)
         sel = ce[None, :] == idx[:, None]
         pk = tl.sum(tl.where(sel, p, 0.0), axis=1)
         idx_TK = tl.where(ck[None, :] == k, idx[:, None], idx_TK)
@@ -144,6 +145,7 @@ def _dispatch_kernel(
     fb_ptr,
     i32_ptr,
     aux_ptr,
+    tpe_ptr,
     x_ptr,
     xa_ptr,
     T,
@@ -160,7 +162,7 @@ def _dispatch_kernel(
 ):
     # Grid: (token blocks, column blocks of the gather); every program ranks its tokens' assignments,
     # column block 0 writes the indices. Buffers (``route_and_dispatch``), A = T*K:
-    # ib = [topk | pos | order | expert | token (A each) | tokens per expert (E)] int64,
+    # ib = [topk | pos | order | expert | token] int64 (A each),
     # fb = [w_A (A) | f_E (E) | n_real | partial sums] fp32, i32 = [assignment counts | offsets (E)].
     A = T * K
     topk_ptr = ib_ptr
@@ -168,7 +170,6 @@ def _dispatch_kernel(
     order_ptr = ib_ptr + 2 * A
     expert_ptr = ib_ptr + 3 * A
     token_ptr = ib_ptr + 4 * A
-    tpe_ptr = ib_ptr + 5 * A
     wa_ptr = fb_ptr
     f_ptr = fb_ptr + A
     part_ptr = fb_ptr + A + E + 1
@@ -272,7 +273,8 @@ def route_and_dispatch(
     probs = torch.empty_like(logits)
     weights = torch.empty(T, K, device=dev, dtype=torch.float32)
     aux = torch.empty((), device=dev, dtype=torch.float32)
-    ib = torch.empty(5 * A + E, device=dev, dtype=torch.int64)
+    ib = torch.empty(5 * A, device=dev, dtype=torch.int64)
+    tpe = torch.empty(E, device=dev, dtype=torch.int64)  # (its own: a caller may all-reduce it in place)
     fb = torch.empty(A + E + 1 + max(nprog, 1) * 4 * E_PAD, device=dev, dtype=torch.float32)
     i32 = torch.empty(max(nprog, 1) * E_PAD + E, device=dev, dtype=torch.int32)
     mask_out = torch.empty(T, device=dev, dtype=torch.bool)
@@ -287,16 +289,16 @@ def route_and_dispatch(
         )  # fmt: skip
         grid = (nprog, triton.cdiv(D, GATHER_BLOCK_D) if gather else 1)
         _dispatch_kernel[grid](
-            ib, weights, fb, i32, aux, x_TD, x_AD if gather else x_TD, T, D, nprog,
+            ib, weights, fb, i32, aux, tpe, x_TD, x_AD if gather else x_TD, T, D, nprog,
             E=E, E_PAD=E_PAD, K=K, K_PAD=K_PAD, NP_PAD=_pad(nprog), GATHER=gather,
             BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=GATHER_BLOCK_D, num_warps=4 if nprog <= 256 else 8,
         )  # fmt: skip
     else:
-        ib.zero_(), fb.zero_(), i32.zero_(), aux.zero_()
+        ib.zero_(), fb.zero_(), i32.zero_(), aux.zero_(), tpe.zero_()
         fb[A + E] = 1.0
-    topk, pos, order, expert, token = ib[: 5 * A].view(5, A).unbind(0)
+    topk, pos, order, expert, token = ib.view(5, A).unbind(0)
     return Routed(
-        logits, probs, topk.view(T, K), weights, aux, fb[A : A + E], fb[A + E : A + E + 1], ib[5 * A :],
+        logits, probs, topk.view(T, K), weights, aux, fb[A : A + E], fb[A + E : A + E + 1], tpe,
         pos.view(T, K), order, expert, token, fb[:A], x_AD, i32[max(nprog, 1) * E_PAD :], mask_out,
     )  # fmt: skip
 
@@ -384,7 +386,8 @@ def _route_bwd_kernel(
             dz_e = tl.sum(tl.where(ce[None, :] == e, dz, 0.0), axis=1)
             w_e = tl.load(w_ptr + e * D + dc, mask=dm, other=0.0).to(tl.float32)
             dxb += dz_e[:, None] * w_e[None, :]
-            tl.store(dwpart_ptr + (pid * E + e) * D + dc, tl.sum(dz_e[:, None] * xb, axis=0), mask=dm)
+            dw_off = (pid.to(tl.int64) * E + e) * D + dc
+            tl.store(dwpart_ptr + dw_off, tl.sum(dz_e[:, None] * xb, axis=0), mask=dm)
         tl.store(dx_ptr + xo, dxb.to(dx_ptr.dtype.element_ty), mask=xm)
 
 
@@ -408,7 +411,8 @@ def route_backward(
     T, D = x_TD.shape
     E, K = w_ED.shape[0], topk_TK.shape[1]
     nprog = triton.cdiv(T, ROUTE_BLOCK_T)
-    dx = torch.empty_like(x_TD)
+    x_TD = x_TD.contiguous()
+    dx = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)  # (row-major, as the kernel writes it)
     dwpart = torch.empty(max(nprog, 1), E, D, device=x_TD.device, dtype=torch.float32)
     mask = probs_TE if token_mask_T is None else token_mask_T.contiguous().view(torch.uint8)
     dummy = probs_TE
@@ -418,7 +422,7 @@ def route_backward(
 
     if T:
         _route_bwd_kernel[(nprog,)](
-            x_TD.contiguous(), w_ED.contiguous(), mask, probs_TE, topk_TK, weights_TK, f_E, n_real,
+            x_TD, w_ED.contiguous(), mask, c(probs_TE), c(topk_TK), c(weights_TK), f_E, n_real,
             c(g_logits), c(g_probs), c(g_weights), c(g_aux), dx, dwpart, T, D,
             E=E, E_PAD=_pad(E), K=K, HAS_MASK=token_mask_T is not None, COUNT_PADDING=count_padding,
             HAS_GZ=g_logits is not None, HAS_GP=g_probs is not None, HAS_GW=g_weights is not None,
@@ -575,7 +579,7 @@ def _rowdot_kernel(
             else:
                 s = tl.dot(oh, g2)
             sm = (ce < E)[:, None] & (dc < D)[None, :]
-            tl.store(part_ptr + (pid * E + ce[:, None]) * D + dc[None, :], s, mask=sm)
+            tl.store(part_ptr + (pid.to(tl.int64) * E + ce[:, None]) * D + dc[None, :], s, mask=sm)
     tl.store(gw_ptr + rows, tl.where(w != 0, acc, 0.0), mask=rm)
 
 
@@ -817,7 +821,7 @@ def conflict_tokens(
     if T:
         _conflict_kernel[(nprog,)](
             dy_TD.contiguous(), m2_ED.float().contiguous(), v_ED.contiguous(), sq1_A.float().contiguous(),
-            topk_TK, weights_TK, pos_TK.contiguous(),
+            topk_TK.contiguous(), weights_TK.contiguous(), pos_TK.contiguous(),
             valid_TK.contiguous().view(torch.uint8) if valid_TK is not None else topk_TK,
             logits_TE.detach().contiguous(), score_A, cons.view(torch.uint8), conf.view(torch.uint8), gz,
             part, T, D, float(tau),

@@ -65,16 +65,18 @@ class RoutingRecord:
 class TokenGrads:
     """The token-level bias gradients of one MoE layer (STGC.md section 2), handed to a ``GradObserver``
     inside the layer's backward. Rows are all T*K (token, slot) assignments in expert-sorted order; dropped
-    and padding assignments are rows too (their gradients are zero) and ``valid_A`` marks them False.
+    and padding assignments are rows too (their gradients are zero) and ``rows_valid()`` marks them False:
+    an observer reads validity from there. The MoE block gives it as ``valid_TK`` (per token and slot,
+    mapped to rows through ``order_A`` only when read); ``valid_A`` is for callers that build the rows
+    themselves (the `reference` STGC mode).
 
     g1_AF: gradient at the first bias: dL/da at the down projection's input (SwiGLU's virtual bias) or
         dL/dh at fc1's bias (GELU). g2_AD: gradient at the output bias, w_A * dL/dy_t.
-    expert_A / token_A: expert and token of each row. valid_A: ``None`` when every row is a real, kept
-        assignment (known on the host without a device sync).
+    expert_A / token_A: expert and token of each row. ``rows_valid()`` is ``None`` when every row is a real,
+        kept assignment (known on the host without a device sync).
     sq1_A: |g1_a|^2 in fp32 (SwiGLU), computed in the pass that produced g1 (or ``None``).
     w_out_EDF: SwiGLU only: the down projections. There g1 = g2 @ W_out[e] exactly, so per-expert sums of
         g1 and dot products with g1 can be taken from g2 and W_out without another pass over g1.
-    valid_A is ``None`` also when ``valid_TK`` is given (the Triton path); ``rows_valid()`` gives it.
     """
 
     def rows_valid(self) -> Tensor | None:
@@ -102,7 +104,8 @@ class TokenGrads:
 class GradObserver(Protocol):
     """Called inside each MoE layer's backward with the layer's ``RoutingRecord`` and ``TokenGrads``
     (STGC.md section 2). Returns an extra gradient for the router logits (T, E) to add to the ordinary one
-    (the fused conflict elimination loss), or ``None``. An observer with ``active = False`` is skipped."""
+    (the fused conflict elimination loss), or ``None``. An observer with ``active = False`` is skipped.
+    Padding and dropped rows: ``grads.rows_valid()`` (not the ``valid_A`` field)."""
 
     def __call__(self, record: RoutingRecord, grads: TokenGrads) -> Tensor | None: ...
 
@@ -176,7 +179,9 @@ def route(
         noisy_TE = (logits_TE.detach() + gumbel_TE).scatter(1, top1_T[:, None], float("-inf"))
         topk_idx_TK = torch.stack([top1_T, noisy_TE.argmax(dim=-1)], dim=-1)
     else:
-        topk_idx_TK = probs_TE.topk(K, dim=-1).indices
+        # ties go to the lower expert index (DeepSpeed's argmax and the Triton routing do the same;
+        # torch.topk leaves the order of equal values unspecified)
+        topk_idx_TK = torch.sort(probs_TE, dim=-1, descending=True, stable=True).indices[:, :K].contiguous()
     top1_T = topk_idx_TK[:, 0]
 
     n_real = count_mask_T.sum().clamp_min(1).to(probs_TE.dtype)
@@ -507,16 +512,21 @@ class _ExpertsFn(torch.autograd.Function):
             y_TD = kernels.combine(o_AD, d.pos_TK, weights_TK)
         else:
             y_TD = _kernel("combine", _combine, o_AD)(o_AD, d.pos_TK, weights_TK)
-        ctx.save_for_backward(x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out)
-        ctx.dispatch, ctx.ffn, ctx.observer, ctx.record = dispatch, ffn, observer, record
+        # every tensor the backward reads goes through save_for_backward (activation checkpointing and
+        # offloading manage only those): the dispatch is kept without its tensors
+        ctx.save_for_backward(
+            x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out, d.token_A, d.expert_A, d.order_A, d.pos_TK, d.valid_TK
+        )
+        ctx.groups, ctx.ffn, ctx.observer, ctx.record = groups, ffn, observer, record
         ctx.has_bias, ctx.triton_path = b_in is not None, triton_path
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out = ctx.saved_tensors
-        ffn, d, observer, triton_path = ctx.ffn, ctx.dispatch, ctx.observer, ctx.triton_path
-        groups, token_A, expert_A, pos_TK = d.groups, d.token_A, d.expert_A, d.pos_TK
+        x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out, token_A, expert_A, order_A, pos_TK, valid_TK = (
+            ctx.saved_tensors
+        )
+        ffn, groups, observer, triton_path = ctx.ffn, ctx.groups, ctx.observer, ctx.triton_path
         if triton_path:
             from stgc import kernels
         F_ = w_out.shape[-1]
@@ -532,7 +542,7 @@ class _ExpertsFn(torch.autograd.Function):
         # dL/dw_A = <dy_t, o_A>; g2_A = w_A * dy_t is the output-bias gradient of assignment A
         sums2_ED = None
         if triton_path:
-            stats = dict(expert_A=expert_A, num_experts=E, order_A=d.order_A, valid_TK=d.valid_TK)
+            stats = dict(expert_A=expert_A, num_experts=E, order_A=order_A, valid_TK=valid_TK)
             grad_w_A, g2_AD, sums2_ED = kernels.rowdot_scale(
                 dy_TD, token_A, o_AD, w_A, **(stats if fast_obs else {})
             )
@@ -540,7 +550,7 @@ class _ExpertsFn(torch.autograd.Function):
             grad_w_A, g2_AD = _kernel("rowdot", _rowdot_scale, o_AD)(dy_TD, token_A, o_AD, w_A)
         grad_w_TK = None
         if need_w:
-            grad_w_TK = torch.empty_like(grad_w_A).index_copy_(0, d.order_A, grad_w_A).view(pos_TK.shape)
+            grad_w_TK = torch.empty_like(grad_w_A).index_copy_(0, order_A, grad_w_A).view(pos_TK.shape)
         grad_a_AF = groups.rows_w(g2_AD, w_out)  # = the virtual first-bias gradient (SwiGLU)
         with_sq = observe and ffn == "swiglu"  # |g1|^2 for the SwiGLU shortcut of the conflict scores
         if ffn == "swiglu" and triton_path:
@@ -574,8 +584,8 @@ class _ExpertsFn(torch.autograd.Function):
                 dy_TD=dy_TD if fast_obs else None,
                 sums2_ED=sums2_ED,
                 pos_TK=pos_TK,
-                order_A=d.order_A,
-                valid_TK=d.valid_TK,
+                order_A=order_A,
+                valid_TK=valid_TK,
             )
             grad_logits = observer(ctx.record, grads)
         return (grad_x_TD, grad_w_TK, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 4

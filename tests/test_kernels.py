@@ -21,12 +21,16 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 D, F_ = 32, 48
 
 
-def _block_step(triton: bool, monkeypatch, cfg, ffn, mask, observer, dtype=torch.float32):
+def _use_triton(monkeypatch, triton: bool) -> None:
     monkeypatch.setattr(stgc.moe, "TRITON_ON_CPU", triton and DEV == "cpu")
     if triton:
         monkeypatch.delenv("STGC_NO_TRITON", raising=False)
     else:
         monkeypatch.setenv("STGC_NO_TRITON", "1")
+
+
+def _block_step(triton: bool, monkeypatch, cfg, ffn, mask, observer, dtype=torch.float32):
+    _use_triton(monkeypatch, triton)
     torch.manual_seed(0)
     block = MoEBlock(cfg, D, F_, ffn, layer_idx=0).to(DEV, dtype).train()
     block.router.float()
@@ -56,22 +60,28 @@ def _mask():
 
 
 CASES = [
-    # ffn, mask, K, E, score, loss form, route_padding, CEL scale
-    ("swiglu", True, 2, 4, "mean", "neg_logit_ce", False, 0.1),
-    ("swiglu", False, 1, 5, "concat", "neg_logit_ce", False, 0.5),
-    ("swiglu", True, 3, 5, "g1", "neg_logit_ce", True, 0.1),
-    ("swiglu", True, 2, 4, "g2", "prob", False, 0.1),
-    ("swiglu", True, 2, 4, "mean", "neg_logit_ce", False, 0.0),  # measure only (two_pass's first pass)
-    ("gelu", True, 2, 4, "mean", "neg_logit_ce", False, 0.1),
+    # ffn, mask, K, E, score, loss form, route_padding, CEL scale, capacity factor
+    ("swiglu", True, 2, 4, "mean", "neg_logit_ce", False, 0.1, None),
+    ("swiglu", False, 1, 5, "concat", "neg_logit_ce", False, 0.5, None),
+    ("swiglu", True, 3, 5, "g1", "neg_logit_ce", True, 0.1, None),
+    ("swiglu", True, 2, 4, "g2", "prob", False, 0.1, None),
+    ("swiglu", True, 2, 4, "mean", "neg_logit_ce", False, 0.0, None),  # measure only (two_pass's 1st pass)
+    ("gelu", True, 2, 4, "mean", "neg_logit_ce", False, 0.1, None),
+    ("swiglu", False, 3, 17, "mean", "neg_logit_ce", False, 0.1, None),  # more experts than a 16-wide tile
+    ("swiglu", True, 2, 4, "mean", "neg_logit_ce", False, 0.1, 1.0),  # eager routing (capacity), Triton rest
 ]
 
 
-@pytest.mark.parametrize("ffn,masked,K,E,score,form,route_padding,scale", CASES)
-def test_triton_block_equals_eager(monkeypatch, ffn, masked, K, E, score, form, route_padding, scale):
+@pytest.mark.parametrize("ffn,masked,K,E,score,form,route_padding,scale,capacity", CASES)
+def test_triton_block_equals_eager(
+    monkeypatch, ffn, masked, K, E, score, form, route_padding, scale, capacity
+):
     """Outputs, every gradient (input, router, experts; with the fused CEL gradient), the routing record and
     the observer's scores and masks agree between the two paths, with padding and without; the Triton
     path is deterministic (no atomics: two runs are bit-identical)."""
-    cfg = MoEConfig(num_experts=E, top_k=K, route_padding=route_padding)
+    cfg = MoEConfig(
+        num_experts=E, top_k=K, route_padding=route_padding, capacity_factor=capacity, min_capacity=0
+    )
     mask = _mask() if masked else None
 
     def run(triton):
@@ -97,6 +107,8 @@ def test_triton_block_equals_eager(monkeypatch, ffn, masked, K, E, score, form, 
     assert bool(lf.conflict_A.any()) and bool(lf.considered_A.any()), "a case that tests nothing"
     torch.testing.assert_close(lf.score_A, le.score_A, **tol)
     torch.testing.assert_close(lf.cel, le.cel, **tol)
+    if capacity is not None:  # the case must drop real assignments, or it tests nothing
+        assert bool((~rf.kept_TK & rf.token_mask_T[:, None]).any())
     if masked:  # padding is never considered, and gets nothing from the experts
         assert not bool((lf.considered_A & ~mask.reshape(-1)[lf.token_A]).any())
         if not route_padding:
@@ -112,11 +124,7 @@ def test_triton_stgc_modes_equal_eager(monkeypatch, mode):
     from stgc.bench.stgc import MoEStack, StackShape, _method
 
     def run(triton):
-        monkeypatch.setattr(stgc.moe, "TRITON_ON_CPU", triton and DEV == "cpu")
-        if triton:
-            monkeypatch.delenv("STGC_NO_TRITON", raising=False)
-        else:
-            monkeypatch.setenv("STGC_NO_TRITON", "1")
+        _use_triton(monkeypatch, triton)
         shape = StackShape(hidden_size=D, ffn_size=F_, num_layers=2, tokens=96)
         torch.manual_seed(0)
         model = MoEStack(shape).to(DEV)
@@ -140,8 +148,7 @@ def test_triton_routing_at_evaluation(monkeypatch):
     cfg = MoEConfig()
 
     def run(triton):
-        monkeypatch.setattr(stgc.moe, "TRITON_ON_CPU", triton and DEV == "cpu")
-        monkeypatch.setenv("STGC_NO_TRITON", "0" if triton else "1")
+        _use_triton(monkeypatch, triton)
         torch.manual_seed(0)
         block = MoEBlock(cfg, D, F_, "swiglu", 0).to(DEV).eval()
         x = torch.randn(2, 9, D, device=DEV)
@@ -155,6 +162,65 @@ def test_triton_routing_at_evaluation(monkeypatch):
     assert torch.equal(yf, yf2)
     torch.testing.assert_close(yf, ye, rtol=1e-4, atol=1e-5)
     assert torch.equal(rf.topk_idx_TK, re.topk_idx_TK)
+
+
+def _train_block(monkeypatch, triton: bool, E: int = 4):
+    _use_triton(monkeypatch, triton)
+    torch.manual_seed(0)
+    block = MoEBlock(MoEConfig(num_experts=E), D, F_, "swiglu", 0).to(DEV).train()
+    return block
+
+
+def test_triton_path_odd_inputs(monkeypatch):
+    """A non-contiguous input (the router's input gradient is written row-major), exact ties (the lower
+    expert index first, on both paths), a NaN row (no expert index past E), no tokens at all, and an
+    in-place edit of tokens_per_expert before the backward (e.g. an all-reduce for logging)."""
+    from stgc.kernels import route_and_dispatch
+
+    def run(triton, x):
+        block = _train_block(monkeypatch, triton)
+        xi = x.clone().requires_grad_() if x.is_contiguous() else x.detach().requires_grad_()
+        ctx = RoutingContext(records=[])
+        with routing_context(block, ctx):
+            y = block(xi.view(3, 37, D) if not x.is_contiguous() else xi)
+        ctx.records[0].tokens_per_expert_E.add_(0)
+        (y.square().sum() + ctx.records[0].aux_loss).backward()
+        return y.detach(), xi.grad, block.router.weight.grad, ctx.records[0].topk_idx_TK
+
+    x = torch.randn(D, 111, device=DEV).t()  # (111, D), stride (1, 111): dense but not row-major
+    x[:5] = 0.0  # zero rows: uniform probabilities, every expert tied
+    assert not x.is_contiguous()
+    e, f = run(False, x), run(True, x)
+    for a, b in zip(f, e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.equal(f[3][:5], torch.tensor([[0, 1]] * 5, device=DEV))
+
+    _use_triton(monkeypatch, True)
+    w = torch.randn(5, D, device=DEV)
+    xn = torch.randn(7, D, device=DEV)
+    xn[3] = float("nan")
+    r = route_and_dispatch(xn, w, None, 2, False, gather=True)
+    assert int(r.topk_TK.max()) < 5 and int(r.offsets_E[-1]) == 14
+    r0 = route_and_dispatch(xn[:0], w, None, 2, False, gather=True)
+    assert r0.topk_TK.shape == (0, 2) and float(r0.aux) == 0.0 and int(r0.offsets_E.sum()) == 0
+
+
+def test_triton_path_keeps_no_activations_under_checkpointing(monkeypatch):
+    """With activation checkpointing nothing the size of the gathered inputs (T*K x D) stays alive between
+    the forward and the backward: the backward's tensors all go through save_for_backward."""
+    import gc
+
+    from torch.utils.checkpoint import checkpoint
+
+    block = _train_block(monkeypatch, True)
+    x = torch.randn(64, D, device=DEV, requires_grad=True)
+    with routing_context(block, RoutingContext()):
+        y = checkpoint(block, x, use_reentrant=False)
+    gc.collect()
+    big = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and tuple(t.shape) == (128, D)]
+    assert not big, f"{len(big)} gathered-input-sized tensors alive"
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.gpu
