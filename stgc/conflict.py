@@ -312,12 +312,11 @@ class ConflictObserver:
         applies = self.applies_to(record.layer_idx)
         grad_TE = cel = None
         if grads.dy_TD is not None and grads.sums2_ED is not None:
-            fused_cel = applies and self.loss_form == "neg_logit_ce"
+            # the Triton pass; with the default loss form it also gives the scaled gradient and L_cel
+            in_kernel = applies and self.loss_form == "neg_logit_ce"
             score_A, considered_A, conflict_A, grad_TE, cel = _token_scores(
-                record, grads, self, self.scale if fused_cel else None
+                record, grads, self, self.scale if in_kernel else None
             )
-            if fused_cel:
-                applies = False  # done: the kernel computed the scaled gradient and L_cel
         else:
             score_A, considered_A = conflict_scores(
                 grads.g1_AF,
@@ -333,7 +332,7 @@ class ConflictObserver:
             conflict_A = considered_A & (score_A < self.tau)
         if cel is None:
             cel = torch.zeros((), device=score_A.device)
-        if applies:
+        if applies and grad_TE is None:
             if self.loss_form == "neg_logit_ce":
                 grad_TE, cel = _kernel("cel_grad", _cel_grad_neg_logit_ce, grads.g1_AF)(
                     record.logits_TE.detach(), token_A, expert_A, conflict_A, self.scale

@@ -65,47 +65,43 @@ class RoutingRecord:
 class TokenGrads:
     """The token-level bias gradients of one MoE layer (STGC.md section 2), handed to a ``GradObserver``
     inside the layer's backward. Rows are all T*K (token, slot) assignments in expert-sorted order; dropped
-    and padding assignments are rows too (their gradients are zero) and ``rows_valid()`` marks them False:
-    an observer reads validity from there. The MoE block gives it as ``valid_TK`` (per token and slot,
-    mapped to rows through ``order_A`` only when read); ``valid_A`` is for callers that build the rows
-    themselves (the `reference` STGC mode).
+    and padding assignments are rows too (their gradients are zero) and ``rows_valid()`` marks them False.
 
     g1_AF: gradient at the first bias: dL/da at the down projection's input (SwiGLU's virtual bias) or
         dL/dh at fc1's bias (GELU). g2_AD: gradient at the output bias, w_A * dL/dy_t.
-    expert_A / token_A: expert and token of each row. ``rows_valid()`` is ``None`` when every row is a real,
-        kept assignment (known on the host without a device sync).
+    expert_A / token_A / order_A (= token * K + slot): expert, token and assignment of each row;
+        pos_TK: the row of each (token, slot).
+    valid_TK: (token, slot) validity (not padding, not dropped), ``None`` when every assignment is valid
+        (known on the host without a device sync).
     sq1_A: |g1_a|^2 in fp32 (SwiGLU), computed in the pass that produced g1 (or ``None``).
     w_out_EDF: SwiGLU only: the down projections. There g1 = g2 @ W_out[e] exactly, so per-expert sums of
         g1 and dot products with g1 can be taken from g2 and W_out without another pass over g1.
+    dy_TD / sums2_ED: the Triton path's extras (SwiGLU): g2_a = w_a dy[token_a] with w the record's combine
+        weights, and the fp32 sums of g2 over each expert's valid rows, so that an observer can score every
+        assignment from one read of dy (``stgc.kernels.conflict_tokens``).
     """
-
-    def rows_valid(self) -> Tensor | None:
-        """Validity of each sorted row (``None``: all valid)."""
-        if self.valid_A is not None or self.valid_TK is None:
-            return self.valid_A
-        return self.valid_TK.reshape(-1).index_select(0, self.order_A)
 
     g1_AF: Tensor
     g2_AD: Tensor
     expert_A: Tensor
     token_A: Tensor
-    valid_A: Tensor | None = None
+    order_A: Tensor
+    pos_TK: Tensor
+    valid_TK: Tensor | None = None
     sq1_A: Tensor | None = None
     w_out_EDF: Tensor | None = None
-    # the Triton path's extras (SwiGLU): g2_a = w_a dy[token_a] with w = the record's combine weights, so
-    # an observer can score every assignment from one read of dy (``stgc.kernels.conflict_tokens``)
     dy_TD: Tensor | None = None
-    sums2_ED: Tensor | None = None  # fp32 sums of g2 over each expert's valid rows
-    pos_TK: Tensor | None = None  # sorted row of each (token, slot)
-    order_A: Tensor | None = None  # (token * K + slot) of each sorted row
-    valid_TK: Tensor | None = None  # (token, slot) validity; ``None``: all valid
+    sums2_ED: Tensor | None = None
+
+    def rows_valid(self) -> Tensor | None:
+        """Validity of each row (``None``: all valid)."""
+        return None if self.valid_TK is None else self.valid_TK.reshape(-1).index_select(0, self.order_A)
 
 
 class GradObserver(Protocol):
     """Called inside each MoE layer's backward with the layer's ``RoutingRecord`` and ``TokenGrads``
     (STGC.md section 2). Returns an extra gradient for the router logits (T, E) to add to the ordinary one
-    (the fused conflict elimination loss), or ``None``. An observer with ``active = False`` is skipped.
-    Padding and dropped rows: ``grads.rows_valid()`` (not the ``valid_A`` field)."""
+    (the fused conflict elimination loss), or ``None``. An observer with ``active = False`` is skipped."""
 
     def __call__(self, record: RoutingRecord, grads: TokenGrads) -> Tensor | None: ...
 
@@ -264,6 +260,17 @@ class ExpertBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"E={self.num_experts}, D={self.hidden_size}, F={self.intermediate_size}, ffn={self.ffn}"
+
+
+def sort_assignments(topk_idx_TK: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The eager expert sort: every (token, slot) assignment is a row, sorted by expert (stable: token order
+    inside an expert); dropped and padding ones ride along (with combine weight 0 in the block, as a dense
+    FFN computes padding), so the row count is T*K on the host and nothing waits for the device.
+    Returns expert_A, order_A (= token * K + slot), token_A, pos_TK (the row of each (token, slot))."""
+    T, K = topk_idx_TK.shape
+    expert_A, order_A = torch.sort(topk_idx_TK.reshape(-1), stable=True)
+    pos = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(T * K, device=order_A.device))
+    return expert_A, order_A, order_A // K, pos.view(T, K)
 
 
 def expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -432,8 +439,8 @@ def _triton_importable() -> bool:
 def _triton_ok(t: Tensor) -> bool:
     """Whether ``stgc.kernels`` (Triton) runs the passes over ``t``: a CUDA tensor (or ``TRITON_ON_CPU``)
     that is not fp64, Triton importable and STGC_NO_TRITON=1 not set (else the compiled or eager code).
-    No size threshold: one launch (24-40 us of host time on the H200 machines, `profile_steps.py`) replaces
-    several eager ops (7 us each) or a compiled call (30-45 us)."""
+    No size threshold: one launch (20-40 us of host time on the H200 machines, `profile_steps.py`) replaces
+    several eager ops (7-8 us each) or a compiled call (29-45 us)."""
     return (
         (t.is_cuda or TRITON_ON_CPU)
         and t.dtype != torch.float64
@@ -793,21 +800,15 @@ class MoEBlock(nn.Module):
         self, x_TD: Tensor, record: RoutingRecord, ctx: RoutingContext | None, triton: bool
     ) -> Dispatch:
         """The eager expert sort (CPU, fp64, capacity or sampling routing)."""
-        T, K = record.topk_idx_TK.shape
         E = self.config.num_experts
-        # Every (token, slot) assignment is a row, sorted by expert (stable: token order inside an expert);
-        # dropped and padding ones ride along with combine weight 0 (as a dense FFN computes padding), so
-        # the row count is T*K on the host and no step of the block waits for the device.
+        expert_A, order_A, token_A, pos_TK = sort_assignments(record.topk_idx_TK)
         flat_e = record.topk_idx_TK.reshape(-1)
-        expert_A, order_A = torch.sort(flat_e, stable=True)
-        token_A = order_A // K
-        pos_TK = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(T * K, device=x_TD.device))
         counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device).index_add_(
             0, flat_e, torch.ones_like(flat_e)
         )  # (not bincount: it syncs to size its output)
         groups = self._groups(x_TD, counts_E.cumsum(0))
         valid_TK = self._valid_TK(record, ctx, dropping=self.config.capacity_factor is not None)
-        return Dispatch(token_A, expert_A, order_A, pos_TK.view(T, K), groups, triton, valid_TK)
+        return Dispatch(token_A, expert_A, order_A, pos_TK, groups, triton, valid_TK)
 
     @classmethod
     def from_dense(

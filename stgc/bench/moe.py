@@ -58,10 +58,10 @@ BASELINE_IMPL, FLOOR_IMPL, GROUPED_FLOOR_IMPL = "deepspeed_moellava", "floor", "
 PIPELINED_STEPS = 10
 AUX_COEF = 0.01  # MoE-LLaVA's router_aux_loss_coef
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COLUMNS = (
+# the figures printed as the table (``format_table``), then the CSV's stamp of each run
+FIGURES = (
     "impl",
     "tokens",
-    "dtype",
     "fwd_bwd_ms",
     "peak_mem_mib",
     "speedup_vs_deepspeed_moellava",
@@ -69,15 +69,22 @@ COLUMNS = (
     "ratio_to_floor_grouped",
     "pipelined_ms",
     "pipelined_ratio_to_floor",
-    "device",
-    "torch_version",
-    "git_revision",
-    "date",
-    "hidden_size",
-    "ffn_size",
-    "num_experts",
-    "top_k",
-    "repeats",
+)
+COLUMNS = (
+    FIGURES[:2]
+    + ("dtype",)
+    + FIGURES[2:]
+    + (
+        "device",
+        "torch_version",
+        "git_revision",
+        "date",
+        "hidden_size",
+        "ffn_size",
+        "num_experts",
+        "top_k",
+        "repeats",
+    )
 )
 
 
@@ -118,24 +125,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_ms(step: Callable[[], None], device: torch.device, steps: int = 1) -> float:
+    """ms per step of ``steps`` calls of ``step`` issued back to back, synchronised once at the end (CUDA
+    events on a GPU, the wall clock elsewhere)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
 def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median ms of ``step``, peak MiB above the pre-step allocation; NaN off CUDA)."""
+    """(median ms of ``step`` timed one step at a time, peak MiB above the pre-step allocation; NaN off
+    CUDA)."""
     for _ in range(warmup):
         step()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = [_timed_ms(step, device) for _ in range(repeats)]
     peak = float("nan")
     if device.type == "cuda":
         _sync(device)
@@ -150,22 +163,7 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
 def measure_pipelined(step: Callable[[], None], device: torch.device, steps: int = PIPELINED_STEPS) -> float:
     """ms per step of ``steps`` steps issued back to back (one synchronisation at the end), median of 3."""
     _sync(device)
-    times = []
-    for _ in range(3):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / steps)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times.append((time.perf_counter() - t0) * 1e3 / steps)
-    return statistics.median(times)
+    return statistics.median(_timed_ms(step, device, steps) for _ in range(3))
 
 
 def _clear_grads(*tensors: Tensor) -> None:
@@ -362,16 +360,7 @@ def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...] = COLUMNS) 
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = (
-        "impl",
-        "tokens",
-        "fwd_bwd_ms",
-        "peak_mem_mib",
-        "speedup_vs_deepspeed_moellava",
-        "ratio_to_floor",
-        "ratio_to_floor_grouped",
-        "pipelined_ms",
-    )
+    cols = FIGURES
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) for r in rows]

@@ -106,10 +106,8 @@ class STGC(RoutingMethod):
 
     def _reference_masks(self, model, inputs, ctx: RoutingContext, obs: ConflictObserver, step: int) -> None:
         """The paper's literal procedure: torch.func gradients on per-token bias copies, then the masks."""
-        import torch
-
         from stgc.conflict import reference_token_grads
-        from stgc.moe import TokenGrads
+        from stgc.moe import TokenGrads, sort_assignments
 
         records = ctx.records
         alpha = self.coefficients(step)["aux"]
@@ -126,14 +124,15 @@ class STGC(RoutingMethod):
             T, K = r.topk_idx_TK.shape
             # the rows the MoE block hands its observer: all T*K assignments by expert, padding and dropped
             # ones marked invalid
-            valid_A = (r.kept_TK & r.token_mask_T[:, None]).reshape(-1)
-            expert_A, order = torch.sort(r.topk_idx_TK.reshape(-1), stable=True)
+            expert_A, order_A, token_A, pos_TK = sort_assignments(r.topk_idx_TK)
             grads = TokenGrads(
-                g1_AF=g1_TKF.reshape(T * K, -1)[order],
-                g2_AD=g2_TKD.reshape(T * K, -1)[order],
+                g1_AF=g1_TKF.reshape(T * K, -1)[order_A],
+                g2_AD=g2_TKD.reshape(T * K, -1)[order_A],
                 expert_A=expert_A,
-                token_A=order // K,
-                valid_A=valid_A[order],
+                token_A=token_A,
+                order_A=order_A,
+                pos_TK=pos_TK,
+                valid_TK=r.kept_TK & r.token_mask_T[:, None],
             )
             obs(r, grads)
         obs.active = False
