@@ -269,7 +269,12 @@ class ConflictObserver:
 
     scale: beta of the fused mode (the CEL gradient is scaled here, the one place it is applied in that
         mode); 0 or ``apply_layers`` excluding a layer means measure only.
-    skip_weight_grads: set by the two_pass first pass, which needs only token gradients.
+    loss_scale: the factor by which the caller multiplies the loss before its backward (the Trainer:
+        1 / gradient-accumulation steps), or ``None`` when it is not known (fp16 loss scaling). The fused
+        CEL gradient, which bypasses the loss, gets it too; two_pass's first pass uses it to compute the
+        last MoE layer's backward once for both passes (``two_pass_first_pass``).
+    skip_weight_grads / stop_layer / keep_layer: set by the two_pass first pass, which needs only token
+        gradients (``two_pass_first_pass``).
     ``layers`` holds each layer's per-assignment result of the last backward (masks and scores, a few
     hundred KB per layer): the statistics and the two_pass loss are computed from it.
     """
@@ -284,6 +289,7 @@ class ConflictObserver:
         apply_layers: Iterable[int] | None = None,
         allreduce_mean: bool = False,
         collect_grads: bool = False,
+        loss_scale: float | None = 1.0,
     ):
         if score not in SCORES:
             raise ValueError(f"score={score!r} is not valid; choose one of {SCORES}.")
@@ -293,11 +299,18 @@ class ConflictObserver:
         self.apply_layers = None if apply_layers is None else set(apply_layers)
         self.allreduce_mean = allreduce_mean
         self.collect_grads = collect_grads
+        self.loss_scale = loss_scale
         self.active = True
         self.skip_weight_grads = False
+        self.stop_layer: int | None = None
+        self.keep_layer: int | None = None
         self.layers: dict[int, LayerConflict] = {}
         self._stats: dict[int, dict[str, Tensor]] = {}
         self.grads: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def _grad_scale(self) -> float:
+        """The fused CEL gradient's factor: beta times the caller's loss scale."""
+        return self.scale * (1.0 if self.loss_scale is None else self.loss_scale)
 
     def applies_to(self, layer_idx: int) -> bool:
         return self.scale != 0 and (self.apply_layers is None or layer_idx in self.apply_layers)
@@ -315,7 +328,7 @@ class ConflictObserver:
             # the Triton pass; with the default loss form it also gives the scaled gradient and L_cel
             in_kernel = applies and self.loss_form == "neg_logit_ce"
             score_A, considered_A, conflict_A, grad_TE, cel = _token_scores(
-                record, grads, self, self.scale if in_kernel else None
+                record, grads, self, self._grad_scale() if in_kernel else None
             )
         else:
             score_A, considered_A = conflict_scores(
@@ -335,13 +348,13 @@ class ConflictObserver:
         if applies and grad_TE is None:
             if self.loss_form == "neg_logit_ce":
                 grad_TE, cel = _kernel("cel_grad", _cel_grad_neg_logit_ce, grads.g1_AF)(
-                    record.logits_TE.detach(), token_A, expert_A, conflict_A, self.scale
+                    record.logits_TE.detach(), token_A, expert_A, conflict_A, self._grad_scale()
                 )
             else:
                 with torch.enable_grad():
                     z_TE = record.logits_TE.detach().requires_grad_(True)
                     cel = cel_loss(z_TE, token_A, expert_A, conflict_A, self.loss_form)
-                    (grad_TE,) = torch.autograd.grad(cel * self.scale, z_TE)
+                    (grad_TE,) = torch.autograd.grad(cel * self._grad_scale(), z_TE)
             grad_TE = grad_TE.to(record.logits_TE.dtype)
         # Statistics are computed when read (``stats`` / ``summary``), not in the backward's hot path.
         self.layers[record.layer_idx] = LayerConflict(
@@ -381,17 +394,28 @@ class ConflictObserver:
 
 def two_pass_first_pass(main_loss: Tensor, records: list[RoutingRecord], observer: ConflictObserver) -> None:
     """Backward of the main loss down to the first MoE layer's router logits with the observer collecting
-    token gradients and masks (weight gradients skipped); the graph is kept for the real backward."""
+    token gradients and masks; the graph is kept for the real backward.
+
+    What the masks need and no more: no weight gradients, and no input gradient in the first MoE layer
+    (nothing below its router needs one), except in the last MoE layer. The gradient at that layer's output
+    is the same in the second backward (every L_cel is a function of router logits, which sit at or below
+    it), so its whole backward runs here, from ``main_loss * observer.loss_scale`` (the loss as the caller
+    will back-propagate it), and the second backward reuses it (``stgc.moe._ExpertsFn``). With an unknown
+    loss scale (``loss_scale=None``: fp16 loss scaling) the second backward computes it again."""
     if not records:
         raise ValueError("two_pass needs routing records: run the forward with a RoutingContext(records=[]).")
     observer.active, observer.skip_weight_grads = True, True
+    observer.stop_layer = records[0].layer_idx
+    observer.keep_layer = None if observer.loss_scale is None else records[-1].layer_idx
     saved_scale = observer.scale
     observer.scale = 0.0  # the first pass only measures; L_cel is added as a forward term below
+    loss = main_loss if observer.loss_scale in (None, 1.0) else main_loss * observer.loss_scale
     try:
-        torch.autograd.grad(main_loss, [records[0].logits_TE], retain_graph=True, allow_unused=True)
+        torch.autograd.grad(loss, [records[0].logits_TE], retain_graph=True, allow_unused=True)
     finally:
         observer.scale = saved_scale
         observer.skip_weight_grads = False
+        observer.stop_layer = observer.keep_layer = None
         observer.active = False  # the total's backward must not measure again
 
 

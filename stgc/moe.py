@@ -530,6 +530,10 @@ class _ExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_TD):
+        kept = getattr(ctx, "kept_grads", None)
+        if kept is not None:  # two_pass: computed by the first pass from the same upstream gradient
+            ctx.kept_grads = None
+            return kept
         x_AD, h_AH, a_AF, o_AD, w_A, w_in, w_out, token_A, expert_A, order_A, pos_TK, valid_TK = (
             ctx.saved_tensors
         )
@@ -539,9 +543,16 @@ class _ExpertsFn(torch.autograd.Function):
         F_ = w_out.shape[-1]
         E = w_in.shape[0]
         need_x, need_w, _, need_win, need_bin, need_wout, need_bout = ctx.needs_input_grad[:7]
+        layer = ctx.record.layer_idx
+        keep = False
         if getattr(observer, "skip_weight_grads", False):
-            # two_pass first pass: only token gradients and input gradients are needed
-            need_win = need_bin = need_wout = need_bout = False
+            # two_pass first pass: token gradients and input gradients only, except in the layer whose
+            # upstream gradient the second pass repeats exactly (the top one): its whole backward runs now
+            # and is kept for the second; below the stop layer's router nothing needs a gradient
+            keep = layer == getattr(observer, "keep_layer", None)
+            if not keep:
+                need_win = need_bin = need_wout = need_bout = False
+                need_x = need_x and layer != getattr(observer, "stop_layer", None)
         observe = observer is not None and getattr(observer, "active", True)
         # SwiGLU on the Triton path: the observer scores from dy and the sums of g2 (``TokenGrads``)
         fast_obs = observe and triton_path and ffn == "swiglu"
@@ -560,13 +571,18 @@ class _ExpertsFn(torch.autograd.Function):
             grad_w_TK = torch.empty_like(grad_w_A).index_copy_(0, order_A, grad_w_A).view(pos_TK.shape)
         grad_a_AF = groups.rows_w(g2_AD, w_out)  # = the virtual first-bias gradient (SwiGLU)
         with_sq = observe and ffn == "swiglu"  # |g1|^2 for the SwiGLU shortcut of the conflict scores
-        if ffn == "swiglu" and triton_path:
+        sq1_A = grad_h_AH = None
+        if ffn == "swiglu" and not (need_x or need_win):
+            # nothing reads grad_h (the stop layer of two_pass's first pass): only |g1|^2
+            if with_sq:
+                acc = torch.promote_types(grad_a_AF.dtype, torch.float32)
+                sq1_A = torch.linalg.vector_norm(grad_a_AF, dim=-1, dtype=acc).square()
+        elif ffn == "swiglu" and triton_path:
             grad_h_AH = kernels.swiglu_backward(h_AH, grad_a_AF, with_sq)
         else:
             actb = _kernel(f"actb_{ffn}_{with_sq}", _act_backward, h_AH)
             grad_h_AH = actb(ffn, h_AH, grad_a_AF, F_, with_sq)
-        sq1_A = None
-        if with_sq:
+        if with_sq and grad_h_AH is not None:
             grad_h_AH, sq1_A = grad_h_AH
         g_wout = groups.weight_grad(g2_AD, a_AF) if need_wout else None
         g_win = groups.weight_grad(grad_h_AH, x_AD) if need_win else None
@@ -595,6 +611,8 @@ class _ExpertsFn(torch.autograd.Function):
                 valid_TK=valid_TK,
             )
             grad_logits = observer(ctx.record, grads)
+        if keep:
+            ctx.kept_grads = (grad_x_TD, grad_w_TK, None, g_win, g_bin, g_wout, g_bout) + (None,) * 4
         return (grad_x_TD, grad_w_TK, grad_logits, g_win, g_bin, g_wout, g_bout) + (None,) * 4
 
 

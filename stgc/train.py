@@ -15,8 +15,9 @@ Run folder (``RunConfig.run_dir``):
 Loss scaling with gradient accumulation: the Trainer divides each micro-batch's loss by the number of
 micro-batches of the step (``loss_is_scaled_for_ga = False`` below: the method's loss is a per-micro-batch
 mean and ignores ``num_items_in_batch``). STGC's fused mode adds beta * dL_cel/dz inside the backward,
-outside the loss, so the trainer applies the same 1/accumulation factor to that gradient (``_observer``);
-fused and two_pass then agree under accumulation as without it.
+outside the loss, so the trainer gives the observer the same 1/accumulation factor (``loss_scale``, in
+``_observer``; two_pass's first pass uses it too); fused and two_pass then agree under accumulation as
+without it.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ class MoETrainer(Trainer):
         self._step_loss = None
         self._tokens = 0
         self._measuring = False
-        self._scaled = None
+        self._fp16_loss_scaling = fp16_loss_scaling(self.args)
 
     def _observer(self, step: int):
         obs = self.method.observer(step)
@@ -178,12 +179,11 @@ class MoETrainer(Trainer):
         self._measuring = obs is None and bool(every) and step % every == 0
         if self._measuring:
             obs = ConflictObserver(scale=0.0)
-        self._scaled = None
-        if obs is not None and getattr(obs, "scale", 0.0):
-            # fused mode: the CEL gradient bypasses the loss, so give it the loss's 1/accumulation factor
-            # for this backward (restored afterwards: logs report beta * L_cel like every scaled term)
-            self._scaled = (obs, obs.scale)
-            obs.scale = obs.scale / self.current_gradient_accumulation_steps
+        if obs is not None and hasattr(obs, "loss_scale"):
+            # the loss is divided by the accumulation steps before its backward; fp16 loss scaling
+            # multiplies it by a factor only the scaler knows
+            ga = self.current_gradient_accumulation_steps
+            obs.loss_scale = None if self._fp16_loss_scaling else 1.0 / ga
         return obs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -213,9 +213,6 @@ class MoETrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # after the backward: the fused mode's conflict statistics exist only now
         result, self._step_loss = self._step_loss, None
-        if self._scaled is not None:
-            obs, scale = self._scaled
-            obs.scale, self._scaled = scale, None
         if self.method is None:
             metrics = {"loss/total": float(result.detach()), "loss/lm": float(result.detach())}
         else:
@@ -634,14 +631,18 @@ def train(
     return final
 
 
-def _check_loss_scaling(args: TrainingArguments, method: RoutingMethod | None) -> None:
-    """fp16 loss scaling multiplies the loss, not STGC's fused in-backward CEL gradient: refuse the pair."""
+def fp16_loss_scaling(args: TrainingArguments) -> bool:
+    """Whether the run scales its loss for fp16 (torch amp or DeepSpeed's fp16 section)."""
     ds = args.deepspeed
     if isinstance(ds, str):
         ds = json.loads(Path(ds).read_text())
-    fp16 = args.fp16 or (isinstance(ds, dict) and (ds.get("fp16") or {}).get("enabled") is True)
+    return bool(args.fp16 or (isinstance(ds, dict) and (ds.get("fp16") or {}).get("enabled") is True))
+
+
+def _check_loss_scaling(args: TrainingArguments, method: RoutingMethod | None) -> None:
+    """fp16 loss scaling multiplies the loss, not STGC's fused in-backward CEL gradient: refuse the pair."""
     obs = method.observer(0) if method is not None else None
-    if fp16 and obs is not None and getattr(method.config, "mode", None) == "fused":
+    if fp16_loss_scaling(args) and obs is not None and getattr(method.config, "mode", None) == "fused":
         raise ValueError(
             "fp16 with loss scaling cannot be combined with STGC's fused mode (its CEL gradient is added "
             "inside the backward, unscaled); use bf16 (training.bf16=true) or method.mode=two_pass."

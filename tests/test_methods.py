@@ -95,6 +95,38 @@ def test_fused_equals_two_pass_with_one_moe_layer(ffn):
     torch.testing.assert_close(g_fused["layers.0.router.weight"], expected_router, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("ffn", FFNS)
+@pytest.mark.parametrize("loss_scale", [1.0, 0.25, None])
+def test_two_pass_gradients_are_those_of_the_total_on_its_masks(ffn, loss_scale):
+    """two_pass = one backward of L_lm + alpha L_aux + beta L_cel with the masks of the main loss. Its first
+    pass skips what the masks do not need and keeps the last MoE layer's backward for the second pass (same
+    upstream gradient); the caller's loss scale (the Trainer's 1/accumulation; ``None``: unknown, fp16)
+    must reach that kept backward. Checked against a plain autograd backward of the same objective."""
+    model = toy_model(ffn, num_layers=3)
+    batch = toy_batch(batch=4, seq=12, pad=2)
+    beta, s = 0.3, 1.0 if loss_scale is None else loss_scale
+    method = build_method(STGCConfig(beta=beta, mode="two_pass"), MOE)
+    obs = method.observer(0)
+    obs.loss_scale = loss_scale
+    model.zero_grad(set_to_none=True)
+    two = method.train_loss(model, batch, 0, observer=obs)
+    (two.loss * s).backward()
+    g_two = {n: p.grad.clone() for n, p in model.named_parameters()}
+    masks = {layer: lc for layer, lc in two.observer.layers.items()}
+    assert sum(int(lc.conflict_A.sum()) for lc in masks.values()) > 0
+
+    model.zero_grad(set_to_none=True)
+    base = build_method({"name": "baseline"}, MOE).train_loss(model, batch, 0)
+    cel = sum(
+        cel_loss(r.logits_TE, masks[r.layer_idx].token_A, masks[r.layer_idx].expert_A,
+                 masks[r.layer_idx].conflict_A, "neg_logit_ce")
+        for r in base.records
+    )  # fmt: skip
+    ((base.loss + beta * cel) * s).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(g_two[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def mask_agreement(ffn: str, beta: float, seeds=(0, 1, 2), num_layers: int = 4) -> float:
     """Fraction of (token, expert) pairs of every MoE layer whose conflict flag is the same under fused and
     two_pass (same weights, same batch)."""

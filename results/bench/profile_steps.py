@@ -7,8 +7,9 @@ For each step: the median wall time (CUDA events), the median host time to issue
 and launches, no synchronisation) and to issue its first grouped expert product, then one step under
 ``torch.profiler``: the number and summed time of its kernels, the span from the first to the last
 kernel, and the GPU idle time between kernels (gaps over 3 us; the profiler itself slows the host, so
-spans and gaps are inflated); then the kernels by summed time. Last, the kernels the fused STGC mode
-adds to the baseline on the layer stack.
+spans and gaps are inflated); then the kernels by summed time. Then the kernels the fused STGC mode
+adds to the baseline on the layer stack; last, the `small` model's training step per mode and the host
+time the fused mode adds to it, by function (cProfile).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from stgc.bench.deepspeed_ref import single_process_group
 from stgc.bench.moe import BenchConfig, _steps, measure
-from stgc.bench.stgc import StackShape, _layer_steps
+from stgc.bench.stgc import StackShape, _layer_steps, _small_steps
 
 
 def host_ms(step, n: int = 20) -> float:
@@ -154,6 +155,35 @@ def host_hotspots(name: str, step, n: int = 50, top: int = 22) -> None:
         )
 
 
+def _host_profile(step, n: int) -> dict:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    return {k: (v[1] / n, v[2] / n) for k, v in pstats.Stats(prof).stats.items()}
+
+
+def host_diff(name: str, base_step, step, n: int = 20, top: int = 15) -> None:
+    """The functions whose own host time per step grows most from ``base_step`` to ``step`` (cProfile)."""
+    base, new = _host_profile(base_step, n), _host_profile(step, n)
+    total = sum(t for _, t in new.values()) - sum(t for _, t in base.values())
+    print(f"== host time {name} adds (cProfile, {n} steps; own time per step): {total * 1e3:.3f} ms in all")
+    grow = sorted(new, key=lambda k: -(new[k][1] - base.get(k, (0, 0))[1]))[:top]
+    for file, line, func in grow:
+        calls, own = new[(file, line, func)]
+        calls0, own0 = base.get((file, line, func), (0, 0))
+        print(
+            f"   {(own - own0) * 1e3:+7.3f} ms {calls - calls0:+5.0f} calls  {func} "
+            f"({file.rsplit('/', 1)[-1]}:{line})"
+        )
+
+
 def main() -> None:
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
@@ -174,6 +204,11 @@ def main() -> None:
     print("== kernels the fused mode adds (fused - baseline, summed over the step)")
     for k in sorted(fused, key=lambda k: -(fused[k] - base.get(k, 0)))[:10]:
         print(f"   {(fused[k] - base.get(k, 0)) / 1e3:7.3f} ms  {k}")
+    del layer_steps
+    small, shape, _ = _small_steps(8, 1024, dev, torch.bfloat16)
+    for mode in ("baseline", "fused", "two_pass"):
+        profile(f"small model ({shape}), {mode}", small[mode], top=8)
+    host_diff("the fused mode (small model)", small["baseline"], small["fused"])
 
 
 if __name__ == "__main__":

@@ -18,11 +18,14 @@ the backward of each, with MoE-LLaVA's coefficient 0.01):
   issues them: a stricter floor (the grouped kernels are faster than one product per expert)
 
 Default shape: StableLM-2-1.6B's FFN (D 2048, F 5632), E 4, top-2, bf16 experts with an fp32 router, T in
-{8192, 16384} tokens. ``--quick`` uses tiny shapes so that the CPU smoke test runs in seconds. Times are
-medians over repeats (CUDA events on a GPU), each step synchronised (the GPU starts idle: the host's time
-to issue the first kernels is in the figure); ``pipelined_ms`` is the time per step of 10 steps issued back
-to back (the host runs ahead, as in training). Peak memory is torch.cuda.max_memory_allocated during one
-step minus the memory allocated before it (NaN on a CPU).
+{8192, 16384} tokens. ``--quick`` uses tiny shapes so that the CPU smoke test runs in seconds. The
+implementations are timed round by round, one step of each per round in a rotating order
+(``measure_interleaved``), each step synchronised (the GPU starts idle: the host's time to issue the first
+kernels is in the figure; CUDA events on a GPU); times are medians over rounds and every ratio is the median
+of the per-round ratios (``paired_ratio``; ``ratio_to_floor_p25`` / ``_p75``: their quartiles), so that the
+machine's drift during a run (clocks, neighbours) cancels. ``pipelined_ms`` is the time per step of 10
+steps issued back to back (the host runs ahead, as in training), interleaved the same way. Peak memory is
+torch.cuda.max_memory_allocated during one step minus the memory allocated before it (NaN on a CPU).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ FIGURES = (
     "peak_mem_mib",
     "speedup_vs_deepspeed_moellava",
     "ratio_to_floor",
+    "ratio_to_floor_p25",
+    "ratio_to_floor_p75",
     "ratio_to_floor_grouped",
     "pipelined_ms",
     "pipelined_ratio_to_floor",
@@ -142,6 +147,19 @@ def _timed_ms(step: Callable[[], None], device: torch.device, steps: int = 1) ->
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
+def peak_mib(step: Callable[[], None], device: torch.device) -> float:
+    """Peak MiB allocated during one ``step`` above what was allocated before it (NaN off CUDA)."""
+    if device.type != "cuda":
+        step()
+        return float("nan")
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
 def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
     """(median ms of ``step`` timed one step at a time, peak MiB above the pre-step allocation; NaN off
     CUDA)."""
@@ -149,21 +167,33 @@ def measure(step: Callable[[], None], device: torch.device, warmup: int, repeats
         step()
     _sync(device)
     times = [_timed_ms(step, device) for _ in range(repeats)]
-    peak = float("nan")
-    if device.type == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        _sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return statistics.median(times), peak
+    return statistics.median(times), peak_mib(step, device)
 
 
-def measure_pipelined(step: Callable[[], None], device: torch.device, steps: int = PIPELINED_STEPS) -> float:
-    """ms per step of ``steps`` steps issued back to back (one synchronisation at the end), median of 3."""
+def measure_interleaved(
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int, calls: int = 1
+) -> dict[str, list[float]]:
+    """ms per step of each of ``steps`` in each of ``repeats`` rounds. Every round times every step once
+    (``calls`` steps issued back to back, one synchronisation), in an order that rotates from round to round:
+    a slow minute of the machine (clocks, a neighbour) hits every step alike and no step always follows
+    the heaviest, so per-round ratios (``paired_ratio``) compare like with like."""
+    names = list(steps)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
     _sync(device)
-    return statistics.median(_timed_ms(step, device, steps) for _ in range(3))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_timed_ms(steps[name], device, calls))
+    return times
+
+
+def paired_ratio(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Median, 25th and 75th percentile over rounds of times / base, both measured in the same round."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=True))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[0], q[2]
 
 
 def _clear_grads(*tensors: Tensor) -> None:
@@ -321,26 +351,30 @@ def run_benchmark(cfg: BenchConfig, device: torch.device | None = None) -> list[
     rows = []
     with single_process_group():
         for T in cfg.tokens:
-            results = {}
-            for impl, step in _steps(cfg, T, device).items():
-                ms, mib = measure(step, device, cfg.warmup, cfg.repeats)
-                results[impl] = (ms, mib, measure_pipelined(step, device))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            base_ms, floor_ms = results[BASELINE_IMPL][0], results[FLOOR_IMPL][0]
-            grouped_ms, floor_pipe = results[GROUPED_FLOOR_IMPL][0], results[FLOOR_IMPL][2]
-            for impl, (ms, mib, pipe) in results.items():
+            steps = _steps(cfg, T, device)
+            synced = measure_interleaved(steps, device, cfg.warmup, cfg.repeats)
+            piped = measure_interleaved(steps, device, 0, max(3, cfg.repeats // 3), PIPELINED_STEPS)
+            peaks = {impl: peak_mib(step, device) for impl, step in steps.items()}
+            del steps
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            for impl in synced:
+                speedup = paired_ratio(synced[BASELINE_IMPL], synced[impl])[0]
+                to_floor = paired_ratio(synced[impl], synced[FLOOR_IMPL])
+                to_grouped = paired_ratio(synced[impl], synced[GROUPED_FLOOR_IMPL])[0]
                 rows.append(
                     dict(
                         impl=impl,
                         tokens=T,
-                        fwd_bwd_ms=round(ms, 4),
-                        peak_mem_mib=round(mib, 1),
-                        speedup_vs_deepspeed_moellava=round(base_ms / ms, 3),
-                        ratio_to_floor=round(ms / floor_ms, 3),
-                        ratio_to_floor_grouped=round(ms / grouped_ms, 3),
-                        pipelined_ms=round(pipe, 4),
-                        pipelined_ratio_to_floor=round(pipe / floor_pipe, 3),
+                        fwd_bwd_ms=round(statistics.median(synced[impl]), 4),
+                        peak_mem_mib=round(peaks[impl], 1),
+                        speedup_vs_deepspeed_moellava=round(speedup, 3),
+                        ratio_to_floor=round(to_floor[0], 3),
+                        ratio_to_floor_p25=round(to_floor[1], 3),
+                        ratio_to_floor_p75=round(to_floor[2], 3),
+                        ratio_to_floor_grouped=round(to_grouped, 3),
+                        pipelined_ms=round(statistics.median(piped[impl]), 4),
+                        pipelined_ratio_to_floor=round(paired_ratio(piped[impl], piped[FLOOR_IMPL])[0], 3),
                         **stamp,
                     )
                 )

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from stgc.bench.moe import measure, write_csv
+from stgc.bench.moe import measure_interleaved, paired_ratio, peak_mib, write_csv
 from stgc.config import MoEConfig
 from stgc.methods import build_method
 from stgc.moe import MoEBlock, RoutingContext, routing_context
@@ -161,35 +161,9 @@ def _small_steps(
     return {m: step_for(m) for m in MODES}, shape, batch * seq
 
 
-def _measure_interleaved(
-    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, tuple[float, float, list[float]]]:
-    """Per mode: the median step time, the peak memory above what was allocated before its step, and the
-    step time of each round. The modes are interleaved round by round (a slow minute of the machine hits
-    every mode alike) and their order rotates from round to round (no mode always follows the heaviest)."""
-    modes = list(steps)
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {m: [] for m in steps}
-    for r in range(repeats):
-        for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
-            times[mode].append(measure(steps[mode], device, warmup=0, repeats=1)[0])
-    out = {}
-    for mode, step in steps.items():
-        peak = measure(step, device, warmup=0, repeats=1)[1]
-        out[mode] = (statistics.median(times[mode]), peak, times[mode])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return out
-
-
-def _paired_overhead(times: list[float], base: list[float]) -> tuple[float, float, float]:
-    """Median, 25th and 75th percentile over rounds of 100 * (mode / baseline - 1), the two measured in the
-    same round (a paired comparison: drifts of the machine between rounds cancel)."""
-    pct = sorted(100 * (t / b - 1) for t, b in zip(times, base, strict=True))
-    q = statistics.quantiles(pct, n=4, method="inclusive") if len(pct) > 1 else [pct[0]] * 3
-    return statistics.median(pct), q[0], q[2]
+def _overhead_pct(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of 100 * (mode / baseline - 1), the two timed in the same round."""
+    return tuple(100 * (r - 1) for r in paired_ratio(times, base))
 
 
 def run_benchmark(
@@ -218,12 +192,17 @@ def run_benchmark(
         ("layers", layer_steps, layer_shape, stack.tokens),
         ("small", small_steps, small_shape, small_tokens),
     ):
-        results = _measure_interleaved({m: steps[m] for m in modes}, device, warmup, repeats)
-        for mode, (ms, mib, _) in results.items():
+        times = measure_interleaved({m: steps[m] for m in modes}, device, warmup, repeats)
+        peaks = {}
+        for mode in modes:
+            peaks[mode] = peak_mib(steps[mode], device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        base_mib = peaks["baseline"]
+        for mode in modes:
+            ms, mib = statistics.median(times[mode]), peaks[mode]
             print(f"  {suite:7s} {mode:10s} {ms:9.3f} ms  {mib:9.1f} MiB", flush=True)
-        _, base_mib, base_times = results["baseline"]
-        for mode, (ms, mib, times) in results.items():
-            pct, p25, p75 = _paired_overhead(times, base_times)
+            pct, p25, p75 = _overhead_pct(times[mode], times["baseline"])
             rows.append(
                 dict(
                     suite=suite,

@@ -91,7 +91,7 @@ class STGC(RoutingMethod):
         if self.config.mode == "fused":
             # an observer passed in is this method's own, adjusted by the trainer (its gradient scale)
             return super().train_loss(model, inputs, step, observer=observer)
-        obs = self.observer(step)
+        obs = observer if observer is not None else self.observer(step)
         ctx = RoutingContext(records=[], observer=obs)
         out = model(**inputs, routing_ctx=ctx)
         terms = super().loss_terms(ctx.records, step)
