@@ -299,12 +299,47 @@ def expert_sums(x_AX: Tensor, expert_A: Tensor, num_experts: int) -> Tensor:
 class _Groups:
     """How expert-sorted rows split into experts, and the three per-expert products of an expert FFN.
 
-    Either device-side end offsets for ``torch._grouped_mm`` (one kernel per product for all experts and no
-    host sync: the CUDA bf16 path) or host-side segments (one product per expert: CPU, fp64, odd sizes).
+    ``offsets_E``: device-side end offsets for ``torch._grouped_mm`` (one kernel per product for all
+    experts, no host sync). ``segments``: host-side (expert, start, end) for one product per expert. With
+    offsets alone every product is grouped. With ``per_expert_backward`` the forward's products are grouped
+    and the backward's run per expert on sizes the forward copies to the host (``send_sizes``, issued after
+    the forward's first product: by the backward the copy has long arrived and the wait costs nothing; see
+    ``EXPERT_PRODUCTS``).
     """
 
-    def __init__(self, offsets_E: Tensor | None, segments: list[tuple[int, int, int]] | None, E: int):
+    def __init__(
+        self,
+        offsets_E: Tensor | None,
+        segments: list[tuple[int, int, int]] | None,
+        E: int,
+        per_expert_backward: bool = False,
+    ):
         self.offsets_E, self.segments, self.E = offsets_E, segments, E
+        self.per_expert_backward = per_expert_backward and offsets_E is not None
+        self._host: tuple[Tensor, torch.cuda.Event | None] | None = None
+
+    def send_sizes(self) -> None:
+        """Start copying the offsets to the host (asynchronous on CUDA) for a per-expert backward."""
+        if self.per_expert_backward and self._host is None:
+            cuda = self.offsets_E.is_cuda
+            host = torch.empty(self.E, dtype=torch.int32, pin_memory=cuda)
+            host.copy_(self.offsets_E, non_blocking=cuda)
+            ready = None
+            if cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+            self._host = (host, ready)
+
+    def _per_expert(self) -> bool:
+        """Whether the backward's products run per expert (building the segments on first use)."""
+        if self.segments is None and self.per_expert_backward:
+            self.send_sizes()
+            host, ready = self._host
+            if ready is not None:
+                ready.synchronize()
+            ends = host.tolist()
+            self.segments = expert_segments([b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)])
+        return self.segments is not None
 
     def rows_wt(self, a_AX: Tensor, w_EYX: Tensor) -> Tensor:
         """out[rows of e] = a[rows of e] @ w[e]^T (the forward of a linear layer)."""
@@ -317,7 +352,7 @@ class _Groups:
 
     def rows_w(self, g_AY: Tensor, w_EYX: Tensor) -> Tensor:
         """out[rows of e] = g[rows of e] @ w[e] (a linear layer's input gradient)."""
-        if self.offsets_E is not None:
+        if not self._per_expert():
             return torch._grouped_mm(g_AY, w_EYX, offs=self.offsets_E)
         out = g_AY.new_empty(g_AY.shape[0], w_EYX.shape[2])
         for e, s, t in self.segments:
@@ -326,7 +361,7 @@ class _Groups:
 
     def weight_grad(self, g_AY: Tensor, a_AX: Tensor) -> Tensor:
         """out[e] = g[rows of e]^T @ a[rows of e] (a linear layer's weight gradient); 0 for empty experts."""
-        if self.offsets_E is not None:
+        if not self._per_expert():
             return torch._grouped_mm(g_AY.t(), a_AX, offs=self.offsets_E)
         out = g_AY.new_empty(self.E, g_AY.shape[1], a_AX.shape[1])
         done = set()
@@ -338,19 +373,26 @@ class _Groups:
         return out
 
 
-EXPERT_PRODUCTS = ("auto", "grouped", "per_expert")
+# How the expert products are issued. ``grouped_forward``: the forward's as ``torch._grouped_mm`` (device
+# offsets: nothing waits for the routing), the backward's as one cuBLAS product per expert on sizes copied to
+# the host during the forward. On the H200, back to back, the two forms take the same time per product
+# (``results/bench/products.txt``), but in a whole step under the GPU's power cap the per-expert kernels sum
+# to less (``results/bench/clocks.txt``). ``grouped``: every product grouped; ``per_expert``: every product
+# per expert, sized on the host (the forward waits for the routing: CPU, fp64, unaligned sizes). ``auto``:
+# ``grouped_forward`` on CUDA bf16 with aligned sizes, else ``per_expert``.
+EXPERT_PRODUCTS = ("auto", "grouped_forward", "grouped", "per_expert")
 
 
 def use_grouped_mm(x: Tensor, dims: tuple[int, ...], mode: str = "auto") -> bool:
-    """Whether the expert products go through ``torch._grouped_mm``. ``auto``: on CUDA bf16 with 16-byte
-    aligned rows; ``grouped``: wherever torch has it for x's dtype (fp32 / bf16; CPU included, for tests),
-    else per expert; ``per_expert``: never."""
+    """Whether the forward's expert products go through ``torch._grouped_mm`` (``EXPERT_PRODUCTS``): ``auto``
+    on CUDA bf16 with 16-byte aligned rows; ``grouped`` / ``grouped_forward`` wherever torch has it for x's
+    dtype (fp32 / bf16; CPU included, for tests), else per expert; ``per_expert``: never."""
     if mode not in EXPERT_PRODUCTS:
         raise ValueError(f"expert_products={mode!r} is not valid; choose one of {EXPERT_PRODUCTS}.")
     if mode == "per_expert" or not hasattr(torch, "_grouped_mm"):
         return False
     aligned = all(d % (16 // x.element_size()) == 0 for d in dims)
-    if mode == "grouped":
+    if mode in ("grouped", "grouped_forward"):
         return aligned and x.dtype in (torch.float32, torch.bfloat16)
     return x.is_cuda and x.dtype == torch.bfloat16 and aligned
 
@@ -506,6 +548,7 @@ class _ExpertsFn(torch.autograd.Function):
         if triton_path:
             from stgc import kernels
         h_AH = groups.rows_wt(x_AD, w_in)
+        groups.send_sizes()  # (after the first product: nothing before it delays the GPU's start)
         if b_in is not None:
             h_AH += b_in.index_select(0, d.expert_A)
         if triton_path and ffn == "swiglu":
@@ -697,7 +740,7 @@ class MoEBlock(nn.Module):
         self.experts = ExpertBank(config.num_experts, hidden_size, intermediate_size, ffn)
         self.routing_ctx: RoutingContext | None = None
         self.use_reference_experts = False  # the plain-autograd path (tests, `reference` STGC mode)
-        self.expert_products = "auto"  # see ``use_grouped_mm`` (benchmarks and tests pick a path)
+        self.expert_products = "auto"  # see ``EXPERT_PRODUCTS`` (benchmarks and tests pick a path)
         self.use_triton = True  # ``stgc.kernels`` where ``_triton_ok`` (False: the eager/compiled code)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -770,9 +813,9 @@ class MoEBlock(nn.Module):
         return c.capacity_factor is None and not sampling
 
     def _groups(self, x_TD: Tensor, offsets_E: Tensor) -> _Groups:
-        b = self.experts
-        if use_grouped_mm(x_TD, (b.hidden_size, b.w_in.shape[1], b.intermediate_size), self.expert_products):
-            return _Groups(offsets_E.to(torch.int32), None, self.config.num_experts)
+        b, E, mode = self.experts, self.config.num_experts, self.expert_products
+        if use_grouped_mm(x_TD, (b.hidden_size, b.w_in.shape[1], b.intermediate_size), mode):
+            return _Groups(offsets_E.to(torch.int32), None, E, per_expert_backward=mode != "grouped")
         # one product per expert, sized on the host (a sync; CPU and unusual shapes only)
         counts = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1).long())
         return _Groups(None, expert_segments(counts.tolist()), self.config.num_experts)

@@ -16,10 +16,11 @@ from stgc.moe import MoEBlock, RoutingContext, routing_context, use_grouped_mm
 D, F_ = 16, 24
 
 
-def _run(grouped: bool, ffn: str, cfg: MoEConfig, x, mask, dy):
+def _run(mode: str, ffn: str, cfg: MoEConfig, x, mask, dy):
     torch.manual_seed(0)
     block = MoEBlock(cfg, D, F_, ffn, layer_idx=0).train()
-    block.expert_products = "grouped" if grouped else "per_expert"
+    block.expert_products = mode
+    grouped = mode != "per_expert"
     if ffn == "gelu":
         with torch.no_grad():
             block.experts.b_in.normal_()
@@ -38,16 +39,22 @@ def _run(grouped: bool, ffn: str, cfg: MoEConfig, x, mask, dy):
 @pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
 @pytest.mark.parametrize("capacity", [None, 1.0])
 def test_grouped_and_per_expert_products_agree(ffn, capacity):
-    """Outputs, every gradient (router, experts, biases, input) and the conflict scores agree, with padding
-    and with capacity dropping (dropped and padding rows are computed with weight 0: they change nothing)."""
+    """Outputs, every gradient (router, experts, biases, input) and the conflict scores agree between the
+    product forms (``EXPERT_PRODUCTS``: all grouped, grouped forward with a per-expert backward, all per
+    expert), with padding and with capacity dropping (dropped and padding rows are computed with weight 0:
+    they change nothing)."""
     cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity, min_capacity=0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 11, D, generator=g)
     dy = torch.randn(3, 11, D, generator=g)
     mask = torch.ones(3, 11, dtype=torch.bool)
     mask[0, 8:] = mask[2, 5:] = False
-    loop = _run(False, ffn, cfg, x, mask, dy)
-    grouped = _run(True, ffn, cfg, x, mask, dy)
+    loop = _run("per_expert", ffn, cfg, x, mask, dy)
+    for mode in ("grouped", "grouped_forward"):
+        _agree(_run(mode, ffn, cfg, x, mask, dy), loop, mask, capacity)
+
+
+def _agree(grouped, loop, mask, capacity):
     record = grouped[4]
     if capacity is not None:  # the capacity case must drop real assignments, or it tests nothing
         assert bool((~record.kept_TK & record.token_mask_T[:, None]).any())
@@ -87,8 +94,10 @@ def test_swiglu_shortcut_equals_direct_scores(score):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_block_and_observer_never_sync_on_cuda():
-    """On the grouped path neither the block's forward and backward nor the conflict observer waits for the
-    device (torch's sync debug mode turns any synchronising call into an error)."""
+    """On the CUDA path neither the block's forward and backward nor the conflict observer synchronises
+    (torch's sync debug mode turns any synchronising call into an error). The one wait is the backward's
+    for the expert sizes the forward copied to the host (an event long complete by then, which the debug
+    mode does not count); the copy itself is asynchronous."""
     torch.manual_seed(0)
     block = MoEBlock(MoEConfig(), 256, 512, "swiglu", 0).cuda().bfloat16().train()
     block.router.float()

@@ -4,6 +4,9 @@ Implementations (same router and expert weights, same tokens, same upstream grad
 the backward of each, with MoE-LLaVA's coefficient 0.01):
 - ``stgc``: ``stgc.moe.MoEBlock`` with the project's defaults (no capacity, deterministic top-2)
 - ``stgc_moellava_settings``: the block with MoE-LLaVA's routing (capacity 1.5, Gumbel 2nd expert)
+- ``stgc_grouped``: the block with every expert product as one ``torch._grouped_mm``
+  (``expert_products="grouped"``; the default ``auto`` runs the backward's products per expert on sizes
+  copied to the host during the forward, ``stgc.moe.EXPERT_PRODUCTS``)
 - ``stgc_per_expert``: the block with one product per expert sized on the host
   (``expert_products="per_expert"``: its CPU path, one device sync per forward) instead of
   ``torch._grouped_mm``
@@ -14,8 +17,8 @@ the backward of each, with MoE-LLaVA's coefficient 0.01):
 - ``floor``: the experts' matrix products alone on tokens pre-sorted and split evenly over the experts:
   per expert the forward [n, D] x [D, 2F] and [n, F] x [F, D] products and the four backward products
   (dA, dW_out, dW_in, dX), one SwiGLU pass each way (compiled on CUDA); no autograd, routing or combine
-- ``floor_grouped``: the same six products as one ``torch._grouped_mm`` each (device offsets), as the block
-  issues them: a stricter floor (the grouped kernels are faster than one product per expert)
+- ``floor_grouped``: the same six products as one ``torch._grouped_mm`` each (device offsets), as
+  ``stgc_grouped`` issues them
 
 Default shape: StableLM-2-1.6B's FFN (D 2048, F 5632), E 4, top-2, bf16 experts with an fp32 router, T in
 {8192, 16384} tokens. ``--quick`` uses tiny shapes so that the CPU smoke test runs in seconds. The
@@ -49,6 +52,7 @@ from stgc.provenance import git_revision
 
 IMPLS = (
     "stgc",
+    "stgc_grouped",
     "stgc_eager",
     "stgc_moellava_settings",
     "stgc_per_expert",
@@ -222,6 +226,9 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     block_pe = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_pe.load_state_dict(block.state_dict())
     block_pe.expert_products = "per_expert"
+    block_gr = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
+    block_gr.load_state_dict(block.state_dict())
+    block_gr.expert_products = "grouped"
     block_eager = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_eager.load_state_dict(block.state_dict())
     block_eager.use_triton = False
@@ -288,7 +295,7 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
         A = T * cfg.top_k
         xs, dys = x.repeat(cfg.top_k, 1)[:A].contiguous(), dy.repeat(cfg.top_k, 1)[:A].contiguous()
         ends = torch.tensor([round((e + 1) * A / E) for e in range(E)], device=device)
-        groups = block._groups(xs, ends)
+        groups = block_gr._groups(xs, ends)
         act_fwd, act_bwd = _compiled(_swiglu_fwd, device), _compiled(_swiglu_bwd, device)
 
         def step() -> None:
@@ -306,6 +313,7 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     nodrop = {**MOELLAVA_DS_SETTINGS, "drop_tokens": False}
     return {
         "stgc": ours(block),
+        "stgc_grouped": ours(block_gr),
         "stgc_eager": ours(block_eager),
         "stgc_moellava_settings": ours(block_ml),
         "stgc_per_expert": ours(block_pe),
