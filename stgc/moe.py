@@ -373,14 +373,17 @@ class _Groups:
         return out
 
 
-# How the expert products are issued. ``grouped_forward``: the forward's as ``torch._grouped_mm`` (device
-# offsets: nothing waits for the routing), the backward's as one cuBLAS product per expert on sizes copied to
-# the host during the forward. On the H200, back to back, the two forms take the same time per product
-# (``results/bench/products.txt``), but in a whole step under the GPU's power cap the per-expert kernels sum
-# to less (``results/bench/clocks.txt``). ``grouped``: every product grouped; ``per_expert``: every product
-# per expert, sized on the host (the forward waits for the routing: CPU, fp64, unaligned sizes). ``auto``:
-# ``grouped_forward`` on CUDA bf16 with aligned sizes, else ``per_expert``.
+# How the expert products are issued. ``grouped``: every product one ``torch._grouped_mm`` (device offsets:
+# nothing waits for the routing). ``grouped_forward``: the forward's grouped, the backward's one cuBLAS
+# product per expert on sizes the forward copies to the host. ``per_expert``: every product per expert,
+# sized on the host (the forward waits for the routing: CPU, fp64, unaligned sizes). ``auto``: on CUDA bf16
+# with aligned sizes ``grouped_forward`` from PER_EXPERT_BACKWARD_MIN_ROWS rows per expert on, ``grouped``
+# below; else ``per_expert``. Measured on the H200 (``results/bench/README.md``): the per-expert kernels of a
+# whole step sum to less under the GPU's power cap, so ``grouped_forward`` is 1-2% faster at 16384 tokens
+# (8192 rows per expert); but the backward's wait for the sizes keeps the host from running further ahead
+# than the forward's products, which at 8192 tokens made the step 0.5-2.6% slower (2.4-6% pipelined).
 EXPERT_PRODUCTS = ("auto", "grouped_forward", "grouped", "per_expert")
+PER_EXPERT_BACKWARD_MIN_ROWS = int(os.environ.get("STGC_PER_EXPERT_BACKWARD_MIN_ROWS", 8192))
 
 
 def use_grouped_mm(x: Tensor, dims: tuple[int, ...], mode: str = "auto") -> bool:
@@ -815,7 +818,9 @@ class MoEBlock(nn.Module):
     def _groups(self, x_TD: Tensor, offsets_E: Tensor) -> _Groups:
         b, E, mode = self.experts, self.config.num_experts, self.expert_products
         if use_grouped_mm(x_TD, (b.hidden_size, b.w_in.shape[1], b.intermediate_size), mode):
-            return _Groups(offsets_E.to(torch.int32), None, E, per_expert_backward=mode != "grouped")
+            rows = x_TD.shape[0] * self.config.top_k
+            split = mode == "grouped_forward" or (mode == "auto" and rows >= E * PER_EXPERT_BACKWARD_MIN_ROWS)
+            return _Groups(offsets_E.to(torch.int32), None, E, per_expert_backward=split)
         # one product per expert, sized on the host (a sync; CPU and unusual shapes only)
         counts = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1).long())
         return _Groups(None, expert_segments(counts.tolist()), self.config.num_experts)

@@ -136,3 +136,21 @@ def test_triton_swiglu_passes_equal_eager():
     torch.testing.assert_close(swiglu_backward(h, ga, False), ref_h, rtol=1e-2, atol=1e-2)
     ref_a = _act_forward("swiglu", h.float(), F)
     torch.testing.assert_close(swiglu_forward(h).float(), ref_a, rtol=1e-2, atol=1e-2)
+
+
+def test_auto_products_split_the_backward_from_the_threshold_on(monkeypatch):
+    """``auto`` (on CUDA bf16) keeps every product grouped below PER_EXPERT_BACKWARD_MIN_ROWS rows per
+    expert and runs the backward's per expert from there on; the explicit modes ignore the size."""
+    from stgc import moe
+
+    monkeypatch.setattr(moe, "use_grouped_mm", lambda *a: True)  # as on CUDA bf16
+    monkeypatch.setattr(moe, "PER_EXPERT_BACKWARD_MIN_ROWS", 8)
+    block = MoEBlock(MoEConfig(num_experts=4, top_k=2), D, F_, "swiglu", layer_idx=0)
+    offsets = torch.tensor([4, 8, 12, 16])
+
+    def split(tokens: int, mode: str) -> bool:
+        block.expert_products = mode
+        return block._groups(torch.zeros(tokens, D), offsets).per_expert_backward
+
+    assert not split(15, "auto") and split(16, "auto")  # 30 rows < 4 x 8 <= 32 rows
+    assert split(2, "grouped_forward") and not split(64, "grouped")

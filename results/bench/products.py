@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from stgc.bench.moe import _timed_ms
+
 D, F, E, K = 2048, 5632, 4, 2
 CALLS, ROUNDS = 20, 15
 
@@ -59,16 +61,6 @@ def products(A: int, dev: torch.device):
     }
 
 
-def timed(fn, dev) -> float:
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(CALLS):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / CALLS
-
-
 def main(tokens: list[int]) -> None:
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}; D={D} F={F} E={E} top-{K}, bf16")
@@ -82,8 +74,8 @@ def main(tokens: list[int]) -> None:
         times = {name: ([], []) for name in table}
         for _ in range(ROUNDS):
             for name, (g, p) in table.items():
-                times[name][0].append(timed(g, dev))
-                times[name][1].append(timed(p, dev))
+                times[name][0].append(_timed_ms(g, dev, CALLS))
+                times[name][1].append(_timed_ms(p, dev, CALLS))
         print(f"== {T} tokens ({A} rows)")
         print(f"  {'product':22s} {'grouped':>9s} {'per-expert':>11s} {'grouped/per':>12s}")
         tg = tp = 0.0

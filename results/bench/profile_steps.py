@@ -134,28 +134,18 @@ def launch_costs(n: int = 200) -> None:
 
 def host_hotspots(name: str, step, n: int = 50, top: int = 22) -> None:
     """Where the host's time to issue ``step`` goes: cProfile over ``n`` steps, functions by own time."""
-    import cProfile
-    import pstats
-
-    prof = cProfile.Profile()
-    torch.cuda.synchronize()
-    prof.enable()
-    for _ in range(n):
-        step()
-    prof.disable()
-    torch.cuda.synchronize()
+    stats = _host_profile(step, n)
     print(f"== host hot spots, {name} (cProfile, {n} steps; own time per step)")
-    stats = pstats.Stats(prof)
-    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
-    for (file, line, func), (_, ncalls, tottime, cumtime, _) in rows:
+    for (file, line, func), (ncalls, tottime, cumtime) in sorted(stats.items(), key=lambda kv: -kv[1][1])[
+        :top
+    ]:
         where = f"{file.rsplit('/', 2)[-2:][-1]}:{line}"
-        print(
-            f"   {tottime / n * 1e3:7.3f} ms own {cumtime / n * 1e3:7.3f} ms cum "
-            f"{ncalls // n:4d}x  {func} ({where})"
-        )
+        print(f"   {tottime * 1e3:7.3f} ms own {cumtime * 1e3:7.3f} ms cum {ncalls:4.0f}x  {func} ({where})")
 
 
 def _host_profile(step, n: int) -> dict:
+    """cProfile over ``n`` calls of ``step``: {(file, line, function): (calls, own s, cumulative s)} per
+    call."""
     import cProfile
     import pstats
 
@@ -166,18 +156,18 @@ def _host_profile(step, n: int) -> dict:
         step()
     prof.disable()
     torch.cuda.synchronize()
-    return {k: (v[1] / n, v[2] / n) for k, v in pstats.Stats(prof).stats.items()}
+    return {k: (v[1] / n, v[2] / n, v[3] / n) for k, v in pstats.Stats(prof).stats.items()}
 
 
 def host_diff(name: str, base_step, step, n: int = 20, top: int = 15) -> None:
     """The functions whose own host time per step grows most from ``base_step`` to ``step`` (cProfile)."""
     base, new = _host_profile(base_step, n), _host_profile(step, n)
-    total = sum(t for _, t in new.values()) - sum(t for _, t in base.values())
+    total = sum(v[1] for v in new.values()) - sum(v[1] for v in base.values())
     print(f"== host time {name} adds (cProfile, {n} steps; own time per step): {total * 1e3:.3f} ms in all")
-    grow = sorted(new, key=lambda k: -(new[k][1] - base.get(k, (0, 0))[1]))[:top]
+    grow = sorted(new, key=lambda k: -(new[k][1] - base.get(k, (0, 0, 0))[1]))[:top]
     for file, line, func in grow:
-        calls, own = new[(file, line, func)]
-        calls0, own0 = base.get((file, line, func), (0, 0))
+        calls, own, _ = new[(file, line, func)]
+        calls0, own0, _ = base.get((file, line, func), (0, 0, 0))
         print(
             f"   {(own - own0) * 1e3:+7.3f} ms {calls - calls0:+5.0f} calls  {func} "
             f"({file.rsplit('/', 1)[-1]}:{line})"
