@@ -93,7 +93,8 @@ def test_swiglu_shortcut_equals_direct_scores(score):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_block_and_observer_never_sync_on_cuda():
+@pytest.mark.parametrize("mode", ["auto", "grouped_forward"])
+def test_block_and_observer_never_sync_on_cuda(mode):
     """On the CUDA path neither the block's forward and backward nor the conflict observer synchronises
     (torch's sync debug mode turns any synchronising call into an error). The one wait is the backward's
     for the expert sizes the forward copied to the host (an event long complete by then, which the debug
@@ -101,6 +102,7 @@ def test_block_and_observer_never_sync_on_cuda():
     torch.manual_seed(0)
     block = MoEBlock(MoEConfig(), 256, 512, "swiglu", 0).cuda().bfloat16().train()
     block.router.float()
+    block.expert_products = mode  # (auto: all grouped at this size)
     x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     mask = torch.ones(4, 128, dtype=torch.bool, device="cuda")
     mask[1, 100:] = False
@@ -115,6 +117,15 @@ def test_block_and_observer_never_sync_on_cuda():
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(block.router.weight.grad).all()
+    if mode == "grouped_forward":  # the split products give the grouped ones' gradients
+        grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+        block.expert_products = "grouped"
+        block.zero_grad()
+        with routing_context(block, RoutingContext(token_mask_BT=mask, records=[], observer=obs)):
+            y = block(x)
+        y.float().square().mean().backward()
+        for n, p in block.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=2e-2, atol=1e-3, msg=n)
 
 
 def test_triton_swiglu_passes_equal_eager():
