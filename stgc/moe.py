@@ -325,9 +325,9 @@ class _Groups:
             host = torch.empty(self.E, dtype=torch.int32, pin_memory=cuda)
             host.copy_(self.offsets_E, non_blocking=cuda)
             ready = None
-            if cuda:
+            if cuda:  # (on the offsets' device's stream, which need not be the current device's)
                 ready = torch.cuda.Event()
-                ready.record()
+                ready.record(torch.cuda.current_stream(self.offsets_E.device))
             self._host = (host, ready)
 
     def _per_expert(self) -> bool:
@@ -377,9 +377,10 @@ class _Groups:
 # nothing waits for the routing). ``grouped_forward``: the forward's grouped, the backward's one cuBLAS
 # product per expert on sizes the forward copies to the host. ``per_expert``: every product per expert,
 # sized on the host (the forward waits for the routing: CPU, fp64, unaligned sizes). ``auto``: on CUDA bf16
-# with aligned sizes ``grouped_forward`` from PER_EXPERT_BACKWARD_MIN_ROWS rows per expert on, ``grouped``
-# below; else ``per_expert``. Measured on the H200 (``results/bench/README.md``): the per-expert kernels of a
-# whole step sum to less under the GPU's power cap, so ``grouped_forward`` is 1-2% faster at 16384 tokens
+# with aligned sizes ``grouped_forward`` from PER_EXPERT_BACKWARD_MIN_ROWS rows per expert on average
+# (T*K >= E * that), ``grouped`` below; else ``per_expert``. Measured on the H200
+# (``results/bench/README.md``): the per-expert kernels of a whole step sum to less under the GPU's power
+# cap, so ``grouped_forward`` is 1-2% faster at 16384 tokens
 # (8192 rows per expert); but the backward's wait for the sizes keeps the host from running further ahead
 # than the forward's products, which at 8192 tokens made the step 0.5-2.6% slower (2.4-6% pipelined).
 EXPERT_PRODUCTS = ("auto", "grouped_forward", "grouped", "per_expert")

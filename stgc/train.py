@@ -182,7 +182,7 @@ class MoETrainer(Trainer):
         if obs is not None and hasattr(obs, "loss_scale"):
             # the loss is divided by the accumulation steps before its backward; fp16 loss scaling
             # multiplies it by a factor only the scaler knows
-            ga = self.current_gradient_accumulation_steps
+            ga = getattr(self, "current_gradient_accumulation_steps", 1)  # (set by the training loop)
             obs.loss_scale = None if self._fp16_loss_scaling else 1.0 / ga
         return obs
 

@@ -225,12 +225,15 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     block_ml.load_state_dict(block.state_dict())
     block_pe = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_pe.load_state_dict(block.state_dict())
+    block_pe.router.float()
     block_pe.expert_products = "per_expert"
     block_gr = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_gr.load_state_dict(block.state_dict())
+    block_gr.router.float()
     block_gr.expert_products = "grouped"
     block_eager = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_eager.load_state_dict(block.state_dict())
+    block_eager.router.float()
     block_eager.use_triton = False
 
     def ours(b: MoEBlock) -> Callable[[], None]:

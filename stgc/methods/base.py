@@ -103,7 +103,10 @@ class RoutingMethod:
         self, model: nn.Module, inputs: dict[str, Any], step: int, observer: GradObserver | None = None
     ) -> StepLoss:
         """Forward ``model`` on ``inputs`` and build the total loss. ``observer`` overrides the method's own
-        (the trainer passes a measuring observer on logging steps of methods that need none)."""
+        (the trainer passes a measuring observer on logging steps of methods that need none). A caller that
+        scales the returned loss before its backward (gradient accumulation) must tell the observer the
+        factor (``ConflictObserver.loss_scale``, as ``stgc.train.MoETrainer`` does): STGC's fused CEL
+        gradient bypasses the loss, and two_pass reuses a backward computed from the scaled loss."""
         obs = observer if observer is not None else self.observer(step)
         ctx = RoutingContext(records=[], observer=obs)
         out = model(**inputs, routing_ctx=ctx)
