@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from stgc.moe import RoutingRecord, TokenGrads, _kernel, expert_membership
+from stgc.moe import FirstPass, RoutingRecord, TokenGrads, _kernel, expert_membership
 
 SCORES = ("mean", "concat", "g1", "g2")
 LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
@@ -273,8 +273,8 @@ class ConflictObserver:
         1 / gradient-accumulation steps), or ``None`` when it is not known (fp16 loss scaling). The fused
         CEL gradient, which bypasses the loss, gets it too; two_pass's first pass uses it to compute the
         last MoE layer's backward once for both passes (``two_pass_first_pass``).
-    skip_weight_grads / stop_layer / keep_layer: set by the two_pass first pass, which needs only token
-        gradients (``two_pass_first_pass``).
+    first_pass: a ``stgc.moe.FirstPass`` during two_pass's first backward (``two_pass_first_pass``), else
+        ``None``.
     ``layers`` holds each layer's per-assignment result of the last backward (masks and scores, a few
     hundred KB per layer): the statistics and the two_pass loss are computed from it.
     """
@@ -301,9 +301,7 @@ class ConflictObserver:
         self.collect_grads = collect_grads
         self.loss_scale = loss_scale
         self.active = True
-        self.skip_weight_grads = False
-        self.stop_layer: int | None = None
-        self.keep_layer: int | None = None
+        self.first_pass: FirstPass | None = None
         self.layers: dict[int, LayerConflict] = {}
         self._stats: dict[int, dict[str, Tensor]] = {}
         self.grads: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
@@ -404,9 +402,9 @@ def two_pass_first_pass(main_loss: Tensor, records: list[RoutingRecord], observe
     loss scale (``loss_scale=None``: fp16 loss scaling) the second backward computes it again."""
     if not records:
         raise ValueError("two_pass needs routing records: run the forward with a RoutingContext(records=[]).")
-    observer.active, observer.skip_weight_grads = True, True
-    observer.stop_layer = records[0].layer_idx
-    observer.keep_layer = None if observer.loss_scale is None else records[-1].layer_idx
+    observer.active = True
+    keep = None if observer.loss_scale is None else records[-1].layer_idx
+    observer.first_pass = FirstPass(stop_layer=records[0].layer_idx, keep_layer=keep)
     saved_scale = observer.scale
     observer.scale = 0.0  # the first pass only measures; L_cel is added as a forward term below
     loss = main_loss if observer.loss_scale in (None, 1.0) else main_loss * observer.loss_scale
@@ -414,8 +412,7 @@ def two_pass_first_pass(main_loss: Tensor, records: list[RoutingRecord], observe
         torch.autograd.grad(loss, [records[0].logits_TE], retain_graph=True, allow_unused=True)
     finally:
         observer.scale = saved_scale
-        observer.skip_weight_grads = False
-        observer.stop_layer = observer.keep_layer = None
+        observer.first_pass = None
         observer.active = False  # the total's backward must not measure again
 
 

@@ -3,8 +3,9 @@
 Why kernels: at the shapes this project trains, the block's GPU work is a handful of large grouped GEMMs,
 and what is left is host time. At the start of a step the GPU waits for the host to issue the routing:
 the eager block issued 99 kernel launches per forward+backward and reached its first expert product
-1.45 ms into the step on an H200 machine, this one 23 launches and 0.55 ms (`results/bench/profile_steps.txt`;
-there an eager op costs 7-8 us of host time, a Triton launch 20-40 us, a compiled call 29-45 us). Here the
+1.45 ms into the step on an H200 machine, this one 23 launches and 0.55 ms
+(`results/bench/history/profile_steps-6ba4cd2.txt`; across this project's H200 profiles an eager op costs
+7-8 us of host time, a Triton launch 20-40 us, a compiled call 29-49 us). Here the
 routing is two launches, the dispatch (expert sort and token gather) is inside the second, and each
 elementwise pass of the expert path is one launch. With ``TRITON_INTERPRET=1`` every kernel also runs
 on CPU tensors (the tests hold each one equal to the eager code it replaces).

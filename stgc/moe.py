@@ -106,6 +106,18 @@ class GradObserver(Protocol):
     def __call__(self, record: RoutingRecord, grads: TokenGrads) -> Tensor | None: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class FirstPass:
+    """What two_pass's first backward needs of each MoE layer (``stgc.conflict.two_pass_first_pass``), set
+    as ``observer.first_pass`` for that backward: token gradients and input gradients, no weight gradients;
+    no input gradient in ``stop_layer`` (nothing below its router needs one); ``keep_layer`` (or ``None``)
+    runs its whole backward and keeps it for the second backward, whose upstream gradient there is the
+    same (``_ExpertsFn.backward``)."""
+
+    stop_layer: int
+    keep_layer: int | None
+
+
 @dataclasses.dataclass
 class RoutingContext:
     """Per-forward routing state shared by every MoE block of a model.
@@ -486,7 +498,7 @@ def _triton_ok(t: Tensor) -> bool:
     """Whether ``stgc.kernels`` (Triton) runs the passes over ``t``: a CUDA tensor (or ``TRITON_ON_CPU``)
     that is not fp64, Triton importable and STGC_NO_TRITON=1 not set (else the compiled or eager code).
     No size threshold: one launch (20-40 us of host time on the H200 machines, `profile_steps.py`) replaces
-    several eager ops (7-8 us each) or a compiled call (29-45 us)."""
+    several eager ops (7-8 us each) or a compiled call (29-49 us)."""
     return (
         (t.is_cuda or TRITON_ON_CPU)
         and t.dtype != torch.float64
@@ -591,15 +603,11 @@ class _ExpertsFn(torch.autograd.Function):
         E = w_in.shape[0]
         need_x, need_w, _, need_win, need_bin, need_wout, need_bout = ctx.needs_input_grad[:7]
         layer = ctx.record.layer_idx
-        keep = False
-        if getattr(observer, "skip_weight_grads", False):
-            # two_pass first pass: token gradients and input gradients only, except in the layer whose
-            # upstream gradient the second pass repeats exactly (the top one): its whole backward runs now
-            # and is kept for the second; below the stop layer's router nothing needs a gradient
-            keep = layer == getattr(observer, "keep_layer", None)
-            if not keep:
-                need_win = need_bin = need_wout = need_bout = False
-                need_x = need_x and layer != getattr(observer, "stop_layer", None)
+        plan = getattr(observer, "first_pass", None)  # two_pass's first backward (``FirstPass``)
+        keep = plan is not None and layer == plan.keep_layer
+        if plan is not None and not keep:
+            need_win = need_bin = need_wout = need_bout = False
+            need_x = need_x and layer != plan.stop_layer
         observe = observer is not None and getattr(observer, "active", True)
         # SwiGLU on the Triton path: the observer scores from dy and the sums of g2 (``TokenGrads``)
         fast_obs = observe and triton_path and ffn == "swiglu"

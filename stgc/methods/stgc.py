@@ -89,7 +89,7 @@ class STGC(RoutingMethod):
 
     def train_loss(self, model, inputs, step: int, observer=None) -> StepLoss:
         if self.config.mode == "fused":
-            # an observer passed in is this method's own, adjusted by the trainer (its gradient scale)
+            # an observer passed in is this method's own, given the loss scale by the trainer
             return super().train_loss(model, inputs, step, observer=observer)
         obs = observer if observer is not None else self.observer(step)
         ctx = RoutingContext(records=[], observer=obs)
