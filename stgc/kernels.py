@@ -30,9 +30,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# Launch shapes (tokens / rows and columns per program, warps), picked on the H200 with
+# `results/bench/kernel_tuning.py` (module-level so that the sweep can set them).
 ROUTE_BLOCK_T = 32  # tokens per program of the routing kernels (and of the token-wise score kernel)
+ROUTE_BLOCK_D = 128  # columns per step of the router kernel's product
+ROUTE_WARPS = 4
 GATHER_BLOCK_D = 256  # columns per program of the dispatch's token gather
+ROUTE_BWD_BLOCK_T, ROUTE_BWD_BLOCK_D, ROUTE_BWD_WARPS = 32, 128, 4  # the routing's backward (2-D grid)
 ROW_BLOCK = 64  # assignment rows per program of the row kernels
+ROWDOT_BLOCK_D, ROWDOT_WARPS = 64, 4
+COMBINE_BLOCK_T, COMBINE_BLOCK_D, COMBINE_WARPS = 16, 256, 4
 
 
 def _pad(n: int, least: int = 2) -> int:
@@ -289,7 +296,7 @@ def route_and_dispatch(
         _route_kernel[(nprog,)](
             x_TD, w_ED, mask, logits, probs, weights, ib, fb, i32, mask_out.view(torch.uint8), T, D,
             E=E, E_PAD=E_PAD, K=K, K_PAD=K_PAD, HAS_MASK=token_mask_T is not None,
-            COUNT_PADDING=count_padding, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=128, num_warps=4,
+            COUNT_PADDING=count_padding, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=ROUTE_BLOCK_D, num_warps=ROUTE_WARPS,
         )  # fmt: skip
         grid = (nprog, triton.cdiv(D, GATHER_BLOCK_D) if gather else 1)
         _dispatch_kernel[grid](
@@ -378,21 +385,21 @@ def _route_bwd_kernel(
     if HAS_GZ:
         dz += tl.load(gz_ptr + e2, mask=m2, other=0.0)
     dz = tl.where(m2, dz, 0.0)
-    # dx = dz W (fp32, rounded to x's dtype); this block's share of dW = dz^T x, one expert at a time
-    for d0 in range(0, D, BLOCK_D):
-        dc = d0 + tl.arange(0, BLOCK_D)
-        dm = dc < D
-        xm = rmask[:, None] & dm[None, :]
-        xo = rows[:, None].to(tl.int64) * D + dc[None, :]
-        xb = tl.load(x_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-        dxb = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for e in tl.static_range(E):
-            dz_e = tl.sum(tl.where(ce[None, :] == e, dz, 0.0), axis=1)
-            w_e = tl.load(w_ptr + e * D + dc, mask=dm, other=0.0).to(tl.float32)
-            dxb += dz_e[:, None] * w_e[None, :]
-            dw_off = (pid.to(tl.int64) * E + e) * D + dc
-            tl.store(dwpart_ptr + dw_off, tl.sum(dz_e[:, None] * xb, axis=0), mask=dm)
-        tl.store(dx_ptr + xo, dxb.to(dx_ptr.dtype.element_ty), mask=xm)
+    # this program's BLOCK_D columns (grid axis 1; every column block recomputes dz: a few loads per token):
+    # dx = dz W (fp32, rounded to x's dtype); this token block's share of dW = dz^T x, one expert at a time
+    dc = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = dc < D
+    xm = rmask[:, None] & dm[None, :]
+    xo = rows[:, None].to(tl.int64) * D + dc[None, :]
+    xb = tl.load(x_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+    dxb = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for e in tl.static_range(E):
+        dz_e = tl.sum(tl.where(ce[None, :] == e, dz, 0.0), axis=1)
+        w_e = tl.load(w_ptr + e * D + dc, mask=dm, other=0.0).to(tl.float32)
+        dxb += dz_e[:, None] * w_e[None, :]
+        dw_off = (pid.to(tl.int64) * E + e) * D + dc
+        tl.store(dwpart_ptr + dw_off, tl.sum(dz_e[:, None] * xb, axis=0), mask=dm)
+    tl.store(dx_ptr + xo, dxb.to(dx_ptr.dtype.element_ty), mask=xm)
 
 
 def route_backward(
@@ -414,7 +421,7 @@ def route_backward(
     probs, weights, aux): the softmax, renormalisation and load-balancing gradients in closed form."""
     T, D = x_TD.shape
     E, K = w_ED.shape[0], topk_TK.shape[1]
-    nprog = triton.cdiv(T, ROUTE_BLOCK_T)
+    nprog = triton.cdiv(T, ROUTE_BWD_BLOCK_T)
     x_TD = x_TD.contiguous()
     dx = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)  # (row-major, as the kernel writes it)
     dwpart = torch.empty(max(nprog, 1), E, D, device=x_TD.device, dtype=torch.float32)
@@ -425,12 +432,13 @@ def route_backward(
         return dummy if t is None else t.contiguous()
 
     if T:
-        _route_bwd_kernel[(nprog,)](
+        _route_bwd_kernel[(nprog, triton.cdiv(D, ROUTE_BWD_BLOCK_D))](
             x_TD, w_ED.contiguous(), mask, c(probs_TE), c(topk_TK), c(weights_TK), f_E, n_real,
             c(g_logits), c(g_probs), c(g_weights), c(g_aux), dx, dwpart, T, D,
             E=E, E_PAD=_pad(E), K=K, HAS_MASK=token_mask_T is not None, COUNT_PADDING=count_padding,
             HAS_GZ=g_logits is not None, HAS_GP=g_probs is not None, HAS_GW=g_weights is not None,
-            HAS_GAUX=g_aux is not None, BLOCK_T=ROUTE_BLOCK_T, BLOCK_D=64, num_warps=4,
+            HAS_GAUX=g_aux is not None, BLOCK_T=ROUTE_BWD_BLOCK_T, BLOCK_D=ROUTE_BWD_BLOCK_D,
+            num_warps=ROUTE_BWD_WARPS,
         )  # fmt: skip
     else:
         dwpart.zero_()
@@ -525,10 +533,11 @@ def combine(o_AD: Tensor, pos_TK: Tensor, w_TK: Tensor | None) -> Tensor:
     o_AD = o_AD.contiguous()
     y = torch.empty(T, D, device=o_AD.device, dtype=o_AD.dtype)
     if T:
-        grid = (triton.cdiv(T, 16), triton.cdiv(D, 256))
+        grid = (triton.cdiv(T, COMBINE_BLOCK_T), triton.cdiv(D, COMBINE_BLOCK_D))
         w = w_TK.contiguous() if w_TK is not None else o_AD
         _combine_kernel[grid](o_AD, pos_TK.contiguous(), w, y, T, D, K=K, HAS_W=w_TK is not None,
-                              BLOCK_T=16, BLOCK_D=256, num_warps=4)  # fmt: skip
+                              BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D,
+                              num_warps=COMBINE_WARPS)  # fmt: skip
     return y
 
 
@@ -616,7 +625,7 @@ def rowdot_scale(
             valid_TK.reshape(-1).view(torch.uint8) if has_valid else token_A, gw, g2, part, A, D,
             E=max(num_experts, 1), E_DOT=_pad(num_experts, 16), STATS=stats, HAS_VALID=has_valid,
             IEEE=dy_TD.dtype == torch.float32,
-            BLOCK_R=ROW_BLOCK, BLOCK_D=64, num_warps=4,
+            BLOCK_R=ROW_BLOCK, BLOCK_D=ROWDOT_BLOCK_D, num_warps=ROWDOT_WARPS,
         )  # fmt: skip
     elif stats:
         part.zero_()
