@@ -24,6 +24,7 @@ is exact in bf16, the accumulation fp32).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import triton
@@ -36,7 +37,7 @@ ROUTE_BLOCK_T = 32  # tokens per program of the routing kernels (and of the toke
 ROUTE_BLOCK_D = 128  # columns per step of the router kernel's product
 ROUTE_WARPS = 4
 GATHER_BLOCK_D = 256  # columns per program of the dispatch's token gather
-ROUTE_BWD_BLOCK_T, ROUTE_BWD_BLOCK_D, ROUTE_BWD_WARPS = 32, 128, 4  # the routing's backward (2-D grid)
+ROUTE_BWD_BLOCK_T, ROUTE_BWD_BLOCK_D, ROUTE_BWD_WARPS = 64, 128, 2  # the routing's backward (2-D grid)
 ROW_BLOCK = 64  # assignment rows per program of the row kernels
 ROWDOT_BLOCK_D, ROWDOT_WARPS = 64, 4
 COMBINE_BLOCK_T, COMBINE_BLOCK_D, COMBINE_WARPS = 16, 256, 4
@@ -244,6 +245,7 @@ class Routed:
     pos_TK: sorted row of each (token, slot); order_A / expert_A / token_A: per sorted row; w_A: its combine
     weight; x_AD: x's row of its token (``None`` without ``gather``); offsets_E: int32 inclusive end of
     each expert's rows (``torch._grouped_mm``'s offsets). token_mask_T: real tokens (a fresh bool tensor).
+    first: what the caller's ``then`` returned (``None`` without it).
     """
 
     logits_TE: Tensor
@@ -262,14 +264,24 @@ class Routed:
     x_AD: Tensor | None
     offsets_E: Tensor
     token_mask_T: Tensor
+    first: object = None
 
 
 def route_and_dispatch(
-    x_TD: Tensor, w_ED: Tensor, token_mask_T: Tensor | None, top_k: int, count_padding: bool, gather: bool
+    x_TD: Tensor,
+    w_ED: Tensor,
+    token_mask_T: Tensor | None,
+    top_k: int,
+    count_padding: bool,
+    gather: bool,
+    then: Callable[[Tensor | None, Tensor], object] | None = None,
 ) -> Routed:
     """Deterministic top-k routing of ``stgc.moe.route`` (no capacity, no sampling) and the expert sort of
     ``MoEBlock._dispatch`` in two launches. ``token_mask_T``: real tokens (``None``: all). ``count_padding``:
-    MoE-LLaVA's ``route_padding`` (padding counts in L_aux and carries weight)."""
+    MoE-LLaVA's ``route_padding`` (padding counts in L_aux and carries weight). ``then(x_AD, offsets_E)``,
+    if given, is called as soon as both launches are issued, before the host builds the rest of the result
+    (``Routed.first``): the block issues its first expert product there, so that the GPU, which has
+    nothing else to do at the start of a step, gets it as early as possible."""
     T, D = x_TD.shape
     E, K = w_ED.shape[0], top_k
     E_PAD, K_PAD = _pad(E), _pad(K)
@@ -307,10 +319,12 @@ def route_and_dispatch(
     else:
         ib.zero_(), fb.zero_(), i32.zero_(), aux.zero_(), tpe.zero_()
         fb[A + E] = 1.0
+    offsets = i32[max(nprog, 1) * E_PAD :]
+    first = then(x_AD, offsets) if then is not None else None
     topk, pos, order, expert, token = ib.view(5, A).unbind(0)
     return Routed(
         logits, probs, topk.view(T, K), weights, aux, fb[A : A + E], fb[A + E : A + E + 1], tpe,
-        pos.view(T, K), order, expert, token, fb[:A], x_AD, i32[max(nprog, 1) * E_PAD :], mask_out,
+        pos.view(T, K), order, expert, token, fb[:A], x_AD, offsets, mask_out, first,
     )  # fmt: skip
 
 

@@ -526,7 +526,8 @@ class Dispatch:
     (token, slot). groups: the per-expert split of the rows. valid_TK: (token, slot) validity (not padding,
     not dropped) where an observer needs it, else ``None``. triton: the expert path's elementwise passes
     (and the observer's scores) run as ``stgc.kernels``. x_AD / w_A: the gathered inputs and combine
-    weights when the routing kernel already produced them (else the expert path gathers them).
+    weights when the routing kernel already produced them (else the expert path gathers them). h_AH: the
+    first expert product x_AD W_in^T when the routing already issued it (``_RouteFn``).
     """
 
     token_A: Tensor
@@ -538,6 +539,7 @@ class Dispatch:
     valid_TK: Tensor | None = None
     x_AD: Tensor | None = None
     w_A: Tensor | None = None
+    h_AH: Tensor | None = None
 
 
 class _ExpertsFn(torch.autograd.Function):
@@ -563,7 +565,7 @@ class _ExpertsFn(torch.autograd.Function):
         triton_path = d.triton
         if triton_path:
             from stgc import kernels
-        h_AH = groups.rows_wt(x_AD, w_in)
+        h_AH = groups.rows_wt(x_AD, w_in) if d.h_AH is None else d.h_AH
         groups.send_sizes()  # (after the first product: nothing before it delays the GPU's start)
         if b_in is not None:
             h_AH += b_in.index_select(0, d.expert_A)
@@ -674,13 +676,18 @@ class _ExpertsFn(torch.autograd.Function):
 class _RouteFn(torch.autograd.Function):
     """The Triton routing (``stgc.kernels.route_and_dispatch``) as an autograd function: the router logits,
     probabilities, combine weights and aux loss are differentiable (their gradients in closed form,
-    ``stgc.kernels.route_backward``); indices, counts, the dispatch and the token mask are not."""
+    ``stgc.kernels.route_backward``); indices, counts, the dispatch and the token mask are not. ``w_in``
+    (the expert bank's input projections, or ``None``) passes in a tuple, untracked: the routing then
+    issues the first expert product itself (``Routed.first``, ``Dispatch.h_AH``), as early as the host
+    can, whose gradients ``_ExpertsFn`` computes."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_ED, token_mask_T, top_k, count_padding):
+    def forward(ctx, x_TD, w_ED, token_mask_T, top_k, count_padding, w_in=(None,)):
         from stgc.kernels import route_and_dispatch
 
-        r = route_and_dispatch(x_TD, w_ED, token_mask_T, top_k, count_padding, gather=True)
+        (w_in_EHD,) = w_in
+        then = None if w_in_EHD is None else functools.partial(_first_product, w_in_EHD)
+        r = route_and_dispatch(x_TD, w_ED, token_mask_T, top_k, count_padding, gather=True, then=then)
         ctx.save_for_backward(x_TD, w_ED, token_mask_T, r.probs_TE, r.topk_TK, r.weights_TK, r.f_E, r.n_real)
         ctx.count_padding = count_padding
         ctx.set_materialize_grads(False)
@@ -693,12 +700,17 @@ class _RouteFn(torch.autograd.Function):
 
         x_TD, w_ED, token_mask_T, probs, topk, weights, f_E, n_real = ctx.saved_tensors
         if all(g is None for g in (g_logits, g_probs, g_weights, g_aux)):
-            return (None,) * 5
+            return (None,) * 6
         dx, dw = route_backward(
             x_TD, w_ED, token_mask_T, ctx.count_padding, probs, topk, weights, f_E, n_real,
             g_logits, g_probs, g_weights, g_aux,
         )  # fmt: skip
-        return dx, dw.to(w_ED.dtype), None, None, None
+        return dx, dw.to(w_ED.dtype), None, None, None, None
+
+
+def _first_product(w_in_EHD: Tensor, x_AD: Tensor, offsets_E: Tensor) -> Tensor:
+    """h = x_A W_in[e]^T for the rows of each expert (``_Groups.rows_wt``'s grouped product)."""
+    return torch._grouped_mm(x_AD, w_in_EHD.transpose(1, 2), offs=offsets_E)
 
 
 def experts_reference(
@@ -824,9 +836,15 @@ class MoEBlock(nn.Module):
         sampling = c.second_expert_sampling and (self.training or c.sample_at_eval)
         return c.capacity_factor is None and not sampling
 
-    def _groups(self, x_TD: Tensor, offsets_E: Tensor) -> _Groups:
-        b, E, mode = self.experts, self.config.num_experts, self.expert_products
-        if use_grouped_mm(x_TD, (b.hidden_size, b.w_in.shape[1], b.intermediate_size), mode):
+    def _grouped(self, x_TD: Tensor) -> bool:
+        """Whether the expert products are grouped with device offsets (``use_grouped_mm``)."""
+        b = self.experts
+        dims = (b.hidden_size, b.w_in.shape[1], b.intermediate_size)
+        return use_grouped_mm(x_TD, dims, self.expert_products)
+
+    def _groups(self, x_TD: Tensor, offsets_E: Tensor, grouped: bool | None = None) -> _Groups:
+        E, mode = self.config.num_experts, self.expert_products
+        if self._grouped(x_TD) if grouped is None else grouped:
             rows = x_TD.shape[0] * self.config.top_k
             split = mode == "grouped_forward" or (mode == "auto" and rows >= E * PER_EXPERT_BACKWARD_MIN_ROWS)
             return _Groups(offsets_E.to(torch.int32), None, E, per_expert_backward=split)
@@ -846,8 +864,10 @@ class MoEBlock(nn.Module):
     ) -> tuple[RoutingRecord, Dispatch]:
         c = self.config
         T, K = x_TD.shape[0], c.top_k
+        grouped = self._grouped(x_TD)
+        first = (self.experts.w_in if grouped else None,)  # (a tuple: autograd does not track it)
         logits, probs, weights, aux, r = _RouteFn.apply(
-            x_TD, self.router.weight, token_mask_T, K, c.route_padding
+            x_TD, self.router.weight, token_mask_T, K, c.route_padding, first
         )
         token_mask_T = r.token_mask_T if token_mask_T is None else token_mask_T
         if c.route_padding:
@@ -865,10 +885,10 @@ class MoEBlock(nn.Module):
             tokens_per_expert_E=r.tokens_per_expert_E,
             aux_loss=aux,
         )
-        groups = self._groups(x_TD, r.offsets_E)
+        groups = self._groups(x_TD, r.offsets_E, grouped)
         valid_TK = self._valid_TK(record, ctx, dropping=False)
         return record, Dispatch(
-            r.token_A, r.expert_A, r.order_A, r.pos_TK, groups, True, valid_TK, r.x_AD, r.w_A
+            r.token_A, r.expert_A, r.order_A, r.pos_TK, groups, True, valid_TK, r.x_AD, r.w_A, r.first
         )
 
     def _dispatch(

@@ -29,11 +29,12 @@ def _use_triton(monkeypatch, triton: bool) -> None:
         monkeypatch.setenv("STGC_NO_TRITON", "1")
 
 
-def _block_step(triton: bool, monkeypatch, cfg, ffn, mask, observer, dtype=torch.float32):
+def _block_step(triton: bool, monkeypatch, cfg, ffn, mask, observer, dtype=torch.float32, products="auto"):
     _use_triton(monkeypatch, triton)
     torch.manual_seed(0)
     block = MoEBlock(cfg, D, F_, ffn, layer_idx=0).to(DEV, dtype).train()
     block.router.float()
+    block.expert_products = products
     if ffn == "gelu":
         with torch.no_grad():
             block.experts.b_in.normal_()
@@ -116,6 +117,36 @@ def test_triton_block_equals_eager(
     for a, b in zip((fast[0], fast[1], *fast[2].values()), (again[0], again[1], *again[2].values())):
         assert torch.equal(a, b)
     assert torch.equal(fast[4].score_A, again[4].score_A)
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
+@pytest.mark.parametrize("products", ["grouped", "grouped_forward"])
+def test_triton_routing_issues_the_first_grouped_product(monkeypatch, ffn, products):
+    """With grouped expert products the routing issues the first one itself, right after its kernels
+    (``stgc.kernels.route_and_dispatch``'s ``then``); outputs and gradients stay the eager path's."""
+    calls = []
+    original = stgc.moe._first_product
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(stgc.moe, "_first_product", counted)
+    cfg = MoEConfig(num_experts=4, top_k=2)
+
+    def run(triton):
+        obs = ConflictObserver(scale=0.1)
+        return _block_step(triton, monkeypatch, cfg, ffn, _mask(), obs, products=products)
+
+    eager = run(False)
+    assert not calls
+    fast = run(True)
+    assert len(calls) == 1, "the routing did not issue the first product"
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[0], eager[0], **tol)
+    torch.testing.assert_close(fast[1], eager[1], **tol)
+    for name in eager[2]:
+        torch.testing.assert_close(fast[2][name], eager[2][name], **tol, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["fused", "two_pass"])

@@ -1,8 +1,9 @@
 """Launch shapes of the MoE block's memory-bound Triton kernels (``stgc.kernels``), swept on one GPU at the
 bench shape (D 2048, E 4, top-2, bf16; T tokens): the routing (both launches), its backward, the combine
-and the row dot of the backward. Each configuration is timed with ``triton.testing.do_bench`` (CUDA events,
-L2 flushed between runs; median ms) and its outputs are checked against the module's current shape;
-the ideal time is the bytes the kernel must move over the HBM bandwidth.
+and the row dot of the backward. Each configuration is timed with ``triton.testing.do_bench_cudagraph``
+(the calls replayed from a CUDA graph, so that the GPU time is measured and not the host's time to issue
+the launches; median) and its outputs are checked against the module's current shape; the ideal time is
+the bytes the kernel must move over the HBM bandwidth.
 
     python results/bench/kernel_tuning.py [tokens ...] > results/bench/kernel_tuning.txt
 """
@@ -13,7 +14,7 @@ import itertools
 import sys
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench_cudagraph
 
 from stgc import kernels as K
 
@@ -123,7 +124,7 @@ def sweep(T: int) -> None:
             try:
                 out = _flat(call())
                 ok = all(_close(a, b) for a, b in zip(out, ref, strict=True))
-                ms = do_bench(call, warmup=10, rep=40)
+                ms = do_bench_cudagraph(call, rep=20, return_mode="median")
             except Exception as exc:  # (a shape Triton cannot compile: report it, keep sweeping)
                 ok, ms = False, float("nan")
                 print(f"   {setting}: {type(exc).__name__}: {str(exc)[:100]}")

@@ -238,9 +238,10 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
 
     def ours(b: MoEBlock) -> Callable[[], None]:
         xi = x.detach().requires_grad_()
+        params = list(b.parameters())
 
         def step() -> None:
-            _clear_grads(xi, *b.parameters())
+            _clear_grads(xi, *params)
             ctx = RoutingContext(records=[])
             with routing_context(b, ctx):
                 y = b(xi)
@@ -251,9 +252,10 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     def deepspeed(**settings) -> Callable[[], None]:
         layer = deepspeed_moe_from_block(block, **settings).train()
         xi = x.detach().requires_grad_()
+        params = list(layer.parameters())
 
         def step() -> None:
-            _clear_grads(xi, *layer.parameters())
+            _clear_grads(xi, *params)
             y, l_aux, _ = layer(xi)
             torch.autograd.backward([y, l_aux], [dy, coef])
 
