@@ -35,12 +35,12 @@ from torch import Tensor
 # `results/bench/kernel_tuning.py` (module-level so that the sweep can set them).
 ROUTE_BLOCK_T = 32  # tokens per program of the routing kernels (and of the token-wise score kernel)
 ROUTE_BLOCK_D = 128  # columns per step of the router kernel's product
-ROUTE_WARPS = 4
+ROUTE_WARPS = 8
 GATHER_BLOCK_D = 256  # columns per program of the dispatch's token gather
 ROUTE_BWD_BLOCK_T, ROUTE_BWD_BLOCK_D, ROUTE_BWD_WARPS = 64, 128, 2  # the routing's backward (2-D grid)
 ROW_BLOCK = 64  # assignment rows per program of the row kernels
-ROWDOT_BLOCK_D, ROWDOT_WARPS = 64, 4
-COMBINE_BLOCK_T, COMBINE_BLOCK_D, COMBINE_WARPS = 16, 256, 4
+ROWDOT_BLOCK_D, ROWDOT_WARPS = 128, 4
+COMBINE_BLOCK_T, COMBINE_BLOCK_D, COMBINE_WARPS = 16, 128, 8
 
 
 def _pad(n: int, least: int = 2) -> int:

@@ -118,14 +118,19 @@ def test_block_and_observer_never_sync_on_cuda(mode):
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(block.router.weight.grad).all()
     if mode == "grouped_forward":  # the split products give the grouped ones' gradients
-        grads = {n: p.grad.clone() for n, p in block.named_parameters()}
-        block.expert_products = "grouped"
-        block.zero_grad()
-        with routing_context(block, RoutingContext(token_mask_BT=mask, records=[], observer=obs)):
-            y = block(x)
-        y.float().square().mean().backward()
-        for n, p in block.named_parameters():
-            torch.testing.assert_close(grads[n], p.grad, rtol=2e-2, atol=1e-3, msg=n)
+        # (without the observer: a conflict score at the threshold may flip with the products' rounding,
+        # and the CEL gradient with it; bf16 products summed in another order: compared in norm)
+        grads = {}
+        for products in ("grouped_forward", "grouped"):
+            block.expert_products = products
+            block.zero_grad()
+            with routing_context(block, RoutingContext(token_mask_BT=mask, records=[])):
+                y = block(x)
+            y.float().square().mean().backward()
+            grads[products] = {n: p.grad.float().clone() for n, p in block.named_parameters()}
+        for n, g in grads["grouped"].items():
+            err = float((grads["grouped_forward"][n] - g).norm() / g.norm())
+            assert err < 1e-2, (n, err)
 
 
 def test_triton_swiglu_passes_equal_eager():
