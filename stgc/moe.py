@@ -847,6 +847,7 @@ class MoEBlock(nn.Module):
         if self._grouped(x_TD) if grouped is None else grouped:
             rows = x_TD.shape[0] * self.config.top_k
             split = mode == "grouped_forward" or (mode == "auto" and rows >= E * PER_EXPERT_BACKWARD_MIN_ROWS)
+            split = split and torch.is_grad_enabled()  # (no backward will come: no sizes to copy)
             return _Groups(offsets_E.to(torch.int32), None, E, per_expert_backward=split)
         # one product per expert, sized on the host (a sync; CPU and unusual shapes only)
         counts = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1).long())

@@ -156,7 +156,8 @@ def test_triton_swiglu_passes_equal_eager():
 
 def test_auto_products_split_the_backward_from_the_threshold_on(monkeypatch):
     """``auto`` (on CUDA bf16) keeps every product grouped below PER_EXPERT_BACKWARD_MIN_ROWS rows per
-    expert and runs the backward's per expert from there on; the explicit modes ignore the size."""
+    expert and runs the backward's per expert from there on; the explicit modes ignore the size. Without
+    grad mode nothing splits (no backward will come: the forward copies no sizes to the host)."""
     from stgc import moe
 
     monkeypatch.setattr(moe, "use_grouped_mm", lambda *a: True)  # as on CUDA bf16
@@ -170,3 +171,5 @@ def test_auto_products_split_the_backward_from_the_threshold_on(monkeypatch):
 
     assert not split(15, "auto") and split(16, "auto")  # 30 rows < 4 x 8 <= 32 rows
     assert split(2, "grouped_forward") and not split(64, "grouped")
+    with torch.no_grad():
+        assert not split(16, "auto") and not split(2, "grouped_forward")
