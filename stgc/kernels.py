@@ -31,9 +31,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Launch shapes (tokens / rows and columns per program, warps), picked on the H200 with
-# `results/bench/kernel_tuning.py` (module-level so that the sweep can set them).
-ROUTE_BLOCK_T = 32  # tokens per program of the routing kernels (and of the token-wise score kernel)
+# Launch shapes of the block's memory-bound kernels (tokens / rows and columns per program, warps), picked
+# on the H200 with `results/bench/kernel_tuning.py`, module-level so that the sweep (and the tests) can
+# set them; the score kernel's and the SwiGLU passes' shapes are set where they are launched.
+ROUTE_BLOCK_T = 32  # tokens per program of the forward routing kernels (and of the token-wise score kernel)
 ROUTE_BLOCK_D = 128  # columns per step of the router kernel's product
 ROUTE_WARPS = 8
 GATHER_BLOCK_D = 256  # columns per program of the dispatch's token gather
@@ -279,7 +280,8 @@ def route_and_dispatch(
     """Deterministic top-k routing of ``stgc.moe.route`` (no capacity, no sampling) and the expert sort of
     ``MoEBlock._dispatch`` in two launches. ``token_mask_T``: real tokens (``None``: all). ``count_padding``:
     MoE-LLaVA's ``route_padding`` (padding counts in L_aux and carries weight). ``then(x_AD, offsets_E)``,
-    if given, is called as soon as both launches are issued, before the host builds the rest of the result
+    if given, is called as soon as both launches are issued (at once when T = 0), before the host builds
+    the rest of the result
     (``Routed.first``): the block issues its first expert product there, so that the GPU, which has
     nothing else to do at the start of a step, gets it as early as possible."""
     T, D = x_TD.shape

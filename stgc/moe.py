@@ -527,7 +527,8 @@ class Dispatch:
     not dropped) where an observer needs it, else ``None``. triton: the expert path's elementwise passes
     (and the observer's scores) run as ``stgc.kernels``. x_AD / w_A: the gathered inputs and combine
     weights when the routing kernel already produced them (else the expert path gathers them). h_AH: the
-    first expert product x_AD W_in^T when the routing already issued it (``_RouteFn``).
+    first expert product x_AD W_in^T when the routing already issued it (``_RouteFn``); the expert path's
+    forward takes it over (and sets the field to ``None``: the GELU bias is added to it in place).
     """
 
     token_A: Tensor
@@ -565,7 +566,8 @@ class _ExpertsFn(torch.autograd.Function):
         triton_path = d.triton
         if triton_path:
             from stgc import kernels
-        h_AH = groups.rows_wt(x_AD, w_in) if d.h_AH is None else d.h_AH
+        # (the routing's first product is taken over: the bias below is added to it in place)
+        h_AH, d.h_AH = (groups.rows_wt(x_AD, w_in) if d.h_AH is None else d.h_AH), None
         groups.send_sizes()  # (after the first product: nothing before it delays the GPU's start)
         if b_in is not None:
             h_AH += b_in.index_select(0, d.expert_A)

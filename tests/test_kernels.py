@@ -123,15 +123,21 @@ def test_triton_block_equals_eager(
 @pytest.mark.parametrize("products", ["grouped", "grouped_forward"])
 def test_triton_routing_issues_the_first_grouped_product(monkeypatch, ffn, products):
     """With grouped expert products the routing issues the first one itself, right after its kernels
-    (``stgc.kernels.route_and_dispatch``'s ``then``); outputs and gradients stay the eager path's."""
-    calls = []
-    original = stgc.moe._first_product
+    (``stgc.kernels.route_and_dispatch``'s ``then``), and the expert path uses it (its forward issues only
+    the second product); outputs and gradients stay the eager path's."""
+    calls, forward_products = [], []
+    original, rows_wt = stgc.moe._first_product, stgc.moe._Groups.rows_wt
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
+    def counted_rows_wt(self, *args):
+        forward_products.append(1)
+        return rows_wt(self, *args)
+
     monkeypatch.setattr(stgc.moe, "_first_product", counted)
+    monkeypatch.setattr(stgc.moe._Groups, "rows_wt", counted_rows_wt)
     cfg = MoEConfig(num_experts=4, top_k=2)
 
     def run(triton):
@@ -139,9 +145,11 @@ def test_triton_routing_issues_the_first_grouped_product(monkeypatch, ffn, produ
         return _block_step(triton, monkeypatch, cfg, ffn, _mask(), obs, products=products)
 
     eager = run(False)
-    assert not calls
+    assert not calls and len(forward_products) == 2
+    forward_products.clear()
     fast = run(True)
     assert len(calls) == 1, "the routing did not issue the first product"
+    assert len(forward_products) == 1, "the expert path computed the first product again"
     tol = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast[0], eager[0], **tol)
     torch.testing.assert_close(fast[1], eager[1], **tol)
@@ -149,9 +157,31 @@ def test_triton_routing_issues_the_first_grouped_product(monkeypatch, ffn, produ
         torch.testing.assert_close(fast[2][name], eager[2][name], **tol, msg=name)
 
 
+def test_triton_kernels_with_several_column_blocks(monkeypatch):
+    """The column-blocked kernels (routing backward, combine, row dot, gather) with blocks narrower than
+    D (here D = 32: two blocks of 16 each), as at the bench shape, equal the eager path."""
+    import stgc.kernels as K
+
+    for name in ("ROUTE_BWD_BLOCK_D", "COMBINE_BLOCK_D", "ROWDOT_BLOCK_D", "GATHER_BLOCK_D", "ROUTE_BLOCK_D"):
+        monkeypatch.setattr(K, name, 16)
+    cfg = MoEConfig(num_experts=4, top_k=2)
+
+    def run(triton):
+        return _block_step(triton, monkeypatch, cfg, "swiglu", _mask(), None)
+
+    eager, fast = run(False), run(True)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[0], eager[0], **tol)
+    torch.testing.assert_close(fast[1], eager[1], **tol)
+    for name in eager[2]:
+        torch.testing.assert_close(fast[2][name], eager[2][name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("products", ["auto", "grouped"])
 @pytest.mark.parametrize("mode", ["fused", "two_pass"])
-def test_triton_stgc_modes_equal_eager(monkeypatch, mode):
-    """STGC's training loss and every parameter gradient on a two-layer stack agree between the paths."""
+def test_triton_stgc_modes_equal_eager(monkeypatch, mode, products):
+    """STGC's training loss and every parameter gradient on a two-layer stack agree between the paths
+    (per-expert and grouped expert products)."""
     from stgc.bench.stgc import MoEStack, StackShape, _method
 
     def run(triton):
@@ -159,6 +189,8 @@ def test_triton_stgc_modes_equal_eager(monkeypatch, mode):
         shape = StackShape(hidden_size=D, ffn_size=F_, num_layers=2, tokens=96)
         torch.manual_seed(0)
         model = MoEStack(shape).to(DEV)
+        for b in model.blocks:
+            b.expert_products = products
         x = torch.randn(shape.tokens, D, device=DEV)
         method = _method(mode, model.blocks[0].config)
         out = method.train_loss(model, {"x": x, "target": torch.randn_like(x)}, step=1)
@@ -173,7 +205,8 @@ def test_triton_stgc_modes_equal_eager(monkeypatch, mode):
         torch.testing.assert_close(grad_f[name], grad_e[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_triton_routing_at_evaluation(monkeypatch):
+@pytest.mark.parametrize("products", ["auto", "grouped"])
+def test_triton_routing_at_evaluation(monkeypatch, products):
     """Evaluation routing on the Triton path under no_grad: deterministic, no records kept by the block,
     same routing as eager."""
     cfg = MoEConfig()
@@ -182,6 +215,7 @@ def test_triton_routing_at_evaluation(monkeypatch):
         _use_triton(monkeypatch, triton)
         torch.manual_seed(0)
         block = MoEBlock(cfg, D, F_, "swiglu", 0).to(DEV).eval()
+        block.expert_products = products
         x = torch.randn(2, 9, D, device=DEV)
         ctx = RoutingContext(records=[])
         with torch.no_grad(), routing_context(block, ctx):
@@ -236,20 +270,24 @@ def test_triton_path_odd_inputs(monkeypatch):
     assert r0.topk_TK.shape == (0, 2) and float(r0.aux) == 0.0 and int(r0.offsets_E.sum()) == 0
 
 
-def test_triton_path_keeps_no_activations_under_checkpointing(monkeypatch):
-    """With activation checkpointing nothing the size of the gathered inputs (T*K x D) stays alive between
-    the forward and the backward: the backward's tensors all go through save_for_backward."""
+@pytest.mark.parametrize("products", ["auto", "grouped"])
+def test_triton_path_keeps_no_activations_under_checkpointing(monkeypatch, products):
+    """With activation checkpointing nothing the size of the gathered inputs (T*K x D) or of the first
+    product (T*K x 2F) stays alive between the forward and the backward: the backward's tensors all go
+    through save_for_backward."""
     import gc
 
     from torch.utils.checkpoint import checkpoint
 
     block = _train_block(monkeypatch, True)
+    block.expert_products = products
     x = torch.randn(64, D, device=DEV, requires_grad=True)
     with routing_context(block, RoutingContext()):
         y = checkpoint(block, x, use_reentrant=False)
     gc.collect()
-    big = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and tuple(t.shape) == (128, D)]
-    assert not big, f"{len(big)} gathered-input-sized tensors alive"
+    sizes = {(128, D), (128, 2 * F_)}
+    big = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and tuple(t.shape) in sizes]
+    assert not big, f"{len(big)} tensors of the expert path's size alive"
     y.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
