@@ -5,7 +5,8 @@ and what is left is host time. At the start of a step the GPU waits for the host
 the eager block issued 99 kernel launches per forward+backward and reached its first expert product
 1.45 ms into the step on an H200 machine, this one 23 launches and 0.55 ms
 (`results/bench/history/profile_steps-6ba4cd2.txt`; across this project's H200 profiles an eager op costs
-7-8 us of host time, a Triton launch 20-40 us, a compiled call 29-49 us). Here the
+7-8 us of host time, a Triton launch 20-40 us, a compiled call 29-49 us), and 0.36-0.48 ms since the
+routing issues the first product itself (``route_and_dispatch``'s ``then``; `profile_steps.txt`). Here the
 routing is two launches, the dispatch (expert sort and token gather) is inside the second, and each
 elementwise pass of the expert path is one launch. With ``TRITON_INTERPRET=1`` every kernel also runs
 on CPU tensors (the tests hold each one equal to the eager code it replaces).
