@@ -40,3 +40,22 @@ def test_unknown_bench_name_is_refused(capsys):
     with pytest.raises(SystemExit) as err:
         main(["bench", "nope"])
     assert err.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_peak_memory_releases_the_previous_steps_gradients_first():
+    """The blocks' and DeepSpeed's steps carry ``prepare`` (their gradients of the step before released),
+    which ``peak_mib`` calls before it reads the base allocation, then the step once."""
+    import torch
+
+    from stgc.bench.moe import BenchConfig, _steps, peak_mib
+
+    steps = _steps(BenchConfig.quick("fp32"), 256, torch.device("cpu"))
+    assert all(callable(getattr(steps[i], "prepare", None)) for i in ("stgc", "deepspeed_moellava"))
+    events = []
+
+    def step():
+        events.append("step")
+
+    step.prepare = lambda: events.append("prepare")
+    peak_mib(step, torch.device("cpu"))
+    assert events == ["prepare", "step"]

@@ -28,7 +28,8 @@ kernels is in the figure; CUDA events on a GPU); times are medians over rounds a
 of the per-round ratios (``paired_ratio``; ``ratio_to_floor_p25`` / ``_p75``: their quartiles), so that the
 machine's drift during a run (clocks, neighbours) cancels. ``pipelined_ms`` is the time per step of 10
 steps issued back to back (the host runs ahead, as in training), interleaved the same way. Peak memory is
-torch.cuda.max_memory_allocated during one step minus the memory allocated before it (NaN on a CPU).
+torch.cuda.max_memory_allocated during one step minus the memory allocated before it, with the gradients
+of the step before released first (``peak_mib``; NaN on a CPU).
 """
 
 from __future__ import annotations
@@ -152,7 +153,12 @@ def _timed_ms(step: Callable[[], None], device: torch.device, steps: int = 1) ->
 
 
 def peak_mib(step: Callable[[], None], device: torch.device) -> float:
-    """Peak MiB allocated during one ``step`` above what was allocated before it (NaN off CUDA)."""
+    """Peak MiB allocated during one ``step`` above what was allocated before it (NaN off CUDA). A step
+    with a ``prepare`` attribute has it called first (the benchmarks' blocks: their gradients of the step
+    before are released, so that the new ones count, as the floor's freshly written ones do)."""
+    prepare = getattr(step, "prepare", None)
+    if prepare is not None:
+        prepare()
     if device.type != "cuda":
         step()
         return float("nan")
@@ -247,6 +253,7 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
                 y = b(xi)
             torch.autograd.backward([y, ctx.records[0].aux_loss], [dy, coef])
 
+        step.prepare = lambda: _clear_grads(xi, *params)
         return step
 
     def deepspeed(**settings) -> Callable[[], None]:
@@ -259,6 +266,7 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
             y, l_aux, _ = layer(xi)
             torch.autograd.backward([y, l_aux], [dy, coef])
 
+        step.prepare = lambda: _clear_grads(xi, *params)
         return step
 
     def floor() -> Callable[[], None]:
