@@ -47,9 +47,11 @@ def test_peak_memory_releases_the_previous_steps_gradients_first():
     which ``peak_mib`` calls before it reads the base allocation, then the step once."""
     import torch
 
+    from stgc.bench.deepspeed_ref import single_process_group
     from stgc.bench.moe import BenchConfig, _steps, peak_mib
 
-    steps = _steps(BenchConfig.quick("fp32"), 256, torch.device("cpu"))
+    with single_process_group():
+        steps = _steps(BenchConfig.quick("fp32"), 256, torch.device("cpu"))
     assert all(callable(getattr(steps[i], "prepare", None)) for i in ("stgc", "deepspeed_moellava"))
     events = []
 
