@@ -30,6 +30,7 @@ from torch import Tensor
 from stgc.moe import FirstPass, RoutingRecord, TokenGrads, _kernel, expert_membership
 
 SCORES = ("mean", "concat", "g1", "g2")
+ZERO_NORM = 1e-20  # a gradient or mean at most this long is no direction: its pair is never considered
 LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
 MODES = ("fused", "two_pass", "reference")
 HIST_BINS = 20  # score histogram over [-1, 1]
@@ -55,7 +56,7 @@ def conflict_scores(
     num_experts: int,
     *,
     score: str = "mean",
-    zero_norm: float = 1e-20,
+    zero_norm: float = ZERO_NORM,
     allreduce_mean: bool = False,
     sq1_A: Tensor | None = None,
     w_out_EDF: Tensor | None = None,
@@ -175,7 +176,7 @@ def _token_scores(
         grads.valid_TK,
         record.logits_TE,
         tau=obs.tau,
-        zero_norm=1e-20,
+        zero_norm=ZERO_NORM,
         score=obs.score,
         cel_scale=cel_scale,
     )

@@ -308,6 +308,12 @@ def expert_sums(x_AX: Tensor, expert_A: Tensor, num_experts: int) -> Tensor:
     return expert_membership(expert_A, num_experts, None, x_AX.dtype) @ x_AX
 
 
+def grouped_rows_wt(a_AX: Tensor, w_EYX: Tensor, offsets_E: Tensor) -> Tensor:
+    """out[rows of e] = a[rows of e] @ w[e]^T as one ``torch._grouped_mm`` (``offsets_E``: int32 inclusive
+    end of each expert's rows, on the device)."""
+    return torch._grouped_mm(a_AX, w_EYX.transpose(1, 2), offs=offsets_E)
+
+
 class _Groups:
     """How expert-sorted rows split into experts, and the three per-expert products of an expert FFN.
 
@@ -356,7 +362,7 @@ class _Groups:
     def rows_wt(self, a_AX: Tensor, w_EYX: Tensor) -> Tensor:
         """out[rows of e] = a[rows of e] @ w[e]^T (the forward of a linear layer)."""
         if self.offsets_E is not None:
-            return torch._grouped_mm(a_AX, w_EYX.transpose(1, 2), offs=self.offsets_E)
+            return grouped_rows_wt(a_AX, w_EYX, self.offsets_E)
         out = a_AX.new_empty(a_AX.shape[0], w_EYX.shape[1])
         for e, s, t in self.segments:
             torch.mm(a_AX[s:t], w_EYX[e].t(), out=out[s:t])
@@ -688,7 +694,7 @@ class _RouteFn(torch.autograd.Function):
         from stgc.kernels import route_and_dispatch
 
         (w_in_EHD,) = w_in
-        then = None if w_in_EHD is None else functools.partial(_first_product, w_in_EHD)
+        then = None if w_in_EHD is None else lambda x_AD, offs: grouped_rows_wt(x_AD, w_in_EHD, offs)
         r = route_and_dispatch(x_TD, w_ED, token_mask_T, top_k, count_padding, gather=True, then=then)
         ctx.save_for_backward(x_TD, w_ED, token_mask_T, r.probs_TE, r.topk_TK, r.weights_TK, r.f_E, r.n_real)
         ctx.count_padding = count_padding
@@ -708,11 +714,6 @@ class _RouteFn(torch.autograd.Function):
             g_logits, g_probs, g_weights, g_aux,
         )  # fmt: skip
         return dx, dw.to(w_ED.dtype), None, None, None, None
-
-
-def _first_product(w_in_EHD: Tensor, x_AD: Tensor, offsets_E: Tensor) -> Tensor:
-    """h = x_A W_in[e]^T for the rows of each expert (``_Groups.rows_wt``'s grouped product)."""
-    return torch._grouped_mm(x_AD, w_in_EHD.transpose(1, 2), offs=offsets_E)
 
 
 def experts_reference(

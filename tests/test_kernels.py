@@ -123,33 +123,33 @@ def test_triton_block_equals_eager(
 @pytest.mark.parametrize("products", ["grouped", "grouped_forward"])
 def test_triton_routing_issues_the_first_grouped_product(monkeypatch, ffn, products):
     """With grouped expert products the routing issues the first one itself, right after its kernels
-    (``stgc.kernels.route_and_dispatch``'s ``then``), and the expert path uses it (its forward issues only
-    the second product); outputs and gradients stay the eager path's."""
-    calls, forward_products = [], []
-    original, rows_wt = stgc.moe._first_product, stgc.moe._Groups.rows_wt
+    (``stgc.kernels.route_and_dispatch``'s ``then``), and the expert path uses it: of the forward's two
+    grouped products the expert path issues only the second; outputs and gradients stay the eager path's."""
+    products_issued, by_expert_path = [], []
+    grouped, rows_wt = stgc.moe.grouped_rows_wt, stgc.moe._Groups.rows_wt
 
     def counted(*args):
-        calls.append(1)
-        return original(*args)
+        products_issued.append(1)
+        return grouped(*args)
 
     def counted_rows_wt(self, *args):
-        forward_products.append(1)
+        by_expert_path.append(1)
         return rows_wt(self, *args)
 
-    monkeypatch.setattr(stgc.moe, "_first_product", counted)
+    monkeypatch.setattr(stgc.moe, "grouped_rows_wt", counted)
     monkeypatch.setattr(stgc.moe._Groups, "rows_wt", counted_rows_wt)
     cfg = MoEConfig(num_experts=4, top_k=2)
 
     def run(triton):
+        products_issued.clear(), by_expert_path.clear()
         obs = ConflictObserver(scale=0.1)
         return _block_step(triton, monkeypatch, cfg, ffn, _mask(), obs, products=products)
 
     eager = run(False)
-    assert not calls and len(forward_products) == 2
-    forward_products.clear()
+    assert len(products_issued) == len(by_expert_path) == 2
     fast = run(True)
-    assert len(calls) == 1, "the routing did not issue the first product"
-    assert len(forward_products) == 1, "the expert path computed the first product again"
+    assert len(products_issued) == 2, "the forward's grouped products are two"
+    assert len(by_expert_path) == 1, "the routing did not issue the first product, or it was not used"
     tol = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast[0], eager[0], **tol)
     torch.testing.assert_close(fast[1], eager[1], **tol)

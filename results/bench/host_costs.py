@@ -9,13 +9,12 @@ first expert product is a microsecond the step takes longer than the floor.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 import triton
 import triton.language as tl
+from profile_steps import host_ms  # (this folder: the script's own directory is on sys.path)
 
 from stgc import kernels as K
 from stgc import moe
@@ -37,19 +36,6 @@ def _ten_args(a0, a1, a2, a3, a4, a5, a6, a7, n0, n1):
 def _twenty_args(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, n0, n1, C0: tl.constexpr, C1: tl.constexpr,
                  C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr, C5: tl.constexpr):  # fmt: skip
     tl.store(a0 + tl.program_id(0), 0.0)
-
-
-def host_us(fn, n: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def main(T: int) -> None:
@@ -89,7 +75,7 @@ def main(T: int) -> None:
     print(f"# {torch.cuda.get_device_name()}, {versions}; {T} tokens")
     print("== host time per call (idle GPU at each call's start; median of 50), us")
     for name, fn in calls.items():
-        print(f"   {host_us(fn):8.1f}  {name}")
+        print(f"   {host_ms(fn, n=50, warmup=5) * 1e3:8.1f}  {name}")
 
 
 if __name__ == "__main__":

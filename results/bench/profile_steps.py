@@ -26,8 +26,10 @@ from stgc.bench.moe import BenchConfig, _steps, measure
 from stgc.bench.stgc import StackShape, _layer_steps, _small_steps
 
 
-def host_ms(step, n: int = 20) -> float:
+def host_ms(step, n: int = 20, warmup: int = 0) -> float:
     """Median host time to issue one step (the GPU idle at its start; no synchronisation inside)."""
+    for _ in range(warmup):
+        step()
     times = []
     for _ in range(n):
         torch.cuda.synchronize()
