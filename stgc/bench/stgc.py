@@ -9,7 +9,10 @@ Two suites, measured in one run, each mode side by side with the baseline on the
   backward, AdamW step, on a batch of image+text sequences.
 Targets (issue: STGC): fused <= 3% slower than the baseline step and <= 5% more peak memory, its extra work
 <= 5% of the MoE layers' forward+backward; two_pass <= 40% slower. The time overhead is the median over
-rounds of each round's mode / baseline ratio (with its quartiles); ``step_ms`` the median step time.
+rounds of each round's mode / baseline ratio (with its quartiles); ``step_ms`` the median step time. Peak
+memory is ``stgc.bench.moe.peak_mib`` of one step, whose own ``zero_grad`` releases the gradients of the
+step before: the new ones replace them and are not counted, alike in every mode (two_pass's kept layer
+gradients, held besides, are).
 ``--quick`` shrinks everything for a CPU smoke test.
 """
 
