@@ -158,7 +158,10 @@ class MetricsCallback(TrainerCallback):
                         keep.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut by a killed run
-            self.path.write_text("".join(line + "\n" for line in keep))
+            # atomically: a kill while rewriting must not lose the steps being kept
+            from stgc.checkpoints import atomic_write_text
+
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -193,16 +196,24 @@ class MetricsCallback(TrainerCallback):
 
 class RunConfigCallback(TrainerCallback):
     """Writes the resolved run config into every checkpoint folder (world process zero only), so that a
-    checkpoint says how it was trained and a resume can check it is continuing the same run."""
+    checkpoint says how it was trained and a resume can check it is continuing the same run.
+
+    ``write_into_checkpoint`` is called by ``stgc.checkpoints.AtomicCheckpointMixin`` on the staged folder,
+    before it is published; ``on_save`` covers a trainer without the mixin."""
 
     def __init__(self, config_json: str):
         self.config_json = config_json
 
+    def write_into_checkpoint(self, args, state, folder: Path) -> None:
+        (Path(folder) / RUN_CONFIG_NAME).write_text(self.config_json)
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / RUN_CONFIG_NAME).write_text(self.config_json)
+            if folder.is_dir() and not (folder / RUN_CONFIG_NAME).exists():
+                from stgc.checkpoints import atomic_write_text
+
+                atomic_write_text(folder / RUN_CONFIG_NAME, self.config_json)
 
 
 class NonFiniteGradientGuard(TrainerCallback):

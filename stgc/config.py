@@ -8,13 +8,62 @@ transformers ``config.json`` and in a run's resolved config.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+import functools
+import math
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T", bound="ConfigBase")
 
 
+def check_finite(config: Any) -> None:
+    """ValueError naming the key, the value and the fix if a float field of the dataclass ``config`` (or a
+    float inside a tuple / list field) is NaN or infinite."""
+    key = type(config).section_key()
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        items = value if isinstance(value, tuple | list) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            default = field.default if field.default is not dataclasses.MISSING else None
+            hint = f" (default {default!r})" if isinstance(default, int | float | tuple) else ""
+            hint = " or none (the default)" if field.default is None else hint
+            raise ValueError(
+                f"{key}.{field.name}={value!r} is not a finite number; set a finite value{hint}."
+            )
+
+
 class ConfigBase:
-    """Mixin: dict round-trip with a clear error on unknown keys."""
+    """Mixin: dict round-trip with a clear error on unknown keys, and every float checked finite.
+
+    Every dataclass deriving from it checks its float fields first at construction (``check_finite``),
+    before its own ``__post_init__`` (``__init_subclass__`` wraps that, so a config class needs no call):
+    NaN passes every range check written as ``x < 0`` (MoE-LLaVA's ``beta=nan`` trained the baseline under
+    the name stgc-betanan) and an infinity every ``x > 0``, so each range check alone would let them in.
+    Messages name keys as ``<section>.<field>``; the section is ``config_key`` or the class name without
+    "Config", lower-cased (``TrainingConfig`` -> ``training``).
+    """
+
+    config_key: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_finite", False):
+            return  # none of its own: ConfigBase.__post_init__ (below) is inherited
+
+        @functools.wraps(own)
+        def __post_init__(self: Any, *args: Any, **kw: Any) -> None:
+            check_finite(self)
+            own(self, *args, **kw)
+
+        __post_init__._checks_finite = True  # type: ignore[attr-defined]
+        cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+
+    @classmethod
+    def section_key(cls) -> str:
+        return cls.config_key or cls.__name__.removesuffix("Config").lower()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[arg-type]

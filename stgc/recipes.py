@@ -158,6 +158,7 @@ class TrainingConfig(ConfigBase):
         )
         _check(0 <= self.warmup_ratio < 1, f"training.warmup_ratio={self.warmup_ratio} must be in [0, 1).")
         _check(self.weight_decay >= 0, f"training.weight_decay={self.weight_decay} must be >= 0.")
+        _check(self.epochs >= 0, f"training.epochs={self.epochs} must be >= 0 (max_steps > 0 overrides it).")
         _check(
             self.max_steps > 0 or self.epochs > 0,
             f"training.epochs={self.epochs} and max_steps={self.max_steps}: set epochs > 0 or max_steps > 0.",

@@ -11,6 +11,11 @@ Run folder (``RunConfig.run_dir``):
                              loads on its own with AutoModelForImageTextToText / AutoProcessor after
                              ``import stgc``, plus the Trainer's optimizer / scheduler / RNG state
     final.json               written when the run has finished: the final checkpoint's name
+    .stgc.lock               the run's lock (``stgc.runlock``): one process (or launch) trains a run at a time
+
+Checkpoints are written whole or not at all, and a resume first checks every file it will read
+(``stgc.checkpoints``): a partial checkpoint is refused, naming what is missing and the ways out
+(``resume_from`` an earlier complete checkpoint, or ``reset_optimizer``).
 
 Loss scaling with gradient accumulation: the Trainer divides each micro-batch's loss by the number of
 micro-batches of the step (``loss_is_scaled_for_ga = False`` below: the method's loss is a per-micro-batch
@@ -45,10 +50,22 @@ from stgc.callbacks import (
     StepBuffer,
     routing_stats,
 )
+from stgc.checkpoints import (
+    STAGING_NAME,
+    AtomicCheckpointMixin,
+    CheckpointError,
+    atomic_write_text,
+    checkpoints_of,
+    discard_staging,
+    publish,
+    resume_requirements,
+    verify_checkpoint,
+)
 from stgc.conflict import ConflictObserver
 from stgc.methods import RoutingMethod, build_method
 from stgc.moe import ExpertBank, MoEBlock
 from stgc.recipes import INIT_RECIPE_PREFIX, PARAM_GROUPS, RunConfig, get_recipe
+from stgc.runlock import folder_lock
 
 FINAL_NAME = "final.json"
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_zero2.json"
@@ -66,10 +83,6 @@ RESUMABLE_CHANGES = (
 
 class NonFiniteLossError(RuntimeError):
     """The loss of a training step was NaN or infinite; the run stopped before applying it."""
-
-
-class CheckpointError(ValueError):
-    """A run folder or checkpoint cannot be resumed (corrupt, or written by a different run)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -145,7 +158,7 @@ def set_trainable(model: nn.Module, trainable: str, groups: Sequence[str]) -> di
 # the trainer
 
 
-class MoETrainer(Trainer):
+class MoETrainer(AtomicCheckpointMixin, Trainer):
     """``Trainer`` whose loss is the routing method's (``RoutingMethod.train_loss``), plus the metrics.
 
     method: the routing method; ``None`` trains a dense model with its own loss (stage 2).
@@ -442,22 +455,31 @@ def check_run_folder(config: RunConfig) -> None:
         )
 
 
-def check_checkpoint(folder: Path, config: RunConfig, model: nn.Module) -> None:
-    """A checkpoint can be resumed: its files are readable and its tensors fit ``model``.
+def check_checkpoint(
+    folder: Path,
+    config: RunConfig,
+    model: nn.Module,
+    *,
+    required: Sequence[str] | None = None,
+    reset_optimizer: bool = False,
+    world_size: int = 1,
+) -> None:
+    """A checkpoint can be resumed: every file the resume reads is there and whole, and its tensors fit
+    ``model``.
 
-    Checks: trainer_state.json parses; the weights' safetensors headers and sizes are intact (a truncated
-    file fails here); every tensor name and shape matches the model's state dict; the checkpoint's
-    run_config.json (if any) has the same model settings."""
+    required: the files to check (``stgc.checkpoints.resume_requirements``; default: a one-process run's).
+        The checkpoint's manifest adds what it declares (e.g. an objective's state file).
+    reset_optimizer: optimizer, scheduler and RNG state may be missing or damaged (they are rebuilt).
+    Also: the checkpoint's run_config.json (if any) has the same model settings; every tensor name and
+    shape matches the model's state dict. ``CheckpointError`` names what is wrong and the ways out."""
     from safetensors import safe_open
 
-    state = folder / "trainer_state.json"
-    try:
-        json.loads(state.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"checkpoint {folder} has no readable trainer_state.json ({error}); it is incomplete or corrupt. "
-            "Delete it to resume from the previous checkpoint."
-        ) from error
+    folder = Path(folder)
+    required = list(required) if required is not None else resume_requirements()
+    problems = verify_checkpoint(folder, required, world_size=world_size)
+    blocking = [p for p in problems if not (reset_optimizer and p.resettable)]
+    if blocking:
+        raise CheckpointError(_refusal(folder, blocking, required, world_size))
     saved_cfg = folder / RUN_CONFIG_NAME
     if saved_cfg.exists():
         saved = _read_run_config(saved_cfg)
@@ -469,29 +491,12 @@ def check_checkpoint(folder: Path, config: RunConfig, model: nn.Module) -> None:
             )
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        if (folder / "pytorch_model.bin").exists() or any(folder.glob("global_step*")):
-            return  # a DeepSpeed / torch checkpoint: the Trainer's loader checks it
-        raise CheckpointError(f"checkpoint {folder} has no model weights (*.safetensors); it is incomplete.")
+        return  # a DeepSpeed / torch-format checkpoint: the Trainer's loader matches the tensors
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        try:
-            size = file.stat().st_size
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    shapes[key] = tuple(sl.get_shape())
-            # safetensors reads the header lazily: check that the data section is all there
-            with file.open("rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(header_len))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if 8 + header_len + end > size:
-                raise ValueError(f"file is {size} bytes, its header needs {8 + header_len + end}")
-        except Exception as error:  # noqa: BLE001 - any failure to read means a corrupt file
-            raise CheckpointError(
-                f"checkpoint {folder}: {file.name} is corrupt or truncated ({error}). Delete this checkpoint "
-                "to resume from the previous one, or start the run over in another output_dir."
-            ) from error
+        with safe_open(str(file), framework="pt") as f:  # whole: verify_checkpoint read its header
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = {k for k in expected if k not in shapes and k.endswith("lm_head.weight")}
     missing = sorted(set(expected) - set(shapes) - tied)
@@ -507,6 +512,37 @@ def check_checkpoint(folder: Path, config: RunConfig, model: nn.Module) -> None:
             f"checkpoint {folder} does not fit this model ({detail}); it was written by a run with another "
             "model shape. Use another output_dir for this config."
         )
+
+
+def _refusal(folder: Path, problems: Sequence[Any], required: Sequence[str], world_size: int) -> str:
+    """One line: what the checkpoint lacks, and the ways out (an earlier complete checkpoint; a fresh
+    optimizer when only optimizer-like state is lacking)."""
+    earlier = [c for c in checkpoints_of(folder.parent) if c != folder and _step(c) < _step(folder)]
+    complete = next(
+        (c for c in reversed(earlier) if not verify_checkpoint(c, required, world_size=world_size)), None
+    )
+    ways = []
+    if complete is not None:
+        ways.append(
+            f"resume from the latest complete checkpoint, {complete.name} (`stgc train ... --resume-from "
+            f"{complete.name}`; the steps after it are trained again)"
+        )
+    if all(p.resettable for p in problems):
+        ways.append(
+            "continue from this checkpoint's weights with a fresh optimizer (`--reset-optimizer`; the run "
+            "then differs from an uninterrupted one)"
+        )
+    if not ways:
+        ways.append("start the run over in another output_dir (no earlier checkpoint is complete)")
+    return (
+        f"checkpoint {folder} cannot be resumed: {'; '.join(str(p) for p in problems)}; a resume without "
+        f"{'it' if len(problems) == 1 else 'them'} would not continue the run where it stopped. Either "
+        f"{', or '.join(ways)}."
+    )
+
+
+def _step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[-1]) if folder.name.rsplit("-", 1)[-1].isdigit() else -1
 
 
 def finished_checkpoint(config: RunConfig) -> Path | None:
@@ -538,24 +574,56 @@ def train(
     callbacks: Sequence[TrainerCallback] = (),
     deepspeed: str | dict | None = None,
     resume: bool = True,
+    resume_from: str | os.PathLike | None = None,
+    reset_optimizer: bool = False,
 ) -> Path:
     """Train ``config`` and return its final checkpoint folder.
 
     Idempotent: a finished run returns its final checkpoint without training; a partial run resumes from
     its latest checkpoint (same data order, optimizer, scheduler and RNG state: Trainer's
-    ``resume_from_checkpoint``); a run folder holding a different run, a corrupt checkpoint or one that
-    does not fit the model raises ``CheckpointError``. ``resume=False`` refuses to continue a partial run
-    (an error, never a silent restart).
+    ``resume_from_checkpoint``) once every file of it is verified; a run folder holding a different run,
+    an incomplete or corrupt checkpoint or one that does not fit the model raises ``CheckpointError``.
+    ``resume=False`` refuses to continue a partial run (an error, never a silent restart). The run folder
+    is locked for the whole call (``stgc.runlock``: another process on it raises ``FolderLockedError``).
     components: builds model and data from the config (default ``build_components``; tests pass toys).
     deepspeed: a DeepSpeed config (path or dict) overriding ``training.deepspeed``.
+    resume_from: a checkpoint of this run (name or path) to resume from instead of the latest.
+    reset_optimizer: resume from the checkpoint's weights and step with a fresh optimizer (the schedule
+        continues at the step); for a checkpoint whose optimizer / scheduler / RNG state is lost.
     """
     config = config.resolved()
+    with folder_lock(config.run_dir, "run"):
+        return _train_locked(
+            config,
+            components=components,
+            callbacks=callbacks,
+            deepspeed=deepspeed,
+            resume=resume or resume_from is not None or reset_optimizer,
+            resume_from=resume_from,
+            reset_optimizer=reset_optimizer,
+        )
+
+
+def _train_locked(
+    config: RunConfig,
+    *,
+    components: Callable[[RunConfig], RunComponents] | None,
+    callbacks: Sequence[TrainerCallback],
+    deepspeed: str | dict | None,
+    resume: bool,
+    resume_from: str | os.PathLike | None,
+    reset_optimizer: bool,
+) -> Path:
     run_dir = config.run_dir
     check_run_folder(config)
     done = finished_checkpoint(config)
     if done is not None:
         return done
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        discard_staging(run_dir)  # what a killed save left (never a published checkpoint)
     last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if resume_from is not None:
+        last = str(_resume_folder(run_dir, resume_from))
     if last is not None and not resume:
         raise CheckpointError(
             f"{run_dir} holds a partial run (latest {Path(last).name}); pass resume=True (--resume) to "
@@ -578,15 +646,29 @@ def train(
             )
         if hasattr(model.config, "routing_method"):
             model.config.routing_method = config.method.to_dict()
-    if last is not None:
-        check_checkpoint(Path(last), config, model)
     groups = set_trainable(model, config.training.trainable, config.training.trainable_groups())
 
     args = training_arguments(config, **({"deepspeed": deepspeed} if deepspeed is not None else {}))
     _check_loss_scaling(args, method)
+    # files a resume must find besides the Trainer's (stateful objectives add "objectives_state.pt"); the
+    # trainer also declares them in every checkpoint's manifest
+    required_extra: tuple[str, ...] = ()
+    if last is not None:
+        if reset_optimizer and args.deepspeed:
+            raise CheckpointError(
+                "--reset-optimizer is not supported under DeepSpeed (its engine loads the optimizer with the "
+                "weights); resume from an earlier complete checkpoint with --resume-from."
+            )
+        required = resume_requirements(
+            world_size=args.world_size, deepspeed=bool(args.deepspeed), fp16=args.fp16, extra=required_extra
+        )
+        check_checkpoint(
+            Path(last), config, model, required=required, reset_optimizer=reset_optimizer,
+            world_size=args.world_size,
+        )  # fmt: skip
     if args.should_save:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_CONFIG_NAME).write_text(config.to_json())
+        atomic_write_text(run_dir / RUN_CONFIG_NAME, config.to_json())
     buffer = StepBuffer()
     method_name = "dense" if method is None else config.method_tag
     trainer = MoETrainer(
@@ -605,9 +687,13 @@ def train(
             *callbacks,
         ],
     )
+    trainer.checkpoint_required = required_extra
+    trainer.reset_optimizer = reset_optimizer and last is not None
     if args.should_save:
         total = sum(groups.values())
         print(f"[stgc.train] {run_dir}: training {total:,} parameters ({groups}); resume from {last}")
+        if trainer.reset_optimizer:
+            print(f"[stgc.train] --reset-optimizer: {Path(last).name}'s weights and step, a fresh optimizer")
     threads = torch.get_num_threads()
     if config.training.cpu_threads is not None:
         torch.set_num_threads(config.training.cpu_threads)
@@ -621,14 +707,31 @@ def train(
     final = run_dir / f"checkpoint-{state.global_step}"
     if args.should_save:
         if not final.is_dir():  # save_strategy "steps" saves the last step; keep the guarantee explicit
-            trainer.save_model(str(final))
-            (final / RUN_CONFIG_NAME).write_text(config.to_json())
-        (run_dir / FINAL_NAME).write_text(
-            json.dumps({"checkpoint": final.name, "global_step": state.global_step}, indent=2) + "\n"
+            staged = run_dir / STAGING_NAME / final.name
+            trainer.save_model(str(staged))
+            (staged / RUN_CONFIG_NAME).write_text(config.to_json())
+            publish(staged, final)
+        atomic_write_text(
+            run_dir / FINAL_NAME,
+            json.dumps({"checkpoint": final.name, "global_step": state.global_step}, indent=2) + "\n",
         )
     if args.world_size > 1:
         torch.distributed.barrier()
     return final
+
+
+def _resume_folder(run_dir: Path, resume_from: str | os.PathLike) -> Path:
+    """The checkpoint folder ``resume_from`` names (``checkpoint-<step>`` or a path): one of this run's."""
+    path = Path(resume_from)
+    path = path if path.is_dir() else run_dir / path
+    ours = checkpoints_of(run_dir)
+    if path.resolve() not in {c.resolve() for c in ours}:
+        names = [c.name for c in ours] or "none"
+        raise CheckpointError(
+            f"--resume-from {str(resume_from)!r} is not a checkpoint of {run_dir} (its checkpoints: {names}); "
+            "pass one of them."
+        )
+    return path
 
 
 def fp16_loss_scaling(args: TrainingArguments) -> bool:

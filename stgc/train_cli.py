@@ -4,6 +4,8 @@ Examples:
     stgc train tiny                                   # baseline, runs/tiny-baseline-seed0
     stgc train tiny method.name=stgc method.beta=0.05 training.seed=1
     stgc train tiny_stgc --output-dir runs/x --resume
+    stgc train tiny_stgc --output-dir runs/x --resume-from checkpoint-125   # an earlier complete checkpoint
+    stgc train tiny_stgc --output-dir runs/x --reset-optimizer            # weights and step, fresh optimizer
     deepspeed --module stgc.cli train small_stgc      # ZeRO-2 (configs/deepspeed_zero2.json) on every GPU
 Bad input prints one line and exits with status 2; a run that fails (non-finite loss) exits with 1.
 """
@@ -28,6 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue a partial run from its latest checkpoint (without it, a partial run is an error)",
+    )
+    parser.add_argument(
+        "--resume-from",
+        metavar="CHECKPOINT",
+        help="resume from this checkpoint of the run (checkpoint-<step> or its path) instead of the latest",
+    )
+    parser.add_argument(
+        "--reset-optimizer",
+        action="store_true",
+        help="resume from the checkpoint's weights and step with a fresh optimizer state (the schedule "
+        "continues at the step); for a checkpoint whose optimizer / scheduler / RNG state is lost",
     )
     parser.add_argument(
         "--deepspeed",
@@ -79,10 +92,12 @@ def run(args: argparse.Namespace) -> int:
     from stgc.train import NonFiniteLossError, train
 
     try:
-        final = train(config, resume=args.resume)
+        final = train(
+            config, resume=args.resume, resume_from=args.resume_from, reset_optimizer=args.reset_optimizer
+        )
     except NonFiniteLossError as error:
         return _error(str(error), status=1)
-    except ValueError as error:  # bad config / data paths / incompatible or corrupt checkpoints
+    except ValueError as error:  # bad config / data, incomplete or corrupt checkpoints, a locked run folder
         return _error(str(error))
     print(final)
     return 0

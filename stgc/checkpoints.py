@@ -1,0 +1,496 @@
+"""Checkpoints that are complete or absent: atomic writing, verification before a resume, identity.
+
+Writing (``AtomicCheckpointMixin``, mixed into the Trainer subclass): transformers' ``Trainer._save_checkpoint``
+(5.x) writes straight into ``<run>/checkpoint-<step>/``, so a kill during a save leaves a partial folder that
+``get_last_checkpoint`` then picks as the latest. The mixin points that save at a staging folder,
+``<run>/.checkpoint-staging/checkpoint-<step>/``, writes the files of its callbacks (``run_config.json``) and a
+manifest (``stgc_checkpoint.json``: every file with its size, and the files a resume requires) there, flushes
+them to disk, and renames the folder into place: the latest checkpoint is the previous complete one until
+the rename, the new complete one after it. Everything else is the Trainer's own save.
+
+Verifying (``verify_checkpoint``): every file a resume reads is there and whole. The files required are
+``resume_requirements(...)``: trainer state, weights, optimizer and scheduler state, the RNG state of every
+rank, plus names the caller passes (``extra=``, e.g. an objective's ``objectives_state.pt``) and names the
+checkpoint's manifest declares. Checks are structural and cheap (no tensor is loaded): JSON parses, the
+safetensors header and data length, the zip directory of torch files, and the sizes the manifest recorded.
+
+Identity (``checkpoint_identity``): the step and a content hash (SHA-256 of the model's files: config and
+weights), which evaluation results record so that a sweep uses only its run's final checkpoint's results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+STAGING_NAME = ".checkpoint-staging"
+MANIFEST_NAME = "stgc_checkpoint.json"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+SCALER = "scaler.pt"
+# requirement tokens that stand for a set of files rather than one name
+WEIGHTS = "<weights>"
+DEEPSPEED_STATE = "<deepspeed engine and optimizer state>"
+# what --reset-optimizer rebuilds instead of loading (never the weights or the trainer state)
+RESETTABLE = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|<deepspeed .*>)$")
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A run folder or checkpoint cannot be resumed (incomplete, corrupt, or written by a different run)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# small atomic writes
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old or the new."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and the folders to disk: the rename that publishes a checkpoint must not survive a
+    power loss that its files do not (a kill alone never loses written data)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Rename the complete folder ``staged`` to ``final``. A folder already at ``final`` (a checkpoint of the
+    same step left by an earlier attempt: the run was resumed from an earlier checkpoint) is moved aside
+    first and deleted after; a kill between the two renames leaves the previous checkpoint as the latest."""
+    _fsync_tree(staged)
+    old = None
+    if final.exists():
+        old = final.parent / f"{STAGING_NAME}-replaced-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(staged, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_staging(run_dir: str | os.PathLike) -> None:
+    """Delete what killed saves left behind (the staging folder and replaced checkpoints): never a
+    complete checkpoint, only folders that were never published or were already superseded."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for path in run_dir.glob(f"{STAGING_NAME}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_manifest(folder: Path, step: int, required: Iterable[str]) -> None:
+    """``stgc_checkpoint.json``: every file of ``folder`` with its size, and the files a resume requires."""
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    manifest = {"format": 1, "step": step, "files": files, "required": sorted(set(required))}
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(folder) / MANIFEST_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# verification
+
+
+def resume_requirements(
+    *, world_size: int = 1, deepspeed: bool = False, fp16: bool = False, extra: Sequence[str] = ()
+) -> list[str]:
+    """The files a resume reads: trainer state, weights, optimizer (DeepSpeed: its engine folder), scheduler,
+    the RNG state of every rank (what the Trainer saves and loads), the fp16 scaler, and ``extra`` (files a
+    caller's own state needs, e.g. ``objectives_state.pt`` for stateful objectives)."""
+    required = [TRAINER_STATE, WEIGHTS, DEEPSPEED_STATE if deepspeed else OPTIMIZER, SCHEDULER]
+    if world_size > 1:
+        required += [f"rng_state_{r}.pth" for r in range(world_size)]
+    else:
+        required.append("rng_state.pth")
+    if fp16 and not deepspeed:
+        required.append(SCALER)
+    return list(dict.fromkeys([*required, *extra]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One required file that is missing or damaged."""
+
+    name: str
+    reason: str
+
+    @property
+    def resettable(self) -> bool:
+        return bool(RESETTABLE.match(self.name))
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.reason}"
+
+
+def verify_checkpoint(
+    folder: str | os.PathLike, required: Sequence[str], *, world_size: int = 1
+) -> list[Problem]:
+    """The problems of ``folder`` as a checkpoint to resume: every name of ``required``
+    (``resume_requirements``) and of the manifest's ``required`` must be there and whole, and every file the
+    manifest lists must have the size it was written with. Empty when the checkpoint can be resumed."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    names = list(dict.fromkeys([*required, *((manifest or {}).get("required") or [])]))
+    problems: list[Problem] = []
+    for name in names:
+        if name == WEIGHTS:
+            problems += _check_weights(folder)
+        elif name == DEEPSPEED_STATE:
+            problems += _check_deepspeed(folder, world_size)
+        else:
+            problem = _check_file(folder, name)
+            if problem is not None:
+                problems.append(problem)
+    seen = {p.name for p in problems}
+    for rel, size in ((manifest or {}).get("files") or {}).items():
+        path = folder / rel
+        if rel in seen or not path.is_file():
+            continue  # missing files count only when required (above)
+        actual = path.stat().st_size
+        if actual != size:
+            problems.append(Problem(rel, f"is truncated or changed ({actual} bytes; it was written with {size})"))
+    return problems
+
+
+def _check_file(folder: Path, name: str) -> Problem | None:
+    path = folder / name
+    if not path.is_file():
+        return Problem(name, "is missing")
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return Problem(name, f"is unreadable ({err})")
+        return None
+    if path.suffix in (".pt", ".pth", ".bin"):
+        reason = torch_file_problem(path)
+        return Problem(name, reason) if reason else None
+    if path.suffix == ".safetensors":
+        reason = safetensors_problem(path)
+        return Problem(name, reason) if reason else None
+    return None if path.stat().st_size > 0 else Problem(name, "is empty")
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why a ``torch.save`` file is not whole, or None. torch writes a zip archive whose directory is at the
+    end, so a truncated file has none; every member must also lie inside the file."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # the legacy (pre-1.6) pickle format: only a full load can tell
+        try:
+            import torch
+
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure to read means a damaged file
+            return f"is corrupt or truncated ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"is corrupt or truncated ({size} bytes; member {info.filename} ends beyond it)"
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        return f"is corrupt or truncated ({size} bytes: {err})"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole, or None: its header parses and its data section is all there
+    (safetensors reads the data lazily, so a truncated file would load and fail later)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"is corrupt or truncated ({size} bytes, no header)"
+            header_len = int.from_bytes(head, "little")
+            if 8 + header_len > size:
+                return f"is corrupt or truncated ({size} bytes; its header alone needs {8 + header_len})"
+            header = json.loads(fh.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"is corrupt or truncated ({type(err).__name__}: {err})"
+    needed = 8 + header_len + max(ends, default=0)
+    if needed > size:
+        return f"is corrupt or truncated ({size} bytes, its header needs {needed})"
+    return None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder (a sharded index's shards, or the single file)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+                return [index]
+            return [index, *(folder / s for s in shards)]
+    return [p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.is_file()]
+
+
+def _check_weights(folder: Path) -> list[Problem]:
+    files = weight_files(folder)
+    if not files:
+        return [Problem("model.safetensors", "is missing (no model weights)")]
+    problems = []
+    for path in files:
+        problem = _check_file(folder, path.name)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _check_deepspeed(folder: Path, world_size: int) -> list[Problem]:
+    """DeepSpeed's engine checkpoint: ``latest`` names the tag folder, which holds the model states and one
+    ZeRO optimizer partition per data-parallel rank."""
+    latest = folder / "latest"
+    if not latest.is_file():
+        return [Problem("latest", "is missing (DeepSpeed's engine and optimizer state)")]
+    tag = latest.read_text().strip()
+    engine = folder / tag
+    if not tag or not engine.is_dir():
+        return [Problem(f"{tag or 'latest'}/", "is missing (DeepSpeed's engine and optimizer state)")]
+    problems = []
+    model_states = sorted(engine.glob("*model_states.pt"))
+    if not model_states:
+        problems.append(Problem(f"{tag}/mp_rank_00_model_states.pt", "is missing"))
+    for rank in range(world_size):
+        parts = sorted(engine.glob(f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt"))
+        if not parts:
+            problems.append(Problem(f"{tag}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", "is missing"))
+    for path in [*model_states, *sorted(engine.glob("*optim_states.pt"))]:
+        reason = torch_file_problem(path)
+        if reason:
+            problems.append(Problem(f"{tag}/{path.name}", reason))
+    return problems
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    """The optimizer step of a checkpoint: its trainer state's, else its folder name's (checkpoint-N)."""
+    folder = Path(folder)
+    try:
+        return int(json.loads((folder / TRAINER_STATE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        match = _STEP.match(folder.name)
+        return int(match.group(1)) if match else None
+
+
+def checkpoints_of(run_dir: str | os.PathLike) -> list[Path]:
+    """The published checkpoint folders of a run, by step (oldest first)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# identity
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files that define the model a checkpoint evaluates as: its config and weights."""
+    return sorted({folder / "config.json", *weight_files(folder)} & {p for p in folder.iterdir()})
+
+
+def content_hash(folder: str | os.PathLike) -> str:
+    """SHA-256 (first 16 hex digits) of the checkpoint's model files (names and bytes). Equal weights give
+    equal hashes whatever the trainer state says (a resumed run's final checkpoint hashes like an
+    uninterrupted one's). Cached in this process by the files' sizes and modification times."""
+    folder = Path(folder).resolve()
+    files = model_files(folder) if folder.is_dir() else []
+    key = (str(folder), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()[:16]
+    return _HASHES[key]
+
+
+def checkpoint_identity(folder: str | os.PathLike) -> dict[str, Any]:
+    """``{"checkpoint_step": int | None, "checkpoint_hash": str}`` of a checkpoint folder."""
+    return {"checkpoint_step": checkpoint_step(folder), "checkpoint_hash": content_hash(folder)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the Trainer mixin
+
+
+class AtomicCheckpointMixin:
+    """Mixed into a ``transformers.Trainer`` subclass (before ``Trainer`` in the bases):
+
+    - ``_save_checkpoint`` writes into the staging folder and publishes it (module docstring). Before the
+      rename, every callback with a ``write_into_checkpoint(args, state, folder)`` method writes its files
+      into the staged folder (``stgc.callbacks.RunConfigCallback``; the hook for any state that must be in
+      every checkpoint), then the manifest lists them all.
+    - ``checkpoint_required``: extra names the manifest declares required for a resume (e.g.
+      ``objectives_state.pt``); set it on the trainer before ``train()``.
+    - ``reset_optimizer``: on resume, load weights and trainer state only; the optimizer starts fresh, the
+      learning-rate schedule is advanced to the checkpoint's step, and an RNG state is loaded only if whole.
+    - loading a checkpoint's optimizer / scheduler / RNG state that fails is a ``CheckpointError`` line,
+      not a torch traceback.
+    """
+
+    checkpoint_required: tuple[str, ...] = ()
+    reset_optimizer: bool = False
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging_root is not None:
+            return self._staging_root
+        return super()._get_output_dir(trial)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        args, state = self.args, self.state  # type: ignore[attr-defined]
+        run_dir = Path(super()._get_output_dir(trial))  # type: ignore[misc]
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        staging_root = run_dir / STAGING_NAME
+        staged = staging_root / name
+        if args.should_save and staged.exists():
+            shutil.rmtree(staged)  # left by a save that was killed
+        self._barrier()
+        self._staging_root = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._staging_root = None
+        self._barrier()  # every rank has written its files (RNG state, DeepSpeed partitions)
+        if args.should_save:
+            for callback in self.callback_handler.callbacks:  # type: ignore[attr-defined]
+                write = getattr(callback, "write_into_checkpoint", None)
+                if write is not None:
+                    write(args, state, staged)
+            present = [n for n in (OPTIMIZER, SCHEDULER, SCALER) if (staged / n).is_file()]
+            rng = [p.name for p in staged.glob("rng_state*.pth")]
+            required = [TRAINER_STATE, *present, *rng, *self.checkpoint_required]
+            write_manifest(staged, state.global_step, required)
+            publish(staged, run_dir / name)
+            with contextlib.suppress(OSError):
+                staging_root.rmdir()  # empty now; another rank's or a killed save's files keep it
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=args.save_total_limit,
+                best_model_checkpoint=state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.args.world_size > 1:  # type: ignore[attr-defined]
+            self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        if self.reset_optimizer:
+            # a fresh optimizer; the schedule continues at the checkpoint's step (a restarted warmup and
+            # cosine would train with other rates than the run's)
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+                for _ in range(self.state.global_step):  # type: ignore[attr-defined]
+                    self.lr_scheduler.step()  # type: ignore[attr-defined]
+            return
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        except Exception as err:  # noqa: BLE001 - whatever torch raises, the user gets one line
+            raise _load_error(checkpoint, "optimizer / scheduler state", err) from err
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self.reset_optimizer:
+            world = self.args.world_size  # type: ignore[attr-defined]
+            name = f"rng_state_{self.args.process_index}.pth" if world > 1 else "rng_state.pth"  # type: ignore[attr-defined]
+            if not (Path(checkpoint) / name).is_file() or torch_file_problem(Path(checkpoint) / name):
+                return  # reset: an unusable RNG state is skipped, like the optimizer's
+        try:
+            super()._load_rng_state(checkpoint)  # type: ignore[misc]
+        except Exception as err:  # noqa: BLE001
+            raise _load_error(checkpoint, "RNG state", err) from err
+
+
+def _load_error(checkpoint: str, what: str, err: BaseException) -> CheckpointError:
+    detail = " ".join(str(err).split())[:200]
+    return CheckpointError(
+        f"checkpoint {checkpoint}: its {what} cannot be loaded ({type(err).__name__}: {detail}). Resume from "
+        "an earlier complete checkpoint (`stgc train ... --resume-from checkpoint-<step>`), or continue from "
+        "this one's weights with a fresh optimizer (`--reset-optimizer`)."
+    )
+
+
+__all__ = [
+    "AtomicCheckpointMixin",
+    "CheckpointError",
+    "MANIFEST_NAME",
+    "Problem",
+    "STAGING_NAME",
+    "atomic_write_text",
+    "checkpoint_identity",
+    "checkpoint_step",
+    "checkpoints_of",
+    "content_hash",
+    "discard_staging",
+    "publish",
+    "resume_requirements",
+    "safetensors_problem",
+    "torch_file_problem",
+    "verify_checkpoint",
+    "weight_files",
+]
