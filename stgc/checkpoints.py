@@ -1,12 +1,13 @@
 """Checkpoints that are complete or absent: atomic writing, verification before a resume, identity.
 
-Writing (``AtomicCheckpointMixin``, mixed into the Trainer subclass): transformers' ``Trainer._save_checkpoint``
-(5.x) writes straight into ``<run>/checkpoint-<step>/``, so a kill during a save leaves a partial folder that
-``get_last_checkpoint`` then picks as the latest. The mixin points that save at a staging folder,
-``<run>/.checkpoint-staging/checkpoint-<step>/``, writes the files of its callbacks (``run_config.json``) and a
-manifest (``stgc_checkpoint.json``: every file with its size, and the files a resume requires) there, flushes
-them to disk, and renames the folder into place: the latest checkpoint is the previous complete one until
-the rename, the new complete one after it. Everything else is the Trainer's own save.
+Writing (``AtomicCheckpointMixin``, mixed into the Trainer subclass): transformers'
+``Trainer._save_checkpoint`` (5.x) writes straight into ``<run>/checkpoint-<step>/``, so a kill during a save
+leaves a partial folder that ``get_last_checkpoint`` then picks as the latest. The mixin points that save at
+a staging folder, ``<run>/.checkpoint-staging/checkpoint-<step>/``, writes the files of its callbacks
+(``run_config.json``) and a manifest (``stgc_checkpoint.json``: every file with its size, and the files a
+resume requires) there, flushes them to disk, and renames the folder into place: the latest checkpoint is
+the previous complete one until the rename, the new complete one after it. Everything else is the
+Trainer's own save.
 
 Verifying (``verify_checkpoint``): every file a resume reads is there and whole. The files required are
 ``resume_requirements(...)``: trainer state, weights, optimizer and scheduler state, the RNG state of every
@@ -194,7 +195,9 @@ def verify_checkpoint(
             continue  # missing files count only when required (above)
         actual = path.stat().st_size
         if actual != size:
-            problems.append(Problem(rel, f"is truncated or changed ({actual} bytes; it was written with {size})"))
+            problems.append(
+                Problem(rel, f"is truncated or changed ({actual} bytes; it was written with {size})")
+            )
     return problems
 
 

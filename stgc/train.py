@@ -728,8 +728,8 @@ def _resume_folder(run_dir: Path, resume_from: str | os.PathLike) -> Path:
     if path.resolve() not in {c.resolve() for c in ours}:
         names = [c.name for c in ours] or "none"
         raise CheckpointError(
-            f"--resume-from {str(resume_from)!r} is not a checkpoint of {run_dir} (its checkpoints: {names}); "
-            "pass one of them."
+            f"--resume-from {str(resume_from)!r} is not a checkpoint of {run_dir} (its checkpoints: "
+            f"{names}); pass one of them."
         )
     return path
 

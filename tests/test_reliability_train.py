@@ -186,7 +186,9 @@ def test_extra_required_files_and_the_manifest(tmp_path):
     config = toy_config(tmp_path, max_steps=2, save_steps=2)
     ckpt = train(config, components=toy_components())
     manifest = json.loads((ckpt / MANIFEST_NAME).read_text())
-    assert manifest["step"] == 2 and {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= set(manifest["required"])
+    assert manifest["step"] == 2 and {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= set(
+        manifest["required"]
+    )
     assert manifest["files"]["run_config.json"] == (ckpt / "run_config.json").stat().st_size
     from stgc.checkpoints import resume_requirements
 
@@ -194,7 +196,9 @@ def test_extra_required_files_and_the_manifest(tmp_path):
     assert [str(p) for p in verify_checkpoint(ckpt, required)] == ["objectives_state.pt is missing"]
     manifest["required"].append("objectives_state.pt")
     (ckpt / MANIFEST_NAME).write_text(json.dumps(manifest))
-    assert [str(p) for p in verify_checkpoint(ckpt, resume_requirements())] == ["objectives_state.pt is missing"]
+    assert [str(p) for p in verify_checkpoint(ckpt, resume_requirements())] == [
+        "objectives_state.pt is missing"
+    ]
     torch.save({"step": 2}, ckpt / "objectives_state.pt")
     (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + " ")
     assert [p.name for p in verify_checkpoint(ckpt, resume_requirements())] == ["config.json"]
