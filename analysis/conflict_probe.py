@@ -94,7 +94,11 @@ def _load_rows(data: str | os.PathLike, num_rows: int, seed: int):
             "(image, conversations), e.g. data/mini/train"
         )
     order = np.random.default_rng(seed).permutation(len(dataset))[:num_rows]
-    return dataset.select(order.tolist())
+    from stgc.data.validate import check_training_rows
+
+    rows = dataset.select(order.tolist())
+    check_training_rows(rows, f"--data {folder}")
+    return rows
 
 
 def _observer_settings(
@@ -248,7 +252,10 @@ def read_conflict_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"conflict score file {path} does not exist; write it with `stgc analyze conflict`")
-    metadata = pq.read_schema(path).metadata or {}
+    from analysis.schema import parquet_call
+
+    rerun = "re-run `stgc analyze conflict` on the checkpoint"
+    metadata = parquet_call(path, "conflict score file", rerun, pq.read_schema).metadata or {}
     if CONFLICT_META_KEY not in metadata:
         raise ValueError(
             f"{path} has no {CONFLICT_META_KEY.decode()} metadata: it was not written by "
@@ -264,7 +271,10 @@ def read_conflict_scores(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     tables = []
     for path in paths:
         meta = read_conflict_meta(path)
-        table = pq.read_table(path).to_pandas()
+        from analysis.schema import parquet_call
+
+        rerun = "re-run `stgc analyze conflict` on the checkpoint"
+        table = parquet_call(Path(path), "conflict score file", rerun, pq.read_table).to_pandas()
         missing = [c for c in CONFLICT_SCHEMA.names if c not in table.columns]
         if missing:
             raise ValueError(f"{path} lacks conflict columns {missing}; re-run `stgc analyze conflict`")

@@ -13,21 +13,31 @@ make it (`analysis.sections.FIGURES`).
 The kernel is this interpreter (`sys.executable -m ipykernel_launcher`), whatever "python3" kernelspec
 Jupyter would otherwise find first (a user-level one may point at another Python without this project).
 
+The report is rendered into <results>/.reports-staging/ (the notebooks' kernels are told through
+`analysis.results.REPORTS_ENV`) and replaces reports/ only when every notebook succeeded: a failing notebook
+never costs the previous report. With `notebooks=` (a subset) the staging folder starts as a copy of the
+current report, so the other notebooks' outputs stay.
+
 Errors: a folder without scores.csv -> `analysis.results.ResultsError`; a failing notebook ->
-`ReportError` naming every failed notebook with its cell error (the others still run and are written, and
-the failed one is kept, with its traceback, in reports/ for reading). The CLI prints one line and exits 1.
+`ReportError` naming every failed notebook with its cell error (the others still run; the whole attempt,
+failed notebooks with their tracebacks included, is kept in <results>/reports.failed/ for reading, and
+reports/ is unchanged). The CLI prints one line and exits 1. `stgc report` without a folder reports on
+results/demo (what `stgc demo` writes) and otherwise says which folder to pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
+import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from analysis.results import ResultsError, open_results
+from analysis.results import REPORTS_ENV, ResultsError, open_results
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = (
@@ -37,6 +47,8 @@ NOTEBOOKS = (
     "04_gradient_conflict.ipynb",
 )
 KERNEL_NAME = "python3"
+DEFAULT_RESULTS = Path("results") / "demo"  # what `stgc demo` writes; `stgc report` without a folder
+STAGING_NAME, FAILED_NAME = ".reports-staging", "reports.failed"
 
 
 class ReportError(RuntimeError):
@@ -125,22 +137,70 @@ def build_report(
     <results_dir>/reports/ (see the module docstring); return that folder."""
     say = log or (lambda _msg: None)
     folder = open_results(results_dir, runs_dir)  # before the slow imports: a bad folder fails at once
-
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     paths = [Path(p) for p in notebooks] if notebooks is not None else [NOTEBOOKS_DIR / n for n in NOTEBOOKS]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ReportError(f"notebook(s) {', '.join(missing)} do not exist")
     say(f"results folder: {folder.path}")
-    reports = folder.reports_dir
-    if notebooks is None:  # a full report replaces every figure and table: none may be left from older inputs
-        for stale in (*folder.figures_dir.glob("*.png"), *folder.tables_dir.glob("*.csv")):
-            stale.unlink()
+    final = folder.path / "reports"
+    reports = folder.path / STAGING_NAME
+    old = folder.path / f"{STAGING_NAME}-old"
+    if old.is_dir() and not final.exists():
+        os.rename(old, final)  # a report killed between its two renames: the previous one comes back
+    shutil.rmtree(reports, ignore_errors=True)  # left by a report that was killed
+    if notebooks is not None and final.is_dir():
+        shutil.copytree(final, reports)  # a subset updates the current report
+    # a full report starts empty: no figure or table from older inputs is left
     reports.mkdir(parents=True, exist_ok=True)
     values = {"results_dir": str(folder.path), "runs_dir": str(folder.runs_dir) if folder.runs_dir else None}
     failures, executed = [], []
+    with _rendering_into(reports):
+        _execute(paths, reports, values, timeout, failures, executed, say)
+    _readme(reports, executed, failures)
+    if failures:
+        failed = folder.path / FAILED_NAME
+        shutil.rmtree(failed, ignore_errors=True)
+        os.rename(reports, failed)
+        raise ReportError(
+            "; ".join(failures) + f" (the previous report in {final} is unchanged; this attempt, with the "
+            f"tracebacks, is in {failed})"
+        )
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(reports, final)  # a kill between the renames leaves the old report in .reports-staging-old
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(folder.path / FAILED_NAME, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def _rendering_into(reports: Path) -> Iterator[None]:
+    """The notebooks' kernels (started with this process's environment) write into ``reports``."""
+    before = os.environ.get(REPORTS_ENV)
+    os.environ[REPORTS_ENV] = str(reports)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(REPORTS_ENV, None)
+        else:
+            os.environ[REPORTS_ENV] = before
+
+
+def _execute(
+    paths: Sequence[Path],
+    reports: Path,
+    values: dict[str, str | None],
+    timeout: int,
+    failures: list[str],
+    executed: list[Path],
+    say: Callable[[str], None],
+) -> None:
+    """Run each notebook into ``reports`` (.ipynb and .html); append each failure's line to ``failures``."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
     for path in paths:
         declared = papermill.inspect_notebook(str(path))
         if "results_dir" not in declared:
@@ -172,10 +232,6 @@ def build_report(
             executed.append(out)
         failed = bool(failures) and failures[-1].startswith(path.name)
         say(f"{path.name}: {time.perf_counter() - start:.1f} s{' (FAILED)' if failed else ''}")
-    _readme(reports, executed, failures)
-    if failures:
-        raise ReportError("; ".join(failures) + f" (executed notebooks with the tracebacks are in {reports})")
-    return reports
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -186,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "results_dir",
         nargs="?",
-        help="the sweep's results folder (holds scores.csv); default: the newest under results/",
+        help=f"the sweep's results folder (holds scores.csv); default: {DEFAULT_RESULTS} (`stgc demo`'s)",
     )
     parser.add_argument(
         "--runs-dir",
@@ -218,9 +274,20 @@ def run(args: argparse.Namespace) -> int:
                     return 2
                 path = NOTEBOOKS_DIR / matches[0]
             notebooks.append(path)
+    results_dir = args.results_dir
+    if results_dir is None:
+        if not DEFAULT_RESULTS.is_dir():
+            print(
+                f"stgc report: error: no results folder given and the default {DEFAULT_RESULTS} (what `stgc "
+                "demo` writes) does not exist here; pass the folder a sweep wrote, e.g. `stgc report "
+                "results/<sweep>`",
+                file=sys.stderr,
+            )
+            return 2
+        results_dir = DEFAULT_RESULTS
     try:
         reports = build_report(
-            args.results_dir, runs_dir=args.runs_dir, notebooks=notebooks, timeout=args.timeout, log=print
+            results_dir, runs_dir=args.runs_dir, notebooks=notebooks, timeout=args.timeout, log=print
         )
     except ResultsError as error:
         print(f"stgc report: error: {error}", file=sys.stderr)

@@ -30,6 +30,9 @@ from pathlib import Path
 import pandas as pd
 
 SCORES_NAME, TABLE_NAME, SWEEP_NAME, RUNS_NAME = "scores.csv", "table.csv", "sweep.json", "runs.json"
+# `stgc report` renders into a folder inside the results folder and names it here for the notebooks'
+# kernels (analysis.report); it applies to the results folder that holds it, only
+REPORTS_ENV = "STGC_REPORTS_DIR"
 METRICS_NAME = "metrics.jsonl"  # stgc.callbacks.METRICS_NAME
 RESULTS_ENV = "STGC_RESULTS_ROOT"
 
@@ -49,9 +52,16 @@ class ResultsFolder:
     runs_json = property(lambda self: self.path / RUNS_NAME)
     routing_dir = property(lambda self: self.path / "routing")
     conflict_dir = property(lambda self: self.path / "conflict")
-    reports_dir = property(lambda self: self.path / "reports")
-    figures_dir = property(lambda self: self.path / "reports" / "figures")
-    tables_dir = property(lambda self: self.path / "reports" / "tables")
+    figures_dir = property(lambda self: self.reports_dir / "figures")
+    tables_dir = property(lambda self: self.reports_dir / "tables")
+
+    @property
+    def reports_dir(self) -> Path:
+        """reports/, or the folder `stgc report` renders into while it runs (REPORTS_ENV)."""
+        rendering = os.environ.get(REPORTS_ENV)
+        if rendering and Path(rendering).parent.resolve() == self.path.resolve():
+            return Path(rendering)
+        return self.path / "reports"
 
     def trace_files(self) -> list[Path]:
         return sorted(self.routing_dir.glob("*.parquet")) if self.routing_dir.is_dir() else []

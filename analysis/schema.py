@@ -284,6 +284,16 @@ def write_traces(
     return path
 
 
+def parquet_call(path: Path, what: str, hint: str, read: Any) -> Any:
+    """``read(path)`` with a damaged file's pyarrow error turned into a ValueError naming the file (pyarrow's
+    own message does not say which file of several it was reading)."""
+    try:
+        return read(path)
+    except (pa.ArrowException, OSError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{what} {path} is not a readable Parquet file ({detail}); {hint}") from None
+
+
 def read_trace_meta(path: str | Path) -> dict[str, Any]:
     """Read and check only the file-level metadata of a trace file (cheap: no rows are read)."""
     path = Path(path)
@@ -291,7 +301,7 @@ def read_trace_meta(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"trace file {path} does not exist (or is a folder); write it with `stgc analyze capture`"
         )
-    schema = pq.read_schema(path)
+    schema = parquet_call(path, "trace file", _RECAPTURE_HINT, pq.read_schema)
     metadata = schema.metadata or {}
     if SCHEMA_VERSION_KEY not in metadata:
         raise ValueError(
@@ -311,6 +321,12 @@ def read_trace_meta(path: str | Path) -> dict[str, Any]:
     missing_meta = [key for key in REQUIRED_META_KEYS if key not in meta]
     if missing_meta:
         raise ValueError(f"{path} lacks trace metadata keys {missing_meta}; {_RECAPTURE_HINT}")
+    if parquet_call(path, "trace file", _RECAPTURE_HINT, pq.read_metadata).num_rows == 0:
+        # every statistic of a trace reduces over its rows: say so here, not as a numpy reduction error
+        raise ValueError(
+            f"trace file {path} has no rows (no document was captured); {_RECAPTURE_HINT} with documents "
+            "(check --tasks and --limit)"
+        )
     meta["schema_version"] = version
     return meta
 
@@ -326,5 +342,5 @@ def read_traces(path: str | Path, *, columns: list[str] | None = None) -> tuple[
         unknown = sorted(set(columns) - set(TRACE_COLUMNS))
         if unknown:
             raise ValueError(f"unknown trace columns {unknown}; choose from {list(TRACE_COLUMNS)}")
-    df = pq.read_table(path, columns=columns).to_pandas()
-    return df, meta
+    df = parquet_call(Path(path), "trace file", _RECAPTURE_HINT, lambda p: pq.read_table(p, columns=columns))
+    return df.to_pandas(), meta

@@ -34,4 +34,39 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
             f"{str(path)!r} holds a {model_type!r} model, not {MODEL_TYPE!r}; convert it first "
             "(`stgc convert` for MoE-LLaVA checkpoints)"
         )
+    _check_files(path, config)
     return path
+
+
+def _check_files(path: Path, config: Path) -> None:
+    """The config loads (its MoE and routing settings are valid) and the weights are whole: both fail
+    otherwise deep inside the model loader, as a traceback through lmms-eval."""
+    from stgc.checkpoints import safetensors_problem, torch_file_problem, weight_files
+
+    try:
+        import stgc.modeling  # noqa: F401 - registers the model type with the Auto classes
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, KeyError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(
+            f"{config} does not load: {detail}. The checkpoint was written by another version or edited; fix "
+            "the setting it names, or re-convert / re-train the checkpoint"
+        ) from None
+    files = weight_files(path)
+    if not files:
+        raise ValueError(f"checkpoint {str(path)!r} has no model weights (model.safetensors); it is incomplete")
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"checkpoint {str(path)!r}: weight file {file.name} is missing; it is incomplete")
+        if file.suffix == ".safetensors":
+            problem = safetensors_problem(file)
+        elif file.suffix == ".bin":
+            problem = torch_file_problem(file)
+        else:
+            problem = None
+        if problem:
+            raise ValueError(
+                f"checkpoint {str(path)!r}: {file.name} {problem}; re-save it, or evaluate another checkpoint"
+            )

@@ -67,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        print(
+            f"stgc eval: error: --max-new-tokens {args.max_new_tokens} must be >= 1 (leave it out to keep each "
+            "task's own setting).",
+            file=sys.stderr,
+        )
+        return 2
     try:
         result = evaluate(
             args.checkpoint,
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             source=args.source,
             mini_root=args.mini_root,
             model_args=model_args,
-            gen_kwargs=f"max_new_tokens={args.max_new_tokens}" if args.max_new_tokens else None,
+            gen_kwargs=f"max_new_tokens={args.max_new_tokens}" if args.max_new_tokens is not None else None,
             device=args.device,
         )
     except EvalInputError as err:

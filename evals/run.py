@@ -113,6 +113,9 @@ def check_mini_folder(root: Path, benchmark: str) -> None:
         return
     try:
         check_schema(benchmark, dataset)
+        from stgc.data.validate import check_eval_rows
+
+        check_eval_rows(benchmark, dataset[split], str(folder))  # None / empty values, before lmms-eval
     except ValueError as err:
         raise EvalInputError(str(err)) from None
 

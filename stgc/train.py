@@ -316,6 +316,9 @@ def build_components(config: RunConfig) -> RunComponents:
         dataset = dataset["train"]
     if data.max_samples is not None:
         dataset = dataset.select(range(min(data.max_samples, len(dataset))))
+    from stgc.data.validate import check_training_rows
+
+    check_training_rows(dataset, f"data.train={data.train!r}")  # values, before a step trains on them
     return RunComponents(model, dataset, LlavaCollator(processor, max_length=data.max_length), processor)
 
 

@@ -244,7 +244,8 @@ def test_failing_notebook_is_named(results_dir, tmp_path):
         match=r"99_broken.ipynb failed in cell \[3\] `raise Runt.*`: RuntimeError: deliberate failure",
     ):
         report.build_report(results_dir, notebooks=[bad])
-    assert (results_dir / "reports" / "99_broken.html").is_file()  # kept for reading the traceback
+    assert (results_dir / "reports.failed" / "99_broken.html").is_file()  # kept for reading the traceback
+    assert not (results_dir / "reports" / "99_broken.html").exists()  # the report itself is unchanged
 
 
 def test_notebook_runs_as_is_on_the_newest_results(tmp_path):
