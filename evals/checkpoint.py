@@ -44,8 +44,9 @@ def _check_files(path: Path, config: Path) -> None:
     from stgc.checkpoints import safetensors_problem, torch_file_problem, weight_files
 
     try:
-        import stgc.modeling  # noqa: F401 - registers the model type with the Auto classes
         from transformers import AutoConfig
+
+        import stgc.modeling  # noqa: F401 - registers the model type with the Auto classes
 
         AutoConfig.from_pretrained(str(path))
     except (ValueError, TypeError, KeyError) as err:
@@ -56,10 +57,10 @@ def _check_files(path: Path, config: Path) -> None:
         ) from None
     files = weight_files(path)
     if not files:
-        raise ValueError(f"checkpoint {str(path)!r} has no model weights (model.safetensors); it is incomplete")
+        raise ValueError(f"checkpoint {str(path)!r} has no model weights (model.safetensors): incomplete")
     for file in files:
         if not file.is_file():
-            raise ValueError(f"checkpoint {str(path)!r}: weight file {file.name} is missing; it is incomplete")
+            raise ValueError(f"checkpoint {str(path)!r}: weight file {file.name} is missing: incomplete")
         if file.suffix == ".safetensors":
             problem = safetensors_problem(file)
         elif file.suffix == ".bin":

@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         print(
-            f"stgc eval: error: --max-new-tokens {args.max_new_tokens} must be >= 1 (leave it out to keep each "
-            "task's own setting).",
+            f"stgc eval: error: --max-new-tokens {args.max_new_tokens} must be >= 1 (leave it out to keep "
+            "each task's own setting).",
             file=sys.stderr,
         )
         return 2

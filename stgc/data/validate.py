@@ -69,8 +69,8 @@ def check_training_rows(dataset: Any, name: str) -> None:
         if problem is not None:
             row, what = problem
             raise ValueError(
-                f"{name} {_row_label(table, row, start)}: {what}; every turn needs a 'from' (human / gpt) and "
-                "a non-empty 'value', and a conversation at least one gpt answer. Fix the row or drop it."
+                f"{name} {_row_label(table, row, start)}: {what}; every turn needs a 'from' (human / gpt) "
+                "and a non-empty 'value', and a conversation at least one gpt answer. Fix the row or drop it."
             )
 
 
@@ -90,7 +90,7 @@ def _conversation_problem(conv: pa.Array) -> tuple[int, str] | None:
     valid_role = pc.fill_null(pc.is_in(role, value_set=pa.array(ROLES)), False)
     checks = (
         (turns.is_null(), lambda k, i: f"conversations[{k}] is None"),
-        (pc.invert(valid_role), lambda k, i: f"conversations[{k}].from is {role[i].as_py()!r}, not one of {ROLES}"),
+        (pc.invert(valid_role), lambda k, i: f"conversations[{k}].from is {role[i].as_py()!r}, not a role"),
         (value.is_null(), lambda k, i: f"conversations[{k}].value ({role[i].as_py()} turn) is None"),
         (_blank(value), lambda k, i: f"conversations[{k}].value ({role[i].as_py()} turn) is empty"),
     )
@@ -143,8 +143,8 @@ def check_eval_rows(benchmark: str, dataset: Any, name: str) -> None:
             if row is not None:
                 raise ValueError(
                     f"{name} ({benchmark}) {_row_label(table, row, start)}: {field} is {what}; lmms-eval's "
-                    f"{benchmark} task reads it for every row (a None fails inside its loader). Fix the row or "
-                    "drop it."
+                    f"{benchmark} task reads it for every row (a None fails inside its loader). Fix the row "
+                    "or drop it."
                 )
 
 
