@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from evals.run import EvalInputError
     from evals.sweep import get_sweep, run_sweep
+    from stgc.runlock import FolderLockedError
 
     try:
         sweep = get_sweep(args.name)
@@ -41,9 +42,17 @@ def run(args: argparse.Namespace) -> int:
         sweep = dataclasses.replace(sweep, eval=dataclasses.replace(sweep.eval, **changes))
     try:
         result = run_sweep(sweep, args.out, progress=not args.no_progress)
-    except EvalInputError as err:
+    except (EvalInputError, FolderLockedError) as err:
         print(f"stgc sweep: error: {err}", file=sys.stderr)
         return 2
+    if result.ignored:
+        print(
+            f"{len(result.ignored)} result(s) not from their run's final checkpoint were ignored (those "
+            "cells were evaluated on the final checkpoint):",
+            file=sys.stderr,
+        )
+        for line in result.ignored:
+            print(f"  {line}", file=sys.stderr)
     print(f"scores: {result.out_dir / 'scores.csv'} ({len(result.scores)} rows)")
     if result.table is not None:
         print(f"table:  {result.out_dir / 'table.csv'}")

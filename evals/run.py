@@ -145,6 +145,10 @@ def evaluate(
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
+    from stgc.checkpoints import checkpoint_identity
+
+    identity = checkpoint_identity(path)  # before the evaluation: the weights it loads
+
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     manager = TaskManager(include_path=str(task_dir), include_defaults=False, model_name=MODEL_NAME)
     results = simple_evaluate(
@@ -169,6 +173,7 @@ def evaluate(
     samples = results.pop("samples", None) or {}
     results["stgc"] = {
         "checkpoint": str(path),
+        **identity,  # step and content hash: a sweep uses only its run's final checkpoint's results
         "tasks": names,
         "source": source,
         "mini_root": str(root) if source == "mini" else None,

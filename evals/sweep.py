@@ -10,12 +10,19 @@ in code (`dataclasses.replace`), never by copying a file.
   trainer is `stgc.train.train` (imported when first needed), which skips a finished run and resumes a
   partial one; tests inject a stub.
 - evaluation: `evals.run.evaluate` of that checkpoint on the one task, into
-  `<run folder>/eval/<checkpoint>/<task>/`. A cell is finished when that folder's results.json exists and
-  was produced with the sweep's evaluation settings (source, mini root, limit, gen_kwargs): finished cells are
-  skipped (not even trained), partial ones (no results.json: killed or failed) are redone.
+  `<run folder>/eval/<checkpoint>/<task>/`. A cell is finished when its run has finished (final.json names
+  the final checkpoint), that checkpoint's folder holds a results.json produced with the sweep's evaluation
+  settings (source, mini root, limit, gen_kwargs), and the results record that very checkpoint (step and
+  content hash, `stgc.checkpoints.checkpoint_identity`): finished cells are skipped (not even trained),
+  partial ones (no results.json: killed or failed) are redone. Results of any other checkpoint (an earlier
+  one, or a re-trained run's old weights) are ignored, named in `SweepResult.ignored` (the CLI prints them),
+  and the cell is evaluated on the final checkpoint.
+- one sweep at a time writes `<out>` (`stgc.runlock`): a second one stops at once naming the first; each
+  run folder has its own lock, taken by `train`.
 - a failing cell is recorded and the others go on; the failures are named at the end (and in
   `<out>/failures.json`), and `run_sweep` reports them (the CLI exits non-zero).
-After every cell `<out>/scores.csv` (long, with provenance; evals.tables.LONG_COLUMNS) is rewritten
+After every cell `<out>/scores.csv` (long, with provenance: evals.tables.LONG_COLUMNS, then
+`PROVENANCE_COLUMNS`, the checkpoint's step and content hash) is rewritten
 atomically from all finished cells, so a killed sweep leaves a complete CSV of what finished; at the end
 `<out>/table.csv` (wide; evals.tables) and `<out>/sweep.json` (the resolved definition) are written.
 """
@@ -39,6 +46,7 @@ from evals.tables import LONG_COLUMNS, wide_table, write_wide_csv
 from stgc.paths import portable
 
 SCORES_NAME, TABLE_NAME, SWEEP_NAME, FAILURES_NAME = "scores.csv", "table.csv", "sweep.json", "failures.json"
+PROVENANCE_COLUMNS = ("checkpoint_step", "checkpoint_hash")  # after LONG_COLUMNS in scores.csv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +117,7 @@ class SweepResult:
     table: pd.DataFrame | None
     failures: list[Failure]
     evaluated: list[tuple[str, int, str]]  # cells evaluated by this call (the others were finished)
+    ignored: list[str] = dataclasses.field(default_factory=list)  # results not from the final checkpoint
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -153,6 +162,27 @@ def _finished(results: dict[str, Any] | None, task: str, fingerprint: dict[str, 
         return False
     info = results["stgc"]
     return info.get("tasks") == [task] and all(info.get(k) == v for k, v in fingerprint.items())
+
+
+def _identity(results: dict[str, Any]) -> dict[str, Any]:
+    info = results.get("stgc", {})
+    return {k: info.get(k) for k in PROVENANCE_COLUMNS}
+
+
+def _not_final(results: dict[str, Any], where: Path, final: Path) -> str | None:
+    """Why results found for a cell are not its run's final checkpoint's (None when they are)."""
+    from stgc.checkpoints import checkpoint_identity
+
+    got, want = _identity(results), checkpoint_identity(final)
+    if got == want:
+        return None
+    found = f"step {got['checkpoint_step']}, hash {got['checkpoint_hash']}" if got["checkpoint_hash"] else (
+        "no checkpoint recorded"
+    )  # fmt: skip
+    return (
+        f"{where} ({found}) is not from the final checkpoint {final.name} (step {want['checkpoint_step']}, "
+        f"hash {want['checkpoint_hash']})"
+    )
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -201,8 +231,25 @@ def run_sweep(
     progress: bool = True,
 ) -> SweepResult:
     """Run (or resume) `sweep`; see the module docstring. `train_fn(config) -> checkpoint folder` defaults to
-    stgc.train.train; `evaluate_fn` to evals.run.evaluate (both injectable for tests)."""
+    stgc.train.train; `evaluate_fn` to evals.run.evaluate (both injectable for tests). Raises
+    `stgc.runlock.FolderLockedError` at once when another sweep is writing the results folder."""
+    from stgc.runlock import folder_lock
+
+    out = Path(out_dir) if out_dir is not None else Path("results") / sweep.name
+    with folder_lock(out, "sweep"):
+        return _run_sweep(sweep, out, train_fn=train_fn, evaluate_fn=evaluate_fn, progress=progress)
+
+
+def _run_sweep(
+    sweep: Sweep,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    train_fn: Callable[[Any], Path] | None = None,
+    evaluate_fn: Callable[..., Any] | None = None,
+    progress: bool = True,
+) -> SweepResult:
     from evals.run import load_results, scores_from_results
+    from stgc.checkpoints import final_checkpoint_of
 
     if evaluate_fn is None:
         from evals.run import evaluate as evaluate_fn
@@ -226,26 +273,47 @@ def run_sweep(
     train_errors: dict[tuple[str, int], str] = {}
     failures: list[Failure] = []
     evaluated: list[tuple[str, int, str]] = []
+    ignored: list[str] = []
 
-    def eval_dir(method: str, seed: int, task: str, checkpoint: Path | None = None) -> Path | None:
-        if checkpoint is None:  # look for a finished cell under any checkpoint of the run
-            evals = sweep.run_dir(method, seed) / "eval"
-            hits = list(evals.glob(f"*/{task}/results.json")) if evals.is_dir() else []
-            return max(hits, key=lambda p: p.stat().st_mtime).parent if hits else None
+    def eval_dir(method: str, seed: int, task: str, checkpoint: Path) -> Path:
         return sweep.run_dir(method, seed) / "eval" / checkpoint.name / task
 
+    def final_results(method: str, seed: int, task: str) -> dict[str, Any] | None:
+        """The cell's results if they are its run's final checkpoint's; any other found is reported."""
+        run, final = sweep.run_dir(method, seed), final_checkpoint_of(sweep.run_dir(method, seed))
+        found = sorted(run.glob(f"eval/*/{task}/results.json")) if (run / "eval").is_dir() else []
+        accepted = None
+        for path in found:
+            results = load_results(path.parent)
+            if not _finished(results, task, fingerprint):
+                continue  # other evaluation settings: redone without comment, as before
+            where = path.parent.relative_to(run.parent)
+            if final is None:
+                why = f"{where} is from a run that has not finished (no final checkpoint yet)"
+            else:
+                why = _not_final(results, where, final)
+            if why is None:
+                accepted = results
+            else:
+                ignored.append(f"{method} seed {seed} {task}: {why}")
+        return accepted
+
     def write_scores() -> pd.DataFrame:
-        frames = [scores_from_results(finished[c], method=c[0], seed=c[1]) for c in cells if c in finished]
-        scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(LONG_COLUMNS))
+        frames = [
+            scores_from_results(finished[c], method=c[0], seed=c[1]).assign(**_identity(finished[c]))
+            for c in cells
+            if c in finished
+        ]
+        columns = [*LONG_COLUMNS, *PROVENANCE_COLUMNS]
+        scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
         _write_csv_atomic(scores, out / SCORES_NAME)
         return scores
 
     bar = tqdm(cells, desc=f"sweep {sweep.name}", unit="cell", disable=not progress)
     for method, seed, task in bar:
         bar.set_postfix_str(f"{method} seed {seed} {task}")
-        existing = eval_dir(method, seed, task)
-        results = load_results(existing) if existing is not None else None
-        if _finished(results, task, fingerprint):
+        results = final_results(method, seed, task)
+        if results is not None:
             finished[(method, seed, task)] = results
             continue
         if (method, seed) in train_errors:
@@ -294,7 +362,7 @@ def run_sweep(
         )
     elif failures_path.exists():
         failures_path.unlink()
-    return SweepResult(out, scores, table, failures, evaluated)
+    return SweepResult(out, scores, table, failures, evaluated, ignored)
 
 
 def _one_line(err: BaseException) -> str:

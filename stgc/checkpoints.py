@@ -28,12 +28,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+FINAL_NAME = "final.json"  # written by stgc.train when a run has finished: {"checkpoint": name, ...}
 STAGING_NAME = ".checkpoint-staging"
 MANIFEST_NAME = "stgc_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
@@ -59,13 +60,14 @@ class CheckpointError(ValueError):
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old or the new."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # not mkstemp: its 0600 mode would make run_config.json & co. unreadable to the user's group
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "w") as f:
+        with tmp.open("x") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -326,6 +328,17 @@ def checkpoint_step(folder: str | os.PathLike) -> int | None:
         return int(match.group(1)) if match else None
 
 
+def final_checkpoint_of(run_dir: str | os.PathLike) -> Path | None:
+    """The final checkpoint a finished run names in its final.json, or None (not finished, or the file or
+    the folder it names is unreadable / missing: ``stgc.train.finished_checkpoint`` says which)."""
+    run_dir = Path(run_dir)
+    try:
+        path = run_dir / json.loads((run_dir / FINAL_NAME).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_dir() else None
+
+
 def checkpoints_of(run_dir: str | os.PathLike) -> list[Path]:
     """The published checkpoint folders of a run, by step (oldest first)."""
     run_dir = Path(run_dir)
@@ -481,6 +494,7 @@ def _load_error(checkpoint: str, what: str, err: BaseException) -> CheckpointErr
 __all__ = [
     "AtomicCheckpointMixin",
     "CheckpointError",
+    "FINAL_NAME",
     "MANIFEST_NAME",
     "Problem",
     "STAGING_NAME",
@@ -490,6 +504,7 @@ __all__ = [
     "checkpoints_of",
     "content_hash",
     "discard_staging",
+    "final_checkpoint_of",
     "publish",
     "resume_requirements",
     "safetensors_problem",

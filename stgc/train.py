@@ -51,6 +51,7 @@ from stgc.callbacks import (
     routing_stats,
 )
 from stgc.checkpoints import (
+    FINAL_NAME,
     STAGING_NAME,
     AtomicCheckpointMixin,
     CheckpointError,
@@ -67,7 +68,6 @@ from stgc.moe import ExpertBank, MoEBlock
 from stgc.recipes import INIT_RECIPE_PREFIX, PARAM_GROUPS, RunConfig, get_recipe
 from stgc.runlock import folder_lock
 
-FINAL_NAME = "final.json"
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_zero2.json"
 # Settings that may change between an interrupted run and its resume (bookkeeping, not the trajectory).
 RESUMABLE_CHANGES = (

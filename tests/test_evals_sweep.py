@@ -39,7 +39,8 @@ def _sweep(tmp_path: Path, mini: Path, **eval_changes) -> S.Sweep:
 
 
 class StubTrainer:
-    """Records calls; returns <run folder>/checkpoint-3; raises for the (method, seed) runs in `fail`."""
+    """Records calls; returns <run folder>/checkpoint-3 and, like stgc.train.train, names it in the run's
+    final.json; raises for the (method, seed) runs in `fail`."""
 
     def __init__(self, fail=(), source: Path | None = None):
         self.calls, self.fail, self.source = [], set(fail), source
@@ -53,6 +54,7 @@ class StubTrainer:
         if self.source is not None and not ckpt.exists():
             shutil.copytree(self.source, ckpt)
         ckpt.mkdir(parents=True, exist_ok=True)
+        (run / "final.json").write_text(json.dumps({"checkpoint": ckpt.name, "global_step": 3}))
         return ckpt
 
 
@@ -74,13 +76,16 @@ class FakeEvaluate:
         if self.fail == (Path(checkpoint).parent.name, tasks[0]):
             raise RuntimeError("lmms-eval blew up\non two lines")
         task = tasks[0]
+        from stgc.checkpoints import checkpoint_identity
+
         value = zlib.crc32(f"{checkpoint}{task}".encode()) % 1000 / 1000
         metric = S.T.HEADLINE[task]
         results = {
             "results": {task: {f"{metric},none": value, f"{metric}_stderr,none": "N/A", "alias": task}},
             "versions": {task: 1.0},
             "n-samples": {task: {"original": 4, "effective": 4}},
-            "stgc": {"checkpoint": str(checkpoint), "tasks": [task], "source": source,
+            "stgc": {"checkpoint": str(checkpoint), **checkpoint_identity(checkpoint), "tasks": [task],
+                     "source": source,
                      "mini_root": str(mini_root), "limit": limit, "gen_kwargs": gen_kwargs,
                      "git_revision": "abc", "date": "2026-01-01"},
         }  # fmt: skip
@@ -100,7 +105,7 @@ def test_killed_sweep_resumes_without_redoing_finished_cells(tmp_path, mini):
             sweep, out, train_fn=StubTrainer(), evaluate_fn=FakeEvaluate(interrupt_at=5), progress=False
         )
     scores = pd.read_csv(out / "scores.csv")  # complete CSV of the four finished cells
-    assert list(scores.columns) == list(LONG_COLUMNS)
+    assert list(scores.columns) == [*LONG_COLUMNS, *S.PROVENANCE_COLUMNS]
     done = _cells(scores)
     assert len(done) == 4 and len(scores) == 4
     assert not list(out.glob(".*tmp"))
