@@ -353,7 +353,12 @@ def _latest_step(run_dir: Path) -> int:
 
 
 def killed_training(
-    workers: Workers, run_dir: Path, kills: Sequence[tuple[str, float]], *, steps: int = STEPS
+    workers: Workers,
+    run_dir: Path,
+    kills: Sequence[tuple[str, float]],
+    *,
+    steps: int = STEPS,
+    method: str = "baseline",
 ) -> list[dict[str, Any]]:
     """Train the toy run in ``run_dir`` through workers killed as ``kills`` says, then once to the end.
 
@@ -367,7 +372,7 @@ def killed_training(
     for n, (kind, value) in enumerate([*kills, ("none", 0)]):
         resumed = _latest_step(run_dir)
         stale = _inode(run_dir / "metrics.jsonl")
-        argv = ["train", str(run_dir), "--steps", str(steps)]
+        argv = ["train", str(run_dir), "--steps", str(steps), "--method", method]
         if kind in ("file", "publish"):
             argv += ["--kill-in-save", f"{kind}:1:{int(value)}"]
         pid = workers.start(argv)
@@ -425,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train")
     t.add_argument("run_dir")
     t.add_argument("--steps", type=int, default=STEPS)
+    t.add_argument("--method", default="baseline", choices=("baseline", "stgc"))
     t.add_argument("--kill-in-save")
     s = sub.add_parser("sweep")
     s.add_argument("out")
@@ -438,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.kill_in_save:
             _kill_in_save(args.kill_in_save)
         print("STARTED", flush=True)
-        print("FINAL", toy_train(run_config(args.run_dir, steps=args.steps)), flush=True)
+        config = run_config(args.run_dir, steps=args.steps, method=args.method)
+        print("FINAL", toy_train(config), flush=True)
         return 0
     import evals.run
     import evals.sweep as S

@@ -248,7 +248,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_as_the_latest(tmp_path,
         ("training.lr=inf", "training.lr=inf is not a finite number"),
         ("model.moe.aux_loss_coef=nan", "moe.aux_loss_coef=nan is not a finite number"),
         ("method.tau=-inf", "stgc.tau=-inf is not a finite number"),
-        ("training.max_grad_norm=nan", "training.max_grad_norm=nan"),
+        ("training.weight_decay=inf", "training.weight_decay=inf is not a finite number"),
         ("training.epochs=-1", "training.epochs=-1.0 must be >= 0"),
     ],
 )
