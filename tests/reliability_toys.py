@@ -355,7 +355,7 @@ def _latest_step(run_dir: Path) -> int:
 def killed_training(
     workers: Workers,
     run_dir: Path,
-    kills: Sequence[tuple[str, float]],
+    kills: Sequence[tuple[str, Any]],
     *,
     steps: int = STEPS,
     method: str = "baseline",
@@ -364,23 +364,31 @@ def killed_training(
 
     A kill is (kind, value): ("startup", s) s seconds after the worker started (building the model and the
     Trainer, the resume); ("step", k) once the worker has logged k steps past its resumed checkpoint (when
-    that step saves a checkpoint, the kill lands in the save); ("file", i) inside the worker's first
-    checkpoint save, half-way through writing its i-th torch file; ("publish", 0) just before that save's
-    rename. Returns one record per worker: the kill, the checkpoint it resumed from, its exit status (-9:
-    killed) and the latest checkpoint after it."""
+    that step saves a checkpoint, the kill lands in the save); ("file", (s, i)) inside the worker's s-th
+    checkpoint save, half-way through writing its i-th torch file; ("publish", s) just before the s-th
+    save's rename. Kills stay before the last step (k and s are capped), so that every kill happens.
+    Returns one record per worker: the kill, the checkpoint it resumed from, its exit status (-9: killed)
+    and the latest checkpoint after it."""
     records = []
     for n, (kind, value) in enumerate([*kills, ("none", 0)]):
         resumed = _latest_step(run_dir)
         stale = _inode(run_dir / "metrics.jsonl")
         argv = ["train", str(run_dir), "--steps", str(steps), "--method", method]
-        if kind in ("file", "publish"):
-            argv += ["--kill-in-save", f"{kind}:1:{int(value)}"]
+        saves_left = max(1, (steps - resumed - 1) // SAVE_STEPS)  # saves before the last step's
+        if kind == "file":
+            save, index = value
+            value = (min(save, saves_left), index)
+            argv += ["--kill-in-save", f"file:{value[0]}:{index}"]
+        elif kind == "publish":
+            value = min(int(value), saves_left)
+            argv += ["--kill-in-save", f"publish:{value}:0"]
         pid = workers.start(argv)
         if kind == "startup":
             time.sleep(float(value))
             workers.kill(pid)
         elif kind == "step":
-            target = min(resumed + int(value), steps)
+            value = min(int(value), steps - 1 - resumed)
+            target = resumed + value
             while _last_step(run_dir / "metrics.jsonl", stale) < target and _alive(pid):
                 time.sleep(0.001)
             workers.kill(pid)
@@ -417,7 +425,9 @@ def killed_sweep(
         status = workers.wait(pid)
         rows = sum(1 for _ in (out / "scores.csv").open()) - 1 if (out / "scores.csv").is_file() else 0
         records.append({"worker": n, "kill": "none" if delay is None else f"after {delay:.2f} s",
-                        "exit": status, "score_rows_after": rows})  # fmt: skip
+                        "exit": status, "runs_finished": len(list(runs_root.glob("*/final.json"))),
+                        "cells_evaluated": len(list(runs_root.glob("*/eval/*/*/results.json"))),
+                        "score_rows_after": rows})  # fmt: skip
         if delay is None and status != 0:
             raise RuntimeError(f"the last sweep worker failed (exit {status}); see {workers.log}")
     return records

@@ -65,7 +65,7 @@ def _values(scores_csv: Path) -> pd.DataFrame:
 
 def test_training_killed_at_random_moments_ends_bitwise_equal(workers, reference, tmp_path):
     rng = random.Random(17)
-    kills = [("step", rng.randint(1, 9)), ("file", rng.randint(1, 3)), ("publish", 0), ("startup", 0.2)]
+    kills = [("step", rng.randint(6, 9)), ("file", (2, rng.randint(1, 3))), ("publish", 1), ("startup", 0.2)]
     run = tmp_path / "run"
     records = killed_training(workers, run, kills)
     assert [r["exit"] for r in records] == [-9] * len(kills) + [0], records

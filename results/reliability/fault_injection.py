@@ -50,15 +50,19 @@ STEPS = 60
 VALUE_COLUMNS = ["method", "seed", "task", "metric", "value", "n", "checkpoint_step", "checkpoint_hash"]
 
 
-def kill_schedule(rng: random.Random, n: int) -> list[tuple[str, float]]:
-    kills = []
+def kill_schedule(rng: random.Random, n: int) -> list[tuple[str, object]]:
+    """n kills of random kinds; each worker gets about one checkpoint further than the one before, so that
+    the kills spread over the whole run (the driver keeps them before its last step)."""
+    kills: list[tuple[str, object]] = []
     for _ in range(n):
         kind = rng.choice(["startup", "step", "step", "file", "publish"])
         value = {
-            "startup": round(rng.uniform(0.0, 0.4), 3),
-            "step": rng.randint(1, 7),  # at most one checkpoint of progress per worker: 10 kills fit 60 steps
-            "file": rng.randint(1, 4),
-            "publish": 0,
+            "startup": round(
+                rng.uniform(0.0, 0.4), 3
+            ),  # building the model / Trainer, loading the checkpoint
+            "step": rng.randint(3, 12),  # when a multiple of 5, the kill lands in that step's save
+            "file": (rng.randint(1, 3), rng.randint(1, 4)),  # (which save of the worker, which torch file)
+            "publish": rng.randint(1, 3),  # which save of the worker
         }[kind]
         kills.append((kind, value))
     return kills
@@ -72,10 +76,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "fault_injection.txt")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    lines = [f"fault injection: seed {args.seed}, {args.kills} kills per training run, {args.sweep_kills} of the sweep"]
+    lines = [
+        f"fault injection: seed {args.seed}, {args.kills} kills per training run, {args.sweep_kills} of the "
+        "sweep"
+    ]
     ok = True
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="stgc-fault-") as tmp, Workers(Path(tmp) / "server.log") as workers:
+    with (
+        tempfile.TemporaryDirectory(prefix="stgc-fault-") as tmp,
+        Workers(Path(tmp) / "server.log") as workers,
+    ):
         root = Path(tmp)
         for method in ("baseline", "stgc"):
             reference = toy_train(run_config(root / f"{method}-ref", steps=STEPS, method=method))
@@ -83,11 +93,12 @@ def main() -> int:
             run = root / f"{method}-killed"
             records = killed_training(workers, run, kills, steps=STEPS, method=method)
             lines += ["", f"training, method {method}: {STEPS} steps, checkpoints every 5", ""]
-            lines += ["worker  kill          resumed_from  exit  latest_after"]
-            lines += [
-                f"{r['worker']:>6}  {r['kill']:<12}  {r['resumed_from']:>12}  {r['exit']:>4}  {r['latest_after']:>12}"
-                for r in records
-            ]
+            lines += ["worker  kill              resumed_from  exit  latest_after"]
+            for r in records:
+                lines.append(
+                    f"{r['worker']:>6}  {r['kill']:<16}  {r['resumed_from']:>12}  {r['exit']:>4}  "
+                    f"{r['latest_after']:>12}"
+                )
             killed = sum(r["exit"] == -9 for r in records)
             a = load_file(str(reference / "model.safetensors"))
             b = load_file(str(run / f"checkpoint-{STEPS}" / "model.safetensors"))
@@ -109,11 +120,20 @@ def main() -> int:
             progress=False,
         )  # fmt: skip
         assert not sweep_ref.failures, sweep_ref.failures
-        delays = list(round(rng.uniform(0.2, 2.5), 2) for _ in range(args.sweep_kills))
+        # the sweep's work is ~8-10 s of training and evaluation: 6 kills 1-5 s apart cover most of it
+        delays = [round(rng.uniform(1.0, 5.0), 2) for _ in range(args.sweep_kills)]
         records = killed_sweep(workers, root / "sweep", root / "runs", delays)
-        lines += ["", "sweep: 2 methods x 2 seeds x 2 tasks, each kill after a delay from the worker's start", ""]
-        lines += ["worker  kill             exit  score_rows_after"]
-        lines += [f"{r['worker']:>6}  {r['kill']:<15}  {r['exit']:>4}  {r['score_rows_after']:>16}" for r in records]
+        lines += [
+            "",
+            "sweep: 2 methods x 2 seeds x 2 tasks, each kill after a delay from the worker's start",
+            "",
+        ]
+        lines += ["worker  kill             exit  runs_finished  cells_evaluated  score_rows_after"]
+        lines += [
+            f"{r['worker']:>6}  {r['kill']:<15}  {r['exit']:>4}  {r['runs_finished']:>13}  "
+            f"{r['cells_evaluated']:>15}  {r['score_rows_after']:>16}"
+            for r in records
+        ]
 
         def values(path: Path) -> pd.DataFrame:
             frame = pd.read_csv(path)[VALUE_COLUMNS]
