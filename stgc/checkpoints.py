@@ -118,13 +118,15 @@ def discard_staging(run_dir: str | os.PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_manifest(folder: Path, step: int, required: Iterable[str]) -> None:
-    """``stgc_checkpoint.json``: every file of ``folder`` with its size, and the files a resume requires."""
+def write_manifest(folder: Path, step: int, required: Iterable[str] | None = None) -> None:
+    """``stgc_checkpoint.json``: every file of ``folder`` with its size, and the files a resume requires
+    (default: every one of them, so that a resume restores the checkpoint as it was written or refuses)."""
     files = {
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST_NAME
     }
+    required = files if required is None else required
     manifest = {"format": 1, "step": step, "files": files, "required": sorted(set(required))}
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
@@ -394,8 +396,9 @@ class AtomicCheckpointMixin:
       rename, every callback with a ``write_into_checkpoint(args, state, folder)`` method writes its files
       into the staged folder (``stgc.callbacks.RunConfigCallback``; the hook for any state that must be in
       every checkpoint), then the manifest lists them all.
-    - ``checkpoint_required``: extra names the manifest declares required for a resume (e.g.
-      ``objectives_state.pt``); set it on the trainer before ``train()``.
+    - the manifest declares every file of the checkpoint required for a resume, plus
+      ``checkpoint_required`` (names that must be there even if their writer failed, e.g.
+      ``objectives_state.pt``; set it on the trainer before ``train()``).
     - ``reset_optimizer``: on resume, load weights and trainer state only; the optimizer starts fresh, the
       learning-rate schedule is advanced to the checkpoint's step, and an RNG state is loaded only if whole.
     - loading a checkpoint's optimizer / scheduler / RNG state that fails is a ``CheckpointError`` line,
@@ -433,10 +436,10 @@ class AtomicCheckpointMixin:
                 write = getattr(callback, "write_into_checkpoint", None)
                 if write is not None:
                     write(args, state, staged)
-            present = [n for n in (OPTIMIZER, SCHEDULER, SCALER) if (staged / n).is_file()]
-            rng = [p.name for p in staged.glob("rng_state*.pth")]
-            required = [TRAINER_STATE, *present, *rng, *self.checkpoint_required]
-            write_manifest(staged, state.global_step, required)
+            # every file written is required by a resume, and so are names the run declares (a state file
+            # whose writer failed would otherwise just be absent)
+            files = [str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()]
+            write_manifest(staged, state.global_step, [*files, *self.checkpoint_required])
             publish(staged, run_dir / name)
             with contextlib.suppress(OSError):
                 staging_root.rmdir()  # empty now; another rank's or a killed save's files keep it

@@ -18,6 +18,10 @@ port). The other ranks take no lock: they check that the lock is held by their o
 launch stops at once, and the launchers then stop its other ranks.
 
 Within one process the lock is re-entrant (a sweep evaluating a run, then ``train`` on the same folder).
+
+Taking the lock creates the folder. When the locked block fails and left nothing but the lock file in a
+folder the lock created (bad input found after the lock: a missing data path), the folder is removed
+again, so that a refused command leaves no trace.
 """
 
 from __future__ import annotations
@@ -156,6 +160,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     """Hold the lock of ``folder`` (created if missing) for the ``with`` block; ``FolderLockedError`` at once
     if another process (or launch) holds it. ``what`` ("run" / "sweep") only words the message."""
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     if key in _HELD:  # re-entrant within this process
@@ -174,6 +179,15 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     _HELD[key] = [handle, 1]
     try:
         yield folder
+    except BaseException:
+        if handle is not None and created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            # nothing was written: take back the folders this lock made (the lock file goes while still
+            # held, so no other process can have taken it)
+            (folder / LOCK_NAME).unlink()
+            for path in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        raise
     finally:
         del _HELD[key]
         if handle is not None:

@@ -193,6 +193,7 @@ class Workers:
     def __init__(self, log: Path):
         self.log = log
         self.lines: list[str] = []
+        self._used: set[int] = set()  # lines an _expect has returned
 
     def __enter__(self) -> Workers:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -215,14 +216,20 @@ class Workers:
         self.proc.wait(timeout=60)
 
     def _expect(self, match) -> str:
+        """The first line not returned before that ``match``es, read from the server if not read yet (two
+        workers' lines interleave: waiting for one may read the other's EXIT)."""
+        for i, line in enumerate(self.lines):
+            if i not in self._used and match(line):
+                self._used.add(i)
+                return line
         while True:
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"the worker server exited; see {self.log}")
-            line = line.strip()
-            self.lines.append(line)
-            if match(line):
-                return line
+            self.lines.append(line.strip())
+            if match(self.lines[-1]):
+                self._used.add(len(self.lines) - 1)
+                return self.lines[-1]
 
     def start(self, argv: Sequence[str]) -> int:
         """Fork a worker running ``main(argv)``; returns its pid once it has printed its first line."""

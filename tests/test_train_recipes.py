@@ -132,14 +132,17 @@ def test_section_validation():
         RunConfig.from_dict({"model": {"backbon": "llama"}})
 
 
-def test_cli_bad_input_is_one_line_and_nonzero(capsys):
+def test_cli_bad_input_is_one_line_and_nonzero(capsys, tmp_path):
     assert stgc_main(["train", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("stgc train: error: unknown recipe 'nope'")
     assert stgc_main(["train", "tiny", "training.lrr=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
-    assert stgc_main(["train", "tiny", "--output-dir", "/nonexistent/x", "data.train=/nonexistent"]) == 2
+    # (the run folder is not under the data path: locking it creates it while the run checks its inputs)
+    run = tmp_path / "runs" / "x"
+    assert stgc_main(["train", "tiny", "--output-dir", str(run), "data.train=/nonexistent"]) == 2
     assert "data.train='/nonexistent' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # a refused run leaves no folder behind
 
 
 def test_cli_prints_the_resolved_config(capsys):
