@@ -399,11 +399,13 @@ def with_method(config: RunConfig, name: str, **params: Any) -> RunConfig:
     objectives, each parameter given to the objective that has it, and the changes it makes to the MoE
     layers (a peer's router)."""
     method = method_preset(name, **params)
-    changes = METHODS[name].moe
-    model = config.model
-    if changes:
-        model = model.replace(moe=MoEConfig.from_dict({**model.moe.to_dict(), **changes}))
-    return config.replace(method=method, model=model)
+    preset = METHODS[name]
+    model, training = config.model, config.training
+    if preset.moe:
+        model = model.replace(moe=MoEConfig.from_dict({**model.moe.to_dict(), **preset.moe}))
+    if preset.training:
+        training = training.replace(**preset.training)
+    return config.replace(method=method, model=model, training=training)
 
 
 def stgc_variant(config: RunConfig, **params: Any) -> RunConfig:
@@ -427,8 +429,27 @@ RECIPES: dict[str, Callable[[], RunConfig]] = {
     "moe_llava_qwen_1_8b": moe_llava_qwen_1_8b,
     "moe_llava_phi2_2_7b": moe_llava_phi2_2_7b,
 }
-for _name in ("tiny", "small", "moe_llava_stablelm_1_6b", "moe_llava_qwen_1_8b", "moe_llava_phi2_2_7b"):
-    RECIPES[f"{_name}_stgc"] = (lambda base: lambda: stgc_variant(base()))(RECIPES[_name])
+# every method preset on every MoE recipe, alone and with STGC on top: tiny_stgc, small_z_loss,
+# moe_llava_stablelm_1_6b_z_loss_stgc, ...
+METHOD_BASES = ("tiny", "small", "moe_llava_stablelm_1_6b", "moe_llava_qwen_1_8b", "moe_llava_phi2_2_7b")
+
+
+def _variant(base: Callable[[], RunConfig], method: str, stgc: bool) -> Callable[[], RunConfig]:
+    def recipe() -> RunConfig:
+        config = base() if method == "baseline" else with_method(base(), method)
+        return stgc_variant(config) if stgc else config
+
+    what = ("STGC on " if stgc else "") + f"{method}: {METHODS[method].doc}"
+    recipe.__doc__ = f"{base.__name__} with {what}"
+    return recipe
+
+
+for _name in METHOD_BASES:
+    RECIPES[f"{_name}_stgc"] = _variant(RECIPES[_name], "baseline", True)
+    for _method in METHODS:
+        if _method not in ("baseline", "stgc"):
+            RECIPES[f"{_name}_{_method}"] = _variant(RECIPES[_name], _method, False)
+            RECIPES[f"{_name}_{_method}_stgc"] = _variant(RECIPES[_name], _method, True)
 
 
 def get_recipe(name: str) -> RunConfig:

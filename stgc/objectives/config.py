@@ -121,11 +121,14 @@ class STGCConfig(ObjectiveConfig):
 
 @dataclasses.dataclass(frozen=True)
 class MethodPreset:
-    """A named method: its objectives (names, in order) and the changes it makes to ``model.moe`` (a dict of
-    MoEConfig fields, e.g. a peer's router), applied by ``stgc.recipes.with_method``."""
+    """A named method: its objectives (names, in order) and the changes it makes to the run, applied by
+    ``stgc.recipes.with_method``: ``moe`` (MoEConfig fields, e.g. a peer's router or bank) and ``training``
+    (TrainingConfig fields, e.g. which parameter groups train). Every preset gets recipes
+    ``<base>_<name>`` and ``<base>_<name>_stgc`` for each base recipe (``stgc.recipes``)."""
 
     objectives: tuple[str, ...]
     moe: dict[str, Any] = dataclasses.field(default_factory=dict)
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
     doc: str = ""
 
 
