@@ -1,11 +1,12 @@
-"""Launch shapes (``stgc.moe.fused.launch``) of the MoE block's memory-bound Triton kernels, swept on
-one GPU at the bench shape (D 2048, E 4, top-2, bf16; T tokens): the routing (both launches), its
-backward, the combine and the row dot of the backward. Each configuration is timed with
-``triton.testing.do_bench_cudagraph`` (the calls replayed from a CUDA graph, so that the GPU time is measured and not the host's time to issue
-the launches; median) and its outputs are checked against the module's current shape; the ideal time is
-the bytes the kernel must move over the HBM bandwidth.
+"""Launch shapes (``stgc.moe.fused.launch``) of the MoE block's memory-bound Triton kernels, swept on one GPU
+at the bench shape (D 2048, E 4, top-2, bf16; T tokens): the routing (both launches), its backward, the
+combine and the row dot of the backward. Each configuration is timed with
+``triton.testing.do_bench_cudagraph`` (the calls replayed from a CUDA graph, so that the GPU time is
+measured and not the host's time to issue the launches; median) and its outputs are checked against the
+module's current shape; the ideal time is the bytes the kernel must move over the HBM bandwidth.
 
     python -m stgc.bench.kernel_tuning [tokens ...] > results/bench/kernel_tuning.txt
+
 """
 
 from __future__ import annotations
