@@ -25,15 +25,23 @@ CHAT_WORDS = (
 
 
 def source_tokenizer():
-    """A tokenizer as a MoE-LLaVA folder ships it: EOS ``<|endoftext|>`` (StableLM-2 / Phi-2 / Qwen-1), no
-    ``<image>`` (the converter adds it at the first free row) and no pad token (MoE-LLaVA pads with unk)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A tokenizer as a MoE-LLaVA folder ships it: byte-level BPE (as StableLM-2's, Phi-2's and Qwen's), EOS
+    and unknown token ``<|endoftext|>``, no ``<image>`` (the converter adds it at the first free row) and no
+    pad token (MoE-LLaVA pads with the unknown token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = list(dict.fromkeys(["<|endoftext|>", "<unk>", *WORDS, *CHAT_WORDS]))
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([" ".join(WORDS + CHAT_WORDS)] * 8, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
 def source_model(backbone: str, seed: int = 7):
@@ -301,7 +309,7 @@ def test_convert_roundtrip(tmp_path, backbone, model_type, naming, shards):
     processor = AutoProcessor.from_pretrained(out)
     tok = processor.tokenizer
     assert tok.convert_tokens_to_ids("<image>") == model.config.image_token_id
-    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<unk>"
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|endoftext|>"
     assert loaded.generation_config.eos_token_id == tok.eos_token_id
     assert processor.image_processor.do_pad  # the source config says image_aspect_ratio: pad
     prompt = tok.apply_chat_template(
