@@ -1,6 +1,8 @@
-"""Training on transformers' ``Trainer`` (DESIGN.md): a small subclass adds the routing method's losses, the
-conflict measurement and the routing metrics; everything else (checkpoints, resume, DeepSpeed, gradient
-accumulation, clipping, the cosine schedule with warmup, seeds, the progress bar) is the Trainer's own.
+"""Training on transformers' ``Trainer`` (docs/architecture.md): a small subclass runs the run's objectives
+(their loss terms, phases and state: ``stgc.objectives.set.ObjectiveSet``), the conflict measurement and
+the routing metrics, with no branch for any one method; everything else (checkpoints, resume, DeepSpeed,
+gradient accumulation, clipping, the cosine schedule with warmup, seeds, the progress bar) is the
+Trainer's own.
 
     train(get_recipe("tiny_stgc"))  -> runs/tiny-stgc-seed0/checkpoint-<last step>
 
@@ -10,14 +12,15 @@ Run folder (``RunConfig.run_dir``):
     checkpoint-<step>/       a Hugging Face model folder (config, safetensors, processor, tokenizer) that
                              loads on its own with AutoModelForImageTextToText / AutoProcessor after
                              ``import stgc``, plus the Trainer's optimizer / scheduler / RNG state
+                             and the objectives' state (``objectives_state.pt``, when they keep any)
     final.json               written when the run has finished: the final checkpoint's name
 
 Loss scaling with gradient accumulation: the Trainer divides each micro-batch's loss by the number of
-micro-batches of the step (``loss_is_scaled_for_ga = False`` below: the method's loss is a per-micro-batch
-mean and ignores ``num_items_in_batch``). STGC's fused mode adds beta * dL_cel/dz inside the backward,
-outside the loss, so the trainer gives the observer the same 1/accumulation factor (``loss_scale``, in
-``_observer``; two_pass's first pass uses it too); fused and two_pass then agree under accumulation as
-without it.
+micro-batches of the step (``loss_is_scaled_for_ga = False`` below: the objectives' loss is a
+per-micro-batch mean and ignores ``num_items_in_batch``). An observer that adds a gradient inside the
+backward (STGC's fused mode) bypasses the loss, so the trainer gives it the same 1/accumulation factor
+(``loss_scale``, in ``_observer``; two_pass's first pass uses it too); fused and two_pass then agree under
+accumulation as without it.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ from stgc.callbacks import (
 )
 from stgc.conflict import ConflictObserver
 from stgc.data.sampling import ModalityGroupedSampling
-from stgc.methods import RoutingMethod, build_method
-from stgc.moe import ExpertBank, MoEBlock
+from stgc.moe import ExpertBank, MoEBlock, Router
+from stgc.objectives.set import STATE_NAME, ObjectiveSet
 from stgc.recipes import INIT_RECIPE_PREFIX, PARAM_GROUPS, RunConfig, get_recipe
 
 FINAL_NAME = "final.json"
@@ -80,14 +83,14 @@ class CheckpointError(ValueError):
 def parameter_groups(model: nn.Module) -> dict[str, str]:
     """Parameter name -> group (``stgc.recipes.PARAM_GROUPS`` or "other").
 
-    MoE parameters are found by module type (``ExpertBank``, a ``MoEBlock``'s router); the rest by the
+    MoE parameters are found by module type (``ExpertBank``, ``Router``); the rest by the
     module path of transformers' LLaVA (``multi_modal_projector``, ``vision_tower``, ``embed_tokens``,
     ``lm_head``, ``self_attn``, ``mlp``) and norm modules by class name, so every backbone of the registry
     maps the same way without naming a model."""
     owner: dict[int, str] = {}
     for module in model.modules():
-        if isinstance(module, MoEBlock):
-            for p in module.router.parameters():
+        if isinstance(module, Router):
+            for p in module.parameters():
                 owner[id(p)] = "router"
         if isinstance(module, ExpertBank):
             for p in module.parameters():
@@ -147,39 +150,37 @@ def set_trainable(model: nn.Module, trainable: str, groups: Sequence[str]) -> di
 
 
 class MoETrainer(ModalityGroupedSampling, Trainer):
-    """``Trainer`` whose loss is the routing method's (``RoutingMethod.train_loss``), plus the metrics.
+    """``Trainer`` whose loss is the run's objectives' (``ObjectiveSet.step_loss``), plus the metrics.
 
-    method: the routing method; ``None`` trains a dense model with its own loss (stage 2).
-    measure_conflict_every: on these steps a method without token gradients (the baseline) gets a measuring
-        ``ConflictObserver(scale=0)``, so that its conflict statistics are logged too.
+    objectives: the run's objectives; ``None`` trains a dense model with its own loss (stage 2).
+    measure_conflict_every: on these steps a run whose objectives observe no token gradients (the
+        baseline) gets a measuring ``ConflictObserver``, so that its conflict statistics are logged too.
     """
 
-    loss_is_scaled_for_ga = False  # the method's loss is a micro-batch mean: let Trainer divide by GA
+    loss_is_scaled_for_ga = False  # the objectives' loss is a micro-batch mean: let Trainer divide by GA
 
     def __init__(
         self,
         *args: Any,
-        method: RoutingMethod | None,
+        objectives: ObjectiveSet | None,
         measure_conflict_every: int,
         buffer: StepBuffer,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.method = method
+        self.objectives = objectives
         self.measure_conflict_every = measure_conflict_every
         self.buffer = buffer
         self.model_accepts_loss_kwargs = False
         self._step_loss = None
         self._tokens = 0
-        self._measuring = False
         self._fp16_loss_scaling = fp16_loss_scaling(self.args)
 
     def _observer(self, step: int):
-        obs = self.method.observer(step)
+        obs = self.objectives.observer(step)
         every = self.measure_conflict_every
-        self._measuring = obs is None and bool(every) and step % every == 0
-        if self._measuring:
-            obs = ConflictObserver(scale=0.0)
+        if obs is None and every and step % every == 0:
+            obs = ConflictObserver(scale=0.0, reports_cel=False)  # measures only
         if obs is not None and hasattr(obs, "loss_scale"):
             # the loss is divided by the accumulation steps before its backward; fp16 loss scaling
             # multiplies it by a factor only the scaler knows
@@ -191,16 +192,16 @@ class MoETrainer(ModalityGroupedSampling, Trainer):
         step = self.state.global_step
         mask = inputs.get("attention_mask")
         self._tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        if self.method is None:
+        if self.objectives is None:
             out = model(**inputs)
             self._step_loss = out.loss
             loss = out.loss
         else:
-            result = self.method.train_loss(model, inputs, step, observer=self._observer(step))
+            result = self.objectives.step_loss(model, inputs, step, observer=self._observer(step))
             self._step_loss = result
             out, loss = result.output, result.loss
         if not torch.isfinite(loss.detach()).all():
-            logs = self._step_loss.logs() if self.method is not None else {"loss/lm": float(loss)}
+            logs = self._step_loss.logs() if self.objectives is not None else {"loss/lm": float(loss)}
             terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss/"))
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             raise NonFiniteLossError(
@@ -212,17 +213,71 @@ class MoETrainer(ModalityGroupedSampling, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # after the backward: the fused mode's conflict statistics exist only now
+        # after the backward: terms applied inside it (STGC fused) exist only now
         result, self._step_loss = self._step_loss, None
-        if self.method is None:
+        if self.objectives is None:
             metrics = {"loss/total": float(result.detach()), "loss/lm": float(result.detach())}
         else:
             metrics = result.logs()
-            if self._measuring:  # measured only: this method has no CEL, do not log one as 0
-                metrics = {k: v for k, v in metrics.items() if not (k.endswith("/cel") or "/cel_" in k)}
             metrics.update(routing_stats(result.records))
+            metrics.update(self.objectives.metrics(result))
+            # the Trainer's own ``loss`` log (the returned value, already divided by the accumulation
+            # steps) gets those terms too, so that it agrees with metrics.jsonl's ``loss/total``
+            extra = sum(result.coefficients.get(k, 0.0) * v for k, v in result.in_backward().items())
+            if extra:
+                loss = loss + extra / getattr(self, "current_gradient_accumulation_steps", 1)
         self.buffer.add(metrics, self._tokens)
         return loss
+
+
+class ObjectivesCallback(TrainerCallback):
+    """The objectives' preparation (once the number of steps is known), per-step hook, and their state in
+    every checkpoint (``objectives_state.pt``), restored when the run resumes from ``resume_from``."""
+
+    def __init__(
+        self, objectives: ObjectiveSet, moe_layers: tuple[int, ...], seed: int, resume_from: str | None
+    ):
+        self.objectives, self.moe_layers, self.seed, self.resume_from = (
+            objectives,
+            moe_layers,
+            seed,
+            resume_from,
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.objectives.prepare(max_steps=state.max_steps, moe_layers=self.moe_layers, seed=self.seed)
+        if self.resume_from is not None:
+            load_objectives_state(self.objectives, Path(self.resume_from))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.objectives.after_step(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        saved = self.objectives.state_dict()
+        if saved and state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            torch.save(saved, folder / STATE_NAME)
+
+
+def load_objectives_state(objectives: ObjectiveSet, checkpoint: Path) -> None:
+    """Restore the objectives' state from a checkpoint being resumed; a run whose objectives keep state
+    refuses a checkpoint without it."""
+    path = checkpoint / STATE_NAME
+    if not path.exists():
+        if objectives.state_dict():
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has no {STATE_NAME}, but this run's objectives {objectives.names} "
+                "keep state across steps; resume from a checkpoint written with it, or start over."
+            )
+        return
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to read means a corrupt file
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: {STATE_NAME} is unreadable ({error}); delete this checkpoint to "
+            "resume from the previous one."
+        ) from error
+    objectives.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -254,6 +309,7 @@ def build_components(config: RunConfig) -> RunComponents:
         build_llava_config,
         build_model,
         build_processor,
+        json_form,
     )
 
     data = config.data
@@ -279,7 +335,7 @@ def build_components(config: RunConfig) -> RunComponents:
         apply_template(tokenizer, data.chat_template)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     mc = config.model
-    routing_method = None if mc.dense else config.method.to_dict()
+    routing_method = None if mc.dense else json_form(config.method.to_dict())
     init = _resolve_init(config)
     if init is None:
         kwargs = dict(
@@ -588,43 +644,44 @@ def train(
     set_seed(config.training.seed)
     parts = (components or build_components)(config)
     model = parts.model
-    method = None if config.model.dense else build_method(config.method, config.model.moe)
-    if method is not None:
-        moe_layers = {b.layer_idx for b in model.modules() if isinstance(b, MoEBlock)}
+    objectives = None if config.model.dense else ObjectiveSet(config.method, config.model.moe)
+    moe_layers = tuple(sorted(b.layer_idx for b in model.modules() if isinstance(b, MoEBlock)))
+    if objectives is not None:
         if not moe_layers:
             raise ValueError("the model has no MoE blocks; set model.dense=True to train a dense model.")
-        wanted = getattr(config.method, "layers", None)
-        if wanted is not None and not set(wanted) <= moe_layers:
-            raise ValueError(
-                f"method.layers={list(wanted)} includes layers without a MoE block; the MoE layers are "
-                f"{sorted(moe_layers)}."
-            )
+        objectives.check(moe_layers)
         if hasattr(model.config, "routing_method"):
-            model.config.routing_method = config.method.to_dict()
+            from stgc.modeling import json_form
+
+            model.config.routing_method = json_form(config.method.to_dict())
     if last is not None:
         check_checkpoint(Path(last), config, model)
     groups = set_trainable(model, config.training.trainable, config.training.trainable_groups())
 
     args = training_arguments(config, **({"deepspeed": deepspeed} if deepspeed is not None else {}))
-    _check_loss_scaling(args, method)
+    _check_loss_scaling(args, objectives)
     if args.should_save:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_CONFIG_NAME).write_text(config.to_json())
     buffer = StepBuffer()
-    method_name = "dense" if method is None else config.method_tag
+    method_name = "dense" if objectives is None else config.method_tag
+    hooks = (
+        [] if objectives is None else [ObjectivesCallback(objectives, moe_layers, config.training.seed, last)]
+    )
     trainer = MoETrainer(
         model=model,
         args=args,
         train_dataset=parts.train_dataset,
         data_collator=parts.data_collator,
         processing_class=parts.processing_class,
-        method=method,
+        objectives=objectives,
         measure_conflict_every=config.training.measure_conflict_every,
         buffer=buffer,
         callbacks=[
             MetricsCallback(run_dir / METRICS_NAME, buffer, method_name),
             RunConfigCallback(config.to_json()),
             NonFiniteGradientGuard(NonFiniteLossError),
+            *hooks,
             *callbacks,
         ],
     )
@@ -662,13 +719,14 @@ def fp16_loss_scaling(args: TrainingArguments) -> bool:
     return bool(args.fp16 or (isinstance(ds, dict) and (ds.get("fp16") or {}).get("enabled") is True))
 
 
-def _check_loss_scaling(args: TrainingArguments, method: RoutingMethod | None) -> None:
-    """fp16 loss scaling multiplies the loss, not STGC's fused in-backward CEL gradient: refuse the pair."""
-    obs = method.observer(0) if method is not None else None
-    if fp16_loss_scaling(args) and obs is not None and getattr(method.config, "mode", None) == "fused":
+def _check_loss_scaling(args: TrainingArguments, objectives: ObjectiveSet | None) -> None:
+    """fp16 loss scaling multiplies the loss, not a gradient an observer adds inside the backward (STGC's
+    fused CEL gradient): refuse the pair."""
+    if fp16_loss_scaling(args) and objectives is not None and objectives.adds_gradient_in_backward:
         raise ValueError(
-            "fp16 with loss scaling cannot be combined with STGC's fused mode (its CEL gradient is added "
-            "inside the backward, unscaled); use bf16 (training.bf16=true) or method.mode=two_pass."
+            "fp16 with loss scaling cannot be combined with an objective that adds its gradient inside the "
+            "backward, unscaled (STGC's fused mode); use bf16 (training.bf16=true) or "
+            "method.stgc.mode=two_pass."
         )
 
 
@@ -681,6 +739,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 __all__ = [
     "CheckpointError",
     "MoETrainer",
+    "ObjectivesCallback",
     "NonFiniteLossError",
     "PARAM_GROUPS",
     "RunComponents",

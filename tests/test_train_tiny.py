@@ -52,7 +52,8 @@ def test_dense_stage_then_upcycled_stage3_checkpoints_load(suite, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(final)
     processor = AutoProcessor.from_pretrained(final)
     assert type(model).__name__ == "MoELlavaForConditionalGeneration"
-    assert model.config.routing_method["name"] == "stgc" and model.config.routing_method["beta"] == 0.01
+    method = model.config.routing_method
+    assert method["name"] == "stgc" and method["objectives"][1]["beta"] == 0.01
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
 
     # stage III trained experts, routers and the projector only: everything else is the dense parent's
@@ -102,9 +103,9 @@ def test_fused_stgc_under_activation_checkpointing_matches():
     routing context, yet the backward keeps the original nodes and their observer, so the fused gradients
     and conflict statistics are unchanged."""
     from stgc.config import MoEConfig
-    from stgc.methods import build_method
-    from stgc.methods.stgc import STGCConfig
+    from stgc.objectives.config import STGCConfig
     from tests.conftest import image_batch, tiny_model
+    from tests.toy_moe import objectives
 
     model = tiny_model("llama").train()
     batch = image_batch(model, batch=2, text_len=8)
@@ -116,7 +117,7 @@ def test_fused_stgc_under_activation_checkpointing_matches():
         else:
             model.gradient_checkpointing_disable()
         model.zero_grad()
-        result = build_method(STGCConfig(beta=0.5), MoEConfig()).train_loss(model, batch, 0)
+        result = objectives(STGCConfig(beta=0.5), MoEConfig()).step_loss(model, batch, 0)
         result.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return grads, result.logs(), len(result.records)
