@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         print("stgc eval: error: give a checkpoint folder (or --list-tasks)", file=sys.stderr)
         return 2
-    from evals.run import EvalInputError, evaluate
+    from evals.run import EvalFailedError, EvalInputError, evaluate
 
     limit = args.limit
     if limit is not None and limit >= 1:
@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     except EvalInputError as err:
         print(f"stgc eval: error: {err}", file=sys.stderr)
         return 2
+    except EvalFailedError as err:
+        print(f"stgc eval: error: {err}", file=sys.stderr)
+        return 1
     if result is None:  # a non-zero rank under accelerate launch
         return 0
     scores = result.scores()
