@@ -40,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="override every task's max_new_tokens"
     )
-    parser.add_argument("--capture-routing", default=None, help="folder for per-sample routing records")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    model_args = {"capture_routing": args.capture_routing}
+    model_args: dict = {}
     if args.batch_size < 1 or (limit is not None and limit <= 0):
         print(
             f"stgc eval: error: --batch-size {args.batch_size} / --limit {args.limit}: the batch size must "

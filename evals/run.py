@@ -136,7 +136,7 @@ def evaluate(
     log_samples: bool = True,
 ) -> EvalResult | None:
     """Evaluate `checkpoint` on `tasks` (task, group or suite names); see the module docstring. Returns
-    None on ranks other than 0. `model_args` go to the model (e.g. capture_routing, max_new_tokens, dtype);
+    None on ranks other than 0. `model_args` go to the model (e.g. max_new_tokens, dtype);
     `gen_kwargs` ("max_new_tokens=16,...") override every task's generation settings (recorded)."""
     path, names, source, root = check_inputs(checkpoint, list(tasks), source, mini_root, limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(path)

@@ -57,6 +57,8 @@ def test_moe_llava_recipes_use_the_published_stage3_settings():
         )
         assert c.model.size == "full" and c.model.moe.num_experts == 4 and c.model.moe.top_k == 2
         assert c.model.moe.aux_loss_coef == 0.01 and c.data.max_length == 2048
+        # DeepSpeed's capacity factors in MoE-LLaVA's scripts: 1.5 in training, 2.0 at evaluation
+        assert c.model.moe.capacity(training=True) == 1.5 and c.model.moe.capacity(training=False) == 2.0
         assert t.trainable_groups() == ("experts", "router", "projector")
 
 
