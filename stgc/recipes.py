@@ -366,12 +366,12 @@ def small() -> RunConfig:
 def _moe_llava(name: str, backbone: str, template: str) -> RunConfig:
     """MoE-LLaVA stage III (scripts/v1/*/finetune_moe.sh): 4 experts, top-2, every other layer, alpha 0.01,
     capacity factor 1.5 at training and 2.0 at evaluation (DeepSpeed's ``eval_capacity_factor``), lr 2e-5
-    cosine, warmup 0.03, weight decay 0, 1 epoch, max length 2048, bf16, ZeRO-2, global batch 128 (8 GPUs x 4 x grad_accum 4), experts + routers + projector trained.
-    ``model.init`` must point at a stage-2 (dense) LLaVA checkpoint folder of this backbone; ``data`` at
-    LLaVA-mix-665K as distributed (the JSON file, images in its folder or ``data.image_folder``) and the
-    backbone's tokenizer with ``<image>``; MoE-LLaVA's conversation template of the backbone, images padded
-    to a square, batches grouped by modality (its ``--version``, ``--image_aspect_ratio pad``,
-    ``--group_by_modality_length True``).
+    cosine, warmup 0.03, weight decay 0, 1 epoch, max length 2048, bf16, ZeRO-2, global batch 128 (8 GPUs
+    x 4 x grad_accum 4), experts + routers + projector trained. ``model.init`` must point at a stage-2
+    (dense) LLaVA checkpoint folder of this backbone; ``data`` at LLaVA-mix-665K as distributed (the JSON
+    file, images in its folder or ``data.image_folder``) and the backbone's tokenizer with ``<image>``;
+    MoE-LLaVA's conversation template of the backbone, images padded to a square, batches grouped by
+    modality (its ``--version``, ``--image_aspect_ratio pad``, ``--group_by_modality_length True``).
     Set ``model.moe.capacity_factor=none model.moe.eval_capacity_factor=none`` for dropless routing
     throughout."""
     return RunConfig(
