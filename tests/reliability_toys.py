@@ -417,25 +417,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def sweep_progress(runs_root: Path) -> int:
+    """What a toy sweep has done so far: published checkpoints + finished runs + evaluated cells."""
+    return (
+        len(list(runs_root.glob("*/checkpoint-*")))
+        + len(list(runs_root.glob("*/final.json")))
+        + len(list(runs_root.glob("*/eval/*/*/results.json")))
+    )
+
+
 def killed_sweep(
-    workers: Workers, out: Path, runs_root: Path, delays: Sequence[float], *, seeds: str = "0,1"
+    workers: Workers,
+    out: Path,
+    runs_root: Path,
+    kills: Sequence[tuple[int, float]],
+    *,
+    seeds: Sequence[int] = (0, 1),
 ) -> list[dict[str, Any]]:
-    """Run the toy sweep into ``out`` through workers SIGKILLed ``delays`` seconds after they started,
-    then once to the end. Returns one record per worker (its exit status, -9: killed, and the score rows
-    after it)."""
+    """Run the toy sweep into ``out`` through killed workers, then once to the end.
+
+    A kill (k, s): SIGKILL the worker s seconds after the sweep has made k more steps of progress
+    (``sweep_progress``: a checkpoint published, a run finished, a cell evaluated), so that kills land
+    inside the sweep whatever the machine's speed: in training, in saves, between a cell's evaluation and
+    the scores' rewrite. k is capped to stay before the sweep's last step of progress. Returns one record
+    per worker (its exit status, -9: killed, and what was done after it)."""
+    total = 2 * len(seeds) * (STEPS // SAVE_STEPS + 1 + len(TASKS))  # 2 methods
     records = []
-    for n, delay in enumerate([*delays, None]):
-        pid = workers.start(["sweep", str(out), str(runs_root), "--seeds", seeds])
-        if delay is not None:
+    for n, (events, delay) in enumerate([*kills, (None, 0.0)]):
+        done = sweep_progress(runs_root)
+        pid = workers.start(["sweep", str(out), str(runs_root), "--seeds", ",".join(map(str, seeds))])
+        kill = ""
+        if events is not None:
+            target = min(done + events, total - 1)
+            while sweep_progress(runs_root) < target and _alive(pid):
+                time.sleep(0.001)
             time.sleep(delay)
             workers.kill(pid)
+            kill = f"{target - done} more, +{delay:.3f} s"
         status = workers.wait(pid)
         rows = sum(1 for _ in (out / "scores.csv").open()) - 1 if (out / "scores.csv").is_file() else 0
-        records.append({"worker": n, "kill": "none" if delay is None else f"after {delay:.2f} s",
-                        "exit": status, "runs_finished": len(list(runs_root.glob("*/final.json"))),
-                        "cells_evaluated": len(list(runs_root.glob("*/eval/*/*/results.json"))),
-                        "score_rows_after": rows})  # fmt: skip
-        if delay is None and status != 0:
+        records.append({"worker": n, "kill": kill or "none", "exit": status, "progress_before": done,
+                        "progress_after": sweep_progress(runs_root), "score_rows_after": rows})  # fmt: skip
+        if events is None and status != 0:
             raise RuntimeError(f"the last sweep worker failed (exit {status}); see {workers.log}")
     return records
 

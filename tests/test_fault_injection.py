@@ -84,8 +84,8 @@ def test_training_killed_at_random_moments_ends_bitwise_equal(workers, reference
 
 def test_sweep_killed_at_random_moments_ends_with_the_same_scores(workers, reference, tmp_path):
     rng = random.Random(3)
-    delays = sorted(rng.uniform(0.5, 3.0) for _ in range(2))
-    records = killed_sweep(workers, tmp_path / "sweep", tmp_path / "runs", delays, seeds="0")
+    kills = [(rng.randint(2, 8), rng.uniform(0.0, 0.05)) for _ in range(2)]
+    records = killed_sweep(workers, tmp_path / "sweep", tmp_path / "runs", kills, seeds=(0,))
     assert [r["exit"] for r in records] == [-9, -9, 0], records
     pd.testing.assert_frame_equal(_values(tmp_path / "sweep" / "scores.csv"), reference["scores"])
 

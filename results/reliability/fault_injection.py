@@ -120,18 +120,20 @@ def main() -> int:
             progress=False,
         )  # fmt: skip
         assert not sweep_ref.failures, sweep_ref.failures
-        # the sweep's work is ~8-10 s of training and evaluation: 6 kills 1-5 s apart cover most of it
-        delays = [round(rng.uniform(1.0, 5.0), 2) for _ in range(args.sweep_kills)]
-        records = killed_sweep(workers, root / "sweep", root / "runs", delays)
+        # each kill after 1-6 more steps of the sweep's progress (18 per seed: checkpoints, finished runs,
+        # evaluated cells), then a random 0-50 ms
+        kills = [(rng.randint(1, 6), round(rng.uniform(0.0, 0.05), 3)) for _ in range(args.sweep_kills)]
+        records = killed_sweep(workers, root / "sweep", root / "runs", kills)
         lines += [
             "",
-            "sweep: 2 methods x 2 seeds x 2 tasks, each kill after a delay from the worker's start",
+            "sweep: 2 methods x 2 seeds x 2 tasks (36 steps of progress: 6 checkpoints, the finished run and",
+            "2 evaluated cells per run); each kill some progress steps after the worker starts, plus a delay",
             "",
         ]
-        lines += ["worker  kill             exit  runs_finished  cells_evaluated  score_rows_after"]
+        lines += ["worker  kill                exit  progress_before  progress_after  score_rows_after"]
         lines += [
-            f"{r['worker']:>6}  {r['kill']:<15}  {r['exit']:>4}  {r['runs_finished']:>13}  "
-            f"{r['cells_evaluated']:>15}  {r['score_rows_after']:>16}"
+            f"{r['worker']:>6}  {r['kill']:<18}  {r['exit']:>4}  {r['progress_before']:>15}  "
+            f"{r['progress_after']:>14}  {r['score_rows_after']:>16}"
             for r in records
         ]
 
@@ -143,10 +145,10 @@ def main() -> int:
         killed = sum(r["exit"] == -9 for r in records)
         lines += [
             "",
-            f"SIGKILLs: {killed} of {len(delays)}; scores.csv equal to the uninterrupted sweep's "
+            f"SIGKILLs: {killed} of {len(kills)}; scores.csv equal to the uninterrupted sweep's "
             f"({', '.join(VALUE_COLUMNS)}): {same} ({len(values(root / 'sweep' / 'scores.csv'))} rows)",
         ]
-        ok &= same
+        ok &= same and killed == len(kills)
     lines += ["", f"total {time.perf_counter() - t0:.0f} s; {'PASS' if ok else 'FAIL'}"]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
