@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ from stgc.callbacks import (
 )
 from stgc.conflict import ConflictObserver
 from stgc.moe import ExpertBank, MoEBlock, Router
+from stgc.objectives.base import TrainingData
 from stgc.objectives.set import STATE_NAME, ObjectiveSet
 from stgc.recipes import INIT_RECIPE_PREFIX, PARAM_GROUPS, RunConfig, get_recipe
 
@@ -82,7 +84,8 @@ class CheckpointError(ValueError):
 def parameter_groups(model: nn.Module) -> dict[str, str]:
     """Parameter name -> group (``stgc.recipes.PARAM_GROUPS`` or "other").
 
-    MoE parameters are found by module type (``ExpertBank``, ``Router``); the rest by the
+    MoE parameters are found by module type (``ExpertBank``, whose ``parameter_group`` names the group of
+    each of its parameters: a LoRA bank's frozen dense FFN is "mlp"; ``Router``); the rest by the
     module path of transformers' LLaVA (``multi_modal_projector``, ``vision_tower``, ``embed_tokens``,
     ``lm_head``, ``self_attn``, ``mlp``) and norm modules by class name, so every backbone of the registry
     maps the same way without naming a model."""
@@ -92,8 +95,8 @@ def parameter_groups(model: nn.Module) -> dict[str, str]:
             for p in module.parameters():
                 owner[id(p)] = "router"
         if isinstance(module, ExpertBank):
-            for p in module.parameters():
-                owner[id(p)] = "experts"
+            for p_name, p in module.named_parameters():
+                owner[id(p)] = module.parameter_group(p_name)
     groups: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
@@ -230,11 +233,17 @@ class MoETrainer(Trainer):
 
 
 class ObjectivesCallback(TrainerCallback):
-    """The objectives' preparation (once the number of steps is known), per-step hook, and their state in
-    every checkpoint (``objectives_state.pt``), restored when the run resumes from ``resume_from``."""
+    """The objectives' preparation (once the number of steps is known), per-epoch hook (with the model and
+    training data: ``Objective.before_epoch``), per-step hook, and their state in every checkpoint
+    (``objectives_state.pt``), restored when the run resumes from ``resume_from``."""
 
     def __init__(
-        self, objectives: ObjectiveSet, moe_layers: tuple[int, ...], seed: int, resume_from: str | None
+        self,
+        objectives: ObjectiveSet,
+        moe_layers: tuple[int, ...],
+        seed: int,
+        resume_from: str | None,
+        data: TrainingData | None = None,
     ):
         self.objectives, self.moe_layers, self.seed, self.resume_from = (
             objectives,
@@ -242,11 +251,17 @@ class ObjectivesCallback(TrainerCallback):
             seed,
             resume_from,
         )
+        self.data = data
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.objectives.prepare(max_steps=state.max_steps, moe_layers=self.moe_layers, seed=self.seed)
         if self.resume_from is not None:
             load_objectives_state(self.objectives, Path(self.resume_from))
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.data is not None:
+            # state.epoch is the (fractional) progress: a resumed run continues inside its epoch
+            self.objectives.before_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)), self.data)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.objectives.after_step(state.global_step)
@@ -643,7 +658,17 @@ def train(
     buffer = StepBuffer()
     method_name = "dense" if objectives is None else config.method_tag
     hooks = (
-        [] if objectives is None else [ObjectivesCallback(objectives, moe_layers, config.training.seed, last)]
+        []
+        if objectives is None
+        else [
+            ObjectivesCallback(
+                objectives,
+                moe_layers,
+                config.training.seed,
+                last,
+                TrainingData(model, parts.train_dataset, parts.data_collator),
+            )
+        ]
     )
     trainer = MoETrainer(
         model=model,
