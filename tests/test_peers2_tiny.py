@@ -1,0 +1,106 @@
+"""The peer-II methods through the real pipeline on a small generated suite: ``train`` of the tiny recipes
+(MoLE and AGM from a dense checkpoint, RoMA from a MoE one), checkpoints that load as one model with the
+method saved, metrics.jsonl keys, objective state, then ``stgc eval`` through lmms-eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import stgc.objectives.roma as roma_mod
+from evals.run import load_results
+from evals.testing import write_tiny_suite
+from stgc.cli import main
+from stgc.moe_adapters import ADAPTERS_NAME
+from stgc.objectives.set import STATE_NAME
+from stgc.recipes import apply_overrides, get_recipe
+from stgc.train import read_metrics, train
+from stgc.trainer import parameter_groups
+
+
+def _tiny(recipe: str, suite: Path, out: Path, *overrides: str):
+    return apply_overrides(
+        get_recipe(recipe),
+        [
+            f"data.train={suite / 'train'}",
+            f"data.tokenizer={suite / 'tokenizer'}",
+            "training.max_steps=2",
+            "training.batch_size=4",
+            "training.save_steps=2",
+            f"output_dir={out}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    from stgc.data.suite import generate_suite
+
+    tmp = tmp_path_factory.mktemp("peers2")
+    suite = tmp / "mini"
+    generate_suite(suite, docs=1, train_size=16, image_size=64, vocab_size=400, benchmarks=["scienceqa_img"])
+    out = {"suite": suite, "eval_root": write_tiny_suite(tmp / "eval", n=2, names=["scienceqa_img"])}
+    out["dense"] = train(_tiny("tiny_dense", suite, tmp / "dense"))
+    out["mole"] = train(_tiny("tiny_mole", suite, tmp / "mole", f"model.init={out['dense']}"))
+    out["agm"] = train(_tiny("tiny_agm", suite, tmp / "agm", f"model.init={out['dense']}"))
+    out["tiny"] = train(_tiny("tiny", suite, tmp / "tiny", f"model.init={out['dense']}"))
+    # a 2-step model answers no training question: RoMA's judge is told that every answer is right (the
+    # judge itself: tests/test_roma.py); the rest of the stage is real (MiniLM embeddings, cache, steps)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(roma_mod, "answers_correctly", lambda model, rows, *a: np.ones(len(rows), dtype=bool))
+        out["roma"] = train(_tiny("tiny_roma", suite, tmp / "roma", f"model.init={out['tiny']}"))
+    return out
+
+
+def test_mole_run(runs):
+    final = runs["mole"]
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    assert model.config.routing_method["name"] == "mole" and model.config.moe_config.experts.name == "lora"
+    assert (final / ADAPTERS_NAME).exists() and not (final / "model.safetensors").exists()
+    # only LoRA experts and routers moved: the frozen FFN is the dense parent's, as is everything else
+    parent = AutoModelForImageTextToText.from_pretrained(runs["dense"]).state_dict()
+    groups = parameter_groups(model)
+    for name, tensor in model.state_dict().items():
+        base = name.replace(".experts.", ".").replace(".base_layer.", ".")
+        if groups.get(name) == "mlp" and ".experts." in name:
+            assert torch.equal(tensor, parent[base]), name
+    record = read_metrics(final.parent)[-1]
+    assert record["loss/mole_bal_scaled"] == pytest.approx(0.01 * record["loss/mole_bal"])
+    assert "routing/layer3/tokens_e2" in record or "routing/layer3/share_e2" in record
+
+
+def test_agm_run(runs):
+    final = runs["agm"]
+    record = read_metrics(final.parent)[-1]
+    for key in ("agm/kappa_I", "agm/kappa_T", "agm/s_I", "agm/s_T"):
+        assert key in record and np.isfinite(record[key])
+    state = torch.load(final / STATE_NAME, weights_only=True)
+    assert state["agm"]["batches"] == 2
+
+
+def test_roma_run_trains_routers_only(runs):
+    final, init = runs["roma"], runs["tiny"]
+    before = AutoModelForImageTextToText.from_pretrained(init).state_dict()
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    groups = parameter_groups(model)
+    changed = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
+    assert changed and {groups[n] for n in changed} == {"router"}
+    record = read_metrics(final.parent)[-1]
+    assert record["loss/roma"] > 0 and record["roma/correct_fraction"] == 1.0
+    state = torch.load(final / STATE_NAME, weights_only=True)["roma"]
+    assert state["neighbours"].shape[1] == 3 and state["cache_epoch"] == 0
+
+
+@pytest.mark.parametrize("method", ["mole", "agm", "roma"])
+def test_evaluates_through_lmms_eval(runs, method, capsys):
+    root = str(runs["eval_root"])
+    rc = main(["eval", str(runs[method]), "--tasks", "stgc_scienceqa_img", "--mini-root", root,
+               "--batch-size", "2", "--max-new-tokens", "4", "--limit", "2"])  # fmt: skip
+    assert rc == 0
+    results = load_results(runs[method].parent / "eval" / runs[method].name)
+    assert "stgc_scienceqa_img" in results["results"]
