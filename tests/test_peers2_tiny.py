@@ -104,3 +104,34 @@ def test_evaluates_through_lmms_eval(runs, method, capsys):
     assert rc == 0
     results = load_results(runs[method].parent / "eval" / runs[method].name)
     assert "stgc_scienceqa_img" in results["results"]
+
+
+def test_a_sweep_trains_and_evaluates_each_method(runs, tmp_path, monkeypatch):
+    """`stgc sweep`'s machinery with the real trainer and lmms-eval: labels such as `mole+stgc` are folder
+    names, and RoMA's default init (`recipe:tiny`) trains its MoE parent inside the sweep's runs folder."""
+    import pandas as pd
+
+    from evals import sweep as S
+
+    monkeypatch.setattr(roma_mod, "answers_correctly", lambda model, rows, *a: np.ones(len(rows), dtype=bool))
+    suite = runs["suite"]
+
+    def config(recipe: str):
+        return _tiny(recipe, suite, tmp_path / "unused").replace(output_dir=None)
+
+    methods = {"baseline": config("tiny"), "mole+stgc": config("tiny_mole_stgc")}
+    methods |= {"agm": config("tiny_agm"), "roma": config("tiny_roma")}
+    sweep = S.Sweep(
+        name="peers2",
+        methods=methods,
+        seeds=(0,),
+        tasks=("stgc_scienceqa_img",),
+        eval=S.EvalSettings(batch_size=2, mini_root=str(runs["eval_root"]), limit=2),
+        runs_root=str(tmp_path / "runs"),
+    )
+    result = S.run_sweep(sweep, tmp_path / "results", progress=False)
+    assert not result.failures, result.failures
+    scores = pd.read_csv(tmp_path / "results" / "scores.csv")
+    assert set(scores["method"]) == set(methods)
+    assert (tmp_path / "runs" / "tiny" / "final.json").is_file()  # RoMA's parent, trained in the sweep
+    assert (tmp_path / "runs" / "mole+stgc-seed0" / "final.json").is_file()
