@@ -138,14 +138,24 @@ def test_faithful_mode_gradient_is_the_baseline_at_alpha_zero_and_moves_with_alp
     assert any((g_one[n] - g_base[n]).abs().max() > 1e-4 for n in g_base)
 
 
-def test_text_only_data_is_one_clear_error():
+def test_text_only_batches_train_unmodulated_and_text_only_data_is_one_clear_error():
+    """A text-only batch of mixed data (LLaVA-665K's text rows) has one player: kappa 1, the baseline's
+    gradients, no update of the running means, counted. A training set without any image is refused."""
+    from datasets import Dataset
+
     model = tiny_model().train()
     batch = _batch(model)
     image = batch["input_ids"] == model.config.image_token_id
     text = {**batch, "input_ids": batch["input_ids"].masked_fill(image, 6)}
     text.pop("pixel_values")
-    with pytest.raises(ValueError, match=r"no image token \(text-only data\)"):
-        _method().step_loss(model, text, 0)
-    rows = SimpleNamespace(column_names=["id", "conversations"])
-    with pytest.raises(ValueError, match=r"no 'image' column .*: text-only data"):
+    _, g_base = _grads(model, ObjectiveSet(MethodConfig(), MOE), text)
+    method = _method(alpha=1.0)
+    result, g_agm = _grads(model, method, text)
+    assert all(torch.equal(g_base[n], g_agm[n]) for n in g_base)
+    assert method.metrics(result) == {"agm/kappa_I": 1.0, "agm/kappa_T": 1.0, "agm/text_only_batch": 1.0}
+    assert method.state_dict()["agm"]["batches"] == 0
+
+    conversations = [[{"from": "human", "value": "what is it ?"}, {"from": "gpt", "value": "a square"}]] * 3
+    rows = Dataset.from_dict({"id": ["a", "b", "c"], "conversations": conversations})
+    with pytest.raises(ValueError, match=r"none of the 3 training rows has an image: text-only data"):
         AGM(AGMConfig(), MOE).before_epoch(0, TrainingData(model, rows, None))

@@ -4,6 +4,7 @@ method saved, metrics.jsonl keys, objective state, then ``stgc eval`` through lm
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,36 @@ def test_a_sweep_trains_and_evaluates_each_method(runs, tmp_path, monkeypatch):
     assert set(scores["method"]) == set(methods)
     assert (tmp_path / "runs" / "tiny" / "final.json").is_file()  # RoMA's parent, trained in the sweep
     assert (tmp_path / "runs" / "mole+stgc-seed0" / "final.json").is_file()
+
+
+def _error_lines(capsys) -> list[str]:
+    """The error lines of stderr (progress bars of weight loading share its lines)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [seg[seg.index("stgc train: error:") :] for seg in re.split(r"[\r\n]+", err) if "error:" in seg]
+
+
+def test_bad_input_through_the_cli_is_one_line_and_exit_2(runs, tmp_path, capsys, monkeypatch):
+    """AGM on text-only data, and RoMA on a checkpoint that answers too few training samples, fail before
+    the first step with one line on stderr (the errors raised inside the Trainer's epoch hook)."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    train = load_from_disk(str(runs["suite"] / "train"))["train"]
+    strip = [[{**t, "value": t["value"].replace("<image>\n", "")} for t in c] for c in train["conversations"]]
+    text = tmp_path / "text"
+    DatasetDict({"train": Dataset.from_dict({"id": train["id"], "conversations": strip})}).save_to_disk(text)
+    tok = runs["suite"] / "tokenizer"
+    common = [f"data.tokenizer={tok}", "training.max_steps=1", "training.batch_size=4"]
+    capsys.readouterr()
+    agm = [f"data.train={text}", f"model.init={runs['dense']}", f"output_dir={tmp_path / 'a'}"]
+    assert main(["train", "tiny_agm", *agm, *common]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "text-only data" in err[0], err
+
+    monkeypatch.setattr(roma_mod, "answers_correctly", lambda model, rows, *a: np.arange(len(rows)) < 1)
+    train_dir = runs["suite"] / "train"
+    roma = [f"data.train={train_dir}", f"model.init={runs['tiny']}", f"output_dir={tmp_path / 'r'}"]
+    k = ["method.roma.k=5", "method.roma.judge_batch_size=8"]
+    assert main(["train", "tiny_roma", *roma, *common, *k]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "answers 2 of the 16 training samples correctly" in err[0], err

@@ -177,8 +177,9 @@ def answers_correctly(
                     render = tok.apply_chat_template
                     prompts.append(render(messages, tokenize=False, add_generation_prompt=True))
                     golds.append(answer)
-                    images.append(row["image"].convert("RGB"))
-                enc = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+                    if row.get("image") is not None:  # (a text-only row has no <image> either)
+                        images.append(row["image"].convert("RGB"))
+                enc = processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
                 enc = _to(dict(enc), param.device, param.dtype)
                 # exact match after normalisation cannot hold for a reply much longer than the answer
                 longest = max(len(tok(g, add_special_tokens=False)["input_ids"]) for g in golds)
