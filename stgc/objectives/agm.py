@@ -29,8 +29,10 @@ Where kappa acts:
   forwards with graphs: memory-heavy, and refused with gradient checkpointing (the checkpoint replay
   cannot tell three forwards of one step apart).
 kappa_I, kappa_T, s_I, s_T (and sbar) are logged every step; sbar and the batch count are the objective's
-state, saved in every checkpoint and restored on resume. Data without images cannot be modulated: a
-ValueError.
+state, saved in every checkpoint and restored on resume. Training data without any image cannot be
+modulated: a ValueError before the first step. A text-only batch of mixed data (LLaVA-665K's text rows,
+batched apart by the modality-grouped sampler) has one player only: it trains unmodulated (kappa 1),
+leaves the running means alone and is counted in ``agm/text_only_batch`` [ours].
 """
 
 from __future__ import annotations
@@ -146,13 +148,14 @@ class AGM(Objective):
 
     # --- checks --------------------------------------------------------------------------------------
     def before_epoch(self, epoch: int, data: TrainingData) -> None:
+        from stgc.data.sampling import modality_lengths
+
         self._check_checkpointing(data.model)
-        dataset = data.dataset
-        names = getattr(dataset, "column_names", None)
-        if names is not None and "image" not in names:
+        lengths = modality_lengths(data.dataset) if data.dataset is not None else None
+        if lengths is not None and all(n < 0 for n in lengths):
             raise ValueError(
-                f"agm modulates image tokens against text tokens, but the training set has no 'image' column "
-                f"(columns {names}): text-only data. Train AGM on multimodal data or pick another method."
+                f"agm modulates image tokens against text tokens, but none of the {len(lengths)} training "
+                "rows has an image: text-only data. Train AGM on multimodal data or pick another method."
             )
 
     def _check_checkpointing(self, model: nn.Module) -> None:
@@ -194,10 +197,12 @@ class AGM(Objective):
         real_BS = torch.ones_like(ids_BS, dtype=torch.bool) if mask_BS is None else mask_BS.bool()
         image_BS = (ids_BS == image_token) & real_BS
         if not bool(image_BS.any()):
-            raise ValueError(
-                "agm modulates image tokens against text tokens, but this batch has no image token "
-                "(text-only data). Train AGM on multimodal data or pick another method."
-            )
+            # a text-only batch of mixed data (LLaVA-665K's text rows, grouped by modality): one player only,
+            # nothing to balance; the batch trains unmodulated, does not move the running means, and is
+            # counted (agm/text_only_batch). Data without any image is refused in before_epoch.
+            self.kappa = {"image": 1.0, "text": 1.0}
+            self.last = {"agm/kappa_I": 1.0, "agm/kappa_T": 1.0, "agm/text_only_batch": 1.0}
+            return {}
         text_BS = real_BS & ~image_BS & (labels_BS == IGNORE_INDEX)  # the instruction; answers kept
         full = step_inputs.output.logits
         faithful = self.config.mode == "faithful"
@@ -217,6 +222,7 @@ class AGM(Objective):
             "text": self.sbar["text"] * (n - 1) / n + s_T / n,
         }
         self.last = {
+            "agm/text_only_batch": 0.0,
             "agm/kappa_I": k_I,
             "agm/kappa_T": k_T,
             "agm/s_I": s_I,
