@@ -150,10 +150,12 @@ def test_text_only_batches_train_unmodulated_and_text_only_data_is_one_clear_err
     text.pop("pixel_values")
     _, g_base = _grads(model, ObjectiveSet(MethodConfig(), MOE), text)
     method = _method(alpha=1.0)
+    _grads(model, method, batch)  # an image batch first: kappa != 1 from here on
+    assert method.items[1].kappa["text"] != 1.0
     result, g_agm = _grads(model, method, text)
     assert all(torch.equal(g_base[n], g_agm[n]) for n in g_base)
     assert method.metrics(result) == {"agm/kappa_I": 1.0, "agm/kappa_T": 1.0, "agm/text_only_batch": 1.0}
-    assert method.state_dict()["agm"]["batches"] == 0
+    assert method.state_dict()["agm"]["batches"] == 1
 
     conversations = [[{"from": "human", "value": "what is it ?"}, {"from": "gpt", "value": "a square"}]] * 3
     rows = Dataset.from_dict({"id": ["a", "b", "c"], "conversations": conversations})
