@@ -181,7 +181,7 @@ def test_stgc_token_gradients_are_the_virtual_bias_gradients():
     def pairs(lc):  # {(token, expert): (conflict, score)} over the pairs scored
         rows = lc.considered_A.nonzero().flatten().tolist()
         return {
-            (int(lc.token_A[i]), int(lc.expert_A[i])): (bool(lc.conflict_A[i]), float(lc.score_A[i]))
+            (int(lc.token_A[i]), int(lc.expert_A[i])): (bool(lc.conflict_A[i]), float(lc.score_A[i].detach()))
             for i in rows
         }
 
