@@ -131,7 +131,8 @@ def test_faithful_mode_gradient_is_the_baseline_at_alpha_zero_and_moves_with_alp
     batch = _batch(model, seed=1)
     _, g_base = _grads(model, ObjectiveSet(MethodConfig(), MOE), batch)
     zero, g_zero = _grads(model, _method(alpha=0.0, mode="faithful"), batch)
-    assert abs(float(zero.terms["agm"].detach())) < 1e-5  # L_lm(out) - L_lm(f(I,T)): out is f(I,T) up to rounding
+    # L_lm(out) - L_lm(f(I,T)): out is f(I,T) up to rounding
+    assert abs(float(zero.terms["agm"].detach())) < 1e-5
     for name in g_base:
         torch.testing.assert_close(g_zero[name], g_base[name], rtol=1e-4, atol=1e-6)
     _, g_one = _grads(model, _method(alpha=1.0, mode="faithful"), batch)
