@@ -9,7 +9,8 @@ Per batch (each micro-batch):
   the chat template), the answer tokens kept (they are the teacher-forced inputs of the answer);
 - Shapley responses phi_I = (f(I,T) - f(0,T) + f(I,0)) / 2, phi_T = (f(I,T) - f(I,0) + f(0,T)) / 2;
 - scores s_m = mean over the batch's answer tokens of -log max(softmax(phi_m)[label], 1e-8) (AGM clamps
-  the probability at 1e-8; padding, image and instruction tokens are not scored);
+  the probability at 1e-8; padding, image and instruction tokens are not scored, nor the answers of a
+  text-only sample in a mixed batch);
 - ratios r_I = exp(s_T - s_I), r_T = exp(s_I - s_T) and, from the running means sbar_m of all earlier
   batches (before this batch updates them; 0 at the start, as AGM's), rbar_I = exp(sbar_T - sbar_I),
   rbar_T = exp(sbar_I - sbar_T);
@@ -210,8 +211,10 @@ class AGM(Objective):
             no_image = self._mono_logits(model, inputs, image_BS)
             no_text = self._mono_logits(model, inputs, text_BS)
         phi_I, phi_T = shapley(full if faithful else full.detach(), no_image, no_text)
-        s_I = float(answer_score(phi_I.detach(), labels_BS))
-        s_T = float(answer_score(phi_T.detach(), labels_BS))
+        # scored on the samples that have both players (a text-only row of a mixed batch has no image one)
+        scored_BS = labels_BS.masked_fill(~image_BS.any(1, keepdim=True), IGNORE_INDEX)
+        s_I = float(answer_score(phi_I.detach(), scored_BS))
+        s_T = float(answer_score(phi_T.detach(), scored_BS))
         c = self.config
         k_I, k_T = agm_kappa(s_I, s_T, self.sbar["image"], self.sbar["text"], c.alpha, c.cap)
         self.kappa = {"image": k_I, "text": k_T}

@@ -89,12 +89,12 @@ class LoRAExperts(ExpertBank):
             raise ValueError(f"ffn={ffn!r} is not supported; valid kinds are {FFN_KINDS}.")
         settings = moe.experts
         assert isinstance(settings, LoRAExpertsConfig), settings
-        largest = min(hidden_size, intermediate_size)
-        if settings.rank > largest:
+        limit = min(hidden_size, intermediate_size)
+        if settings.rank > limit:
             raise ValueError(
                 f"moe.experts.rank={settings.rank} is larger than the smallest FFN projection dimension "
-                f"{largest} (hidden {hidden_size}, FFN {intermediate_size}): a LoRA delta of that rank is no "
-                f"longer low-rank. Use 1 <= moe.experts.rank <= {largest} (LLaVA-MoLE: 16)."
+                f"{limit} (hidden {hidden_size}, FFN {intermediate_size}): a LoRA delta of that rank is no "
+                f"longer low-rank. Use 1 <= moe.experts.rank <= {limit} (LLaVA-MoLE: 16)."
             )
         self.ffn, self.num_experts, self.settings = ffn, moe.num_experts, settings
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
