@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import stgc.objectives.roma as roma_mod
+from stgc.data.answers import normalise_answer
 from stgc.objectives.base import TrainingData
 from stgc.objectives.config import RoMAConfig
 from stgc.objectives.roma import (
@@ -20,7 +21,6 @@ from stgc.objectives.roma import (
     batch_keys,
     last_prompt_positions,
     neighbour_graph,
-    normalise_answer,
     routing_vectors,
 )
 from stgc.objectives.set import ObjectiveSet

@@ -11,11 +11,10 @@ paper is the specification; BASELINES.md "RoMA").
   is not -100, minus one); a sample whose answer was cut off by truncation uses its last real token.
 - N(i): the ``k`` (3) nearest training samples to i by instruction embedding (Euclidean distance of unit
   all-MiniLM-L6-v2 embeddings of the first human turn, ``<image>`` removed: ``stgc.embeddings``) among
-  the samples the model answers correctly, i itself excluded [ours]. "Answers correctly": greedy
-  generation on the sample's first turn (its prompt, with its image), then exact match with the first
-  answer after VQA answer normalisation (lmms-eval's ``EvalAIAnswerProcessor``: case, punctuation,
-  articles, number words; what the vqav2 / vizwiz / textvqa scorers apply; GQA's ignore-case /
-  ignore-punctuation exact match is a subset) [ours: first turn of a multi-turn conversation].
+  the samples the model answers correctly, i itself excluded [ours]. "Answers correctly"
+  (``stgc.data.answers``): greedy generation on the sample's first turn (its prompt, with its image), then
+  exact match with the first answer after VQA answer normalisation [ours: the first turn of a multi-turn
+  conversation].
 - W_ij = exp(-d_ij^2 / 2 sigma^2), normalised over N(i); sigma = the median of every neighbour distance
   d_ij over the training set [ours, BASELINES.md].
 - The neighbours' r_j are cached without gradient (the model in eval mode, one pass over the correct
@@ -33,14 +32,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stgc.data.collate import IGNORE_INDEX, to_messages
+from stgc.data.answers import answers_correctly, eval_mode, first_turn, to_device
+from stgc.data.collate import IGNORE_INDEX
 from stgc.moe.record import RoutingContext, RoutingRecord
 from stgc.objectives.base import Objective, StepInputs, TrainingData, register_objective
 from stgc.objectives.config import RoMAConfig
@@ -122,82 +121,6 @@ def alignment(r_BD: Tensor, neighbours_BK: Tensor, weights_BK: Tensor, cache_CD:
     r_j = cache_CD[neighbours_BK.clamp_min(0)]
     sq_BK = (r_BD[:, None, :] - r_j).square().sum(-1)
     return (weights_BK * sq_BK).sum(-1).mean()
-
-
-def normalise_answer(text: str) -> str:
-    """VQA answer normalisation (lmms-eval's ``EvalAIAnswerProcessor``), lower-cased and stripped."""
-    from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
-
-    return EvalAIAnswerProcessor()(text).strip().lower()
-
-
-def first_turn(conversations: Sequence[dict[str, str]]) -> tuple[str, str, str]:
-    """(instruction without ``<image>``, the first human turn as written, its answer)."""
-    human = next((t for t in conversations if t["from"] == "human"), None)
-    answer = next((t for t in conversations if t["from"] == "gpt"), None)
-    if human is None or answer is None:
-        raise ValueError(f"roma: a conversation has no human turn with an answer: {list(conversations)!r}")
-    return human["value"].replace("<image>", "").strip(), human["value"], answer["value"]
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
-def _to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    if "pixel_values" in out:
-        out["pixel_values"] = out["pixel_values"].to(dtype)
-    return out
-
-
-@torch.no_grad()
-def answers_correctly(
-    model: nn.Module, rows: Sequence[dict[str, Any]], processor: Any, batch_size: int, max_new_tokens: int
-) -> np.ndarray:
-    """Whether greedy decoding on each row's first turn gives its first answer (``normalise_answer``)."""
-    tok = processor.tokenizer
-    param = next(model.parameters())
-    side, tok.padding_side = tok.padding_side, "left"  # generation continues every row at one position
-    correct = []
-    try:
-        with _eval_mode(model):
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                prompts, golds, images = [], [], []
-                for row in chunk:
-                    _, human, answer = first_turn(row["conversations"])
-                    messages = to_messages([{"from": "human", "value": human}])
-                    render = tok.apply_chat_template
-                    prompts.append(render(messages, tokenize=False, add_generation_prompt=True))
-                    golds.append(answer)
-                    if row.get("image") is not None:  # (a text-only row has no <image> either)
-                        images.append(row["image"].convert("RGB"))
-                enc = processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
-                enc = _to(dict(enc), param.device, param.dtype)
-                # exact match after normalisation cannot hold for a reply much longer than the answer
-                longest = max(len(tok(g, add_special_tokens=False)["input_ids"]) for g in golds)
-                out_BS = model.generate(
-                    **enc,
-                    max_new_tokens=min(max_new_tokens, longest + 4),
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-                replies = tok.batch_decode(out_BS[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                correct += [normalise_answer(r) == normalise_answer(g) for r, g in zip(replies, golds)]
-    finally:
-        tok.padding_side = side
-    return np.asarray(correct, dtype=bool)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,11 +213,11 @@ class RoMA(Objective):
         assert self.correct_C is not None
         param = next(model.parameters())
         parts = []
-        with _eval_mode(model):
+        with eval_mode(model):
             ids = self.correct_C.tolist()
             for start in range(0, len(ids), self.config.judge_batch_size):
                 batch = collator([dataset[i] for i in ids[start : start + self.config.judge_batch_size]])
-                parts.append(self._vectors(model, _to(batch, param.device, param.dtype)).cpu())
+                parts.append(self._vectors(model, to_device(batch, param.device, param.dtype)).cpu())
         self.cache_CD = torch.cat(parts)
 
     def _vectors(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -312,8 +235,8 @@ class RoMA(Objective):
         emb = torch.nn.functional.normalize(torch.randn(B, 16, generator=g), dim=-1)
         self._set_graph(batch_keys(inputs["input_ids"], inputs.get("attention_mask")), emb, torch.arange(B))
         param = next(model.parameters())
-        with torch.no_grad(), _eval_mode(model):
-            self.cache_CD = self._vectors(model, _to(inputs, param.device, param.dtype)).cpu()
+        with torch.no_grad(), eval_mode(model):
+            self.cache_CD = self._vectors(model, to_device(inputs, param.device, param.dtype)).cpu()
         self.cache_epoch = 0
 
     # --- the step ------------------------------------------------------------------------------------
