@@ -182,7 +182,8 @@ def test_preparation_finds_neighbours_among_correct_samples_and_refreshes_the_ca
     restored.load_state_dict(objective.state_dict())
     assert torch.equal(restored.neighbours_NK, objective.neighbours_NK) and restored.index == objective.index
     # the regulariser of a training batch: the definition, with the cached neighbours
-    out = data.model(**batch, output_routing=True)
+    with torch.no_grad():
+        out = data.model(**batch, output_routing=True)
     r = routing_vectors(out.routing_records, objective.layers, last_prompt_positions(batch["labels"], None))
     idx = torch.tensor([3, 0, 7])
     cache, nbr, w = objective.cache_CD, objective.neighbours_NK, objective.weights_NK
