@@ -57,6 +57,7 @@ from stgc.checkpoints import (
     verify_checkpoint,
 )
 from stgc.moe import MoEBlock
+from stgc.objectives.base import TrainingData
 from stgc.objectives.set import STATE_NAME, ObjectiveSet
 from stgc.recipes import INIT_RECIPE_PREFIX, PARAM_GROUPS, RunConfig, get_recipe
 from stgc.runlock import folder_lock
@@ -544,7 +545,17 @@ def _train_locked(
     buffer = StepBuffer()
     method_name = "dense" if objectives is None else config.method_tag
     hooks = (
-        [] if objectives is None else [ObjectivesCallback(objectives, moe_layers, config.training.seed, last)]
+        []
+        if objectives is None
+        else [
+            ObjectivesCallback(
+                objectives,
+                moe_layers,
+                config.training.seed,
+                last,
+                TrainingData(model, parts.train_dataset, parts.data_collator),
+            )
+        ]
     )
     trainer = MoETrainer(
         model=model,
