@@ -41,6 +41,7 @@ from typing import Any
 
 LOCK_NAME = ".stgc.lock"
 RANK_WAIT_S = 120.0  # how long a rank > 0 waits for its rank 0 to take the lock (model loading comes first)
+HOLDER_WAIT_S = 2.0  # how long a refused process waits for the holder's record (written just after locking)
 
 # resolved folder -> (open lock file or None on ranks > 0, depth): the locks this process holds
 _HELD: dict[Path, list[Any]] = {}
@@ -95,6 +96,19 @@ def _refusal(folder: Path, what: str, holder: dict[str, Any]) -> FolderLockedErr
     )
 
 
+def _current_holder(folder: Path) -> dict[str, Any]:
+    """The holder's record, once it has written it: a holder writes its record just after taking the
+    lock, so a refused process may read the file in between (empty, or the previous holder's record)."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        holder = read_holder(folder)
+        pid = holder.get("pid")
+        mine = holder.get("host") == socket.gethostname()
+        if isinstance(pid, int) and (not mine or _pid_alive(pid)) or time.monotonic() > deadline:
+            return holder
+        time.sleep(0.01)
+
+
 def _try_flock(f: Any, mode: int) -> bool:
     try:
         fcntl.flock(f, mode | fcntl.LOCK_NB)
@@ -121,7 +135,7 @@ def _acquire(folder: Path, what: str) -> Any:
         ) from None
     if not locked:
         f.close()
-        raise _refusal(folder, what, read_holder(folder))
+        raise _refusal(folder, what, _current_holder(folder))
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
