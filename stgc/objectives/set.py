@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from stgc.config import MoEConfig
 from stgc.moe.record import GradObserver, RoutingContext, RoutingRecord
-from stgc.objectives import load_balance, stgc, z_loss  # noqa: F401  (the built-in objectives register)
+
+# the built-in objectives register (competesmoe, peers: peer routing methods I)
+from stgc.objectives import competesmoe, load_balance, peers, stgc, z_loss  # noqa: F401
 from stgc.objectives.base import OBJECTIVES, Objective, StepInputs
 from stgc.objectives.config import MethodConfig, ObjectiveConfig
 

@@ -125,9 +125,22 @@ class FFNExperts(ExpertBank):
         return y_TD
 
     def dense(self, x_TD: Tensor) -> DenseOutputs:
-        """Every expert on every token (one product per expert)."""
-        outs = [self.expert(e, x_TD) for e in range(self.num_experts)]
-        return DenseOutputs(torch.stack([o for o, _ in outs], 1), torch.stack([s for _, s in outs], 1))
+        """Every expert on every token (one product per expert). The outputs are computed from the
+        stacked first-bias activations, so that a hook on ``site1_TEF`` sees their gradient (the token
+        gradients g1 of a dense step)."""
+        E, F_ = self.num_experts, self.intermediate_size
+        h = [F.linear(x_TD, self.w_in[e], None if self.b_in is None else self.b_in[e]) for e in range(E)]
+        if self.ffn == "gelu":
+            site1_TEF = torch.stack(h, 1)
+            a_TEF = F.gelu(site1_TEF, approximate="tanh")
+        else:
+            site1_TEF = torch.stack([act_forward(self.ffn, h_e, F_) for h_e in h], 1)
+            a_TEF = site1_TEF
+        outs = [
+            F.linear(a_TEF[:, e], self.w_out[e], None if self.b_out is None else self.b_out[e])
+            for e in range(E)
+        ]
+        return DenseOutputs(torch.stack(outs, 1), site1_TEF)
 
     def extra_repr(self) -> str:
         return f"E={self.num_experts}, D={self.hidden_size}, F={self.intermediate_size}, ffn={self.ffn}"
