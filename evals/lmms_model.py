@@ -65,6 +65,23 @@ from evals.checkpoint import check_checkpoint  # noqa: E402
 from stgc.moe import RoutingContext  # noqa: E402
 
 
+def _checkpoint_clusters(model: Any, path: Path) -> Any:
+    """The instruction clusters a checkpoint routes on (MoCLE-style routers), loaded with the model from
+    its ``instruction_clusters.json``; an error when its router needs them and the folder has none."""
+    from stgc.clusters import CLUSTERS_NAME, uses_instruction_clusters
+
+    if not uses_instruction_clusters(model.config.moe_config):
+        return None
+    clusters = getattr(model, "instruction_clusters", None)
+    if clusters is None:
+        raise ValueError(
+            f"{path} routes on instruction clusters (router {model.config.moe_config.router.name!r}) but has "
+            f"no {CLUSTERS_NAME}; copy it from the run's training checkpoint."
+        )
+    clusters.check(model.config.moe_config.router.num_clusters)
+    return clusters
+
+
 def _cut_at(text: str, until: list[str]) -> str:
     """The reply up to the first occurrence of any stop string."""
     cut = len(text)
@@ -131,6 +148,7 @@ class StgcMoeLlava(lmms):
         self.pretrained = str(path)
         self.capture_dir = Path(capture_routing) if capture_routing else None
         self._captured: list[dict[str, Any]] = []
+        self.clusters = _checkpoint_clusters(self._model, path)
 
     def clean(self) -> None:
         """lmms-eval calls this at the end of every evaluate() and its default deletes every nn.Module
@@ -174,11 +192,21 @@ class StgcMoeLlava(lmms):
         eos = self.tokenizer.eos_token or ""
         return text[: -len(eos)] if eos and text.endswith(eos) else text
 
-    def _inputs(self, prompts: list[str], visuals: list[list[Any]]) -> dict[str, torch.Tensor]:
+    def _inputs(
+        self, prompts: list[str], visuals: list[list[Any]], instructions: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The processor's tensors for the rendered ``prompts``, plus ``cluster_ids`` from the task's
+        ``instructions`` (the contexts) when the checkpoint routes on instruction clusters."""
         images = [im for per_request in visuals for im in per_request]
         inputs = self.processor(
             images=images or None, text=prompts, return_tensors="pt", padding=True, add_special_tokens=True
         )
+        if self.clusters is not None:
+            if instructions is None or len(instructions) != len(prompts):
+                raise ValueError(
+                    "this checkpoint routes on instruction clusters: pass each prompt's instruction"
+                )
+            inputs["cluster_ids"] = torch.from_numpy(self.clusters.predict(instructions))
         inputs = inputs.to(self._device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
@@ -200,7 +228,7 @@ class StgcMoeLlava(lmms):
             gen_kwargs = dict(all_gen_kwargs[0])
             visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
             prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-            inputs = self._inputs(prompts, visuals)
+            inputs = self._inputs(prompts, visuals, list(contexts))
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             ctx = RoutingContext(records=[]) if self.capture_dir is not None else None
@@ -256,8 +284,8 @@ class StgcMoeLlava(lmms):
             visuals = [list(doc_to_visual(doc))]
             prompt = self._prompt(context, len(visuals[0]))
             full = self._prompt(context, len(visuals[0]), continuation=continuation)
-            prompt_ids = self._inputs([prompt], visuals)["input_ids"][0]
-            inputs = self._inputs([full], visuals)
+            prompt_ids = self._inputs([prompt], visuals, [context])["input_ids"][0]
+            inputs = self._inputs([full], visuals, [context])
             ids = inputs["input_ids"][0]
             n = prompt_ids.shape[0]
             if ids.shape[0] <= n or not torch.equal(ids[:n], prompt_ids):

@@ -8,7 +8,7 @@ transformers ``config.json`` and in a run's resolved config.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -320,6 +320,8 @@ class MoCLERouterConfig(RouterConfig):
     model of the instructions (a name or folder; ``None``: ``stgc.embeddings``' default, the bundled
     all-MiniLM-L6-v2). cluster_seed: K-means' random_state.
     """
+
+    uses_instruction_clusters: ClassVar[bool] = True  # (stgc.clusters: the collator and adapter add ids)
 
     name: str = "mocle"
     num_clusters: int = 64

@@ -48,6 +48,7 @@ from stgc.callbacks import (
     StepBuffer,
     routing_stats,
 )
+from stgc.clusters import uses_instruction_clusters
 from stgc.conflict import ConflictObserver
 from stgc.moe import ExpertBank, MoEBlock, Router
 from stgc.objectives.set import STATE_NAME, ObjectiveSet
@@ -359,7 +360,30 @@ def build_components(config: RunConfig) -> RunComponents:
         dataset = dataset["train"]
     if data.max_samples is not None:
         dataset = dataset.select(range(min(data.max_samples, len(dataset))))
-    return RunComponents(model, dataset, LlavaCollator(processor, max_length=data.max_length), processor)
+    clusters = None
+    if not mc.dense and uses_instruction_clusters(mc.moe):
+        clusters = _instruction_clusters(config, model, dataset)
+    collator = LlavaCollator(processor, max_length=data.max_length, clusters=clusters)
+    return RunComponents(model, dataset, collator, processor)
+
+
+def _instruction_clusters(config: RunConfig, model: nn.Module, dataset: Any):
+    """The run's instruction clusters (MoCLE-style routers): those of a MoE checkpoint it continues from,
+    else fitted on the training set once (cached beside the run folders), and attached to the model so
+    that every checkpoint saves them (``stgc.clusters``)."""
+    from stgc.clusters import clusters_for_training, first_instruction
+
+    router = config.model.moe.router
+    clusters = getattr(model, "instruction_clusters", None)
+    if clusters is None:
+        rows = dataset.select_columns(["conversations"])
+        instructions = [first_instruction(row["conversations"]) for row in rows]
+        cache = config.run_dir.parent / ".instruction_clusters"
+        with _file_lock(config.run_dir.parent / ".instruction_clusters.lock"):
+            clusters = clusters_for_training(instructions, router, cache)
+    clusters.check(router.num_clusters)
+    model.instruction_clusters = clusters
+    return clusters
 
 
 def _resolve_init(config: RunConfig) -> Path | None:

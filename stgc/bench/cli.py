@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "stgc": ("stgc.bench.stgc", "training-step overhead of STGC (two_pass / fused) against the baseline"),
     "eval": ("stgc.bench.eval", "evaluation throughput through lmms-eval"),
     "capture": ("stgc.bench.capture", "routing-trace capture throughput"),
+    "step": ("stgc.bench.step", "full training step of every method preset, alone and with STGC"),
 }
 
 

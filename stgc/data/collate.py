@@ -69,10 +69,13 @@ class LlavaCollator:
     processor: a transformers ``LlavaProcessor`` (image processor + this project's tokenizer).
     max_length: longest sequence kept; longer ones are cut on the right. Cutting into the image tokens
         raises ValueError (the model would see a partial image), naming the length needed.
+    clusters: a fitted ``stgc.clusters.InstructionClusters`` for routers that read each sample's
+        instruction cluster (MoCLE-style); the batch then has ``cluster_ids`` (B,) too.
     """
 
     processor: Any
     max_length: int = 2048
+    clusters: Any = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -132,9 +135,15 @@ class LlavaCollator:
             attention_mask_BT[b, : len(ids)] = 1
             labels_BT[b, : len(labels)] = torch.tensor(labels)
         pixel_values_BCHW = torch.from_numpy(np.stack([np.asarray(p) for p in enc["pixel_values"]]))
-        return {
+        batch = {
             "input_ids": input_ids_BT,
             "attention_mask": attention_mask_BT,
             "pixel_values": pixel_values_BCHW,
             "labels": labels_BT,
         }
+        if self.clusters is not None:
+            from stgc.clusters import first_instruction
+
+            ids = self.clusters.predict([first_instruction(row["conversations"]) for row in rows])
+            batch["cluster_ids"] = torch.from_numpy(ids)
+        return batch

@@ -29,8 +29,8 @@ from stgc.moe.routers.softmax_topk import SoftmaxTopKRouter
 
 
 def neural_responses(outputs_TED: Tensor) -> Tensor:
-    """s_TE = mean over D of softplus(o_TED), in fp32 (CompeteSMoE v2's affinity score)."""
-    return F.softplus(outputs_TED.float()).mean(-1)
+    """s_TE = mean over D of softplus(o_TED), in fp32 or wider (CompeteSMoE v2's affinity score)."""
+    return F.softplus(outputs_TED.to(torch.promote_types(outputs_TED.dtype, torch.float32))).mean(-1)
 
 
 @register_router

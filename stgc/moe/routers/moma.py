@@ -15,8 +15,8 @@ expert_choice (option, image tokens only; text stays token-choice): each image e
     The whole image block is in the prompt, so this is causal at prefill; decoding steps have no image
     tokens. [ours: plain sigmoid, no Gumbel noise in training, so that routing is deterministic.]
 
-Record: ``probs_TE`` the token's group distribution (0 outside the group; sigmoid scores for
-expert-choice image tokens); ``logits_TE`` the raw logits with gradient only through the token's own
+Record: ``probs_TE`` the token's group distribution (the softmax over its group's logits, 0 outside the
+group; also for expert-choice image tokens, whose choice and weights are the sigmoid scores); ``logits_TE`` the raw logits with gradient only through the token's own
 group's columns, so that objectives reading the logits (STGC's L_cel, z-loss) change only the group the
 token routes in (their normalisers still see the other group's logits, as constants) [ours].
 ``aux_loss``: each token-choice group's balance loss E_g * sum_e f_e P_e over its own real tokens (top-1 f,
@@ -106,7 +106,8 @@ class MoMaRouter(Router):
                 score_TG = torch.sigmoid(z_TG)
                 topk_TK, kept_TK = expert_choice(score_TG, block_BS, K)
                 weights_TK = score_TG.gather(1, topk_TK) * kept_TK
-                probs_TG = score_TG * mask_T[:, None]
+                # the record's distribution: the group softmax (the scores that chose are sigmoids)
+                probs_TG = z_TG.softmax(-1) * member_T[:, None]
                 tpe_G = torch.zeros(end - start, dtype=torch.long, device=x_TD.device).index_add_(
                     0, topk_TK.reshape(-1), kept_TK.reshape(-1).long()
                 )
