@@ -16,9 +16,10 @@ expert_choice (option, image tokens only; text stays token-choice): each image e
     tokens. [ours: plain sigmoid, no Gumbel noise in training, so that routing is deterministic.]
 
 Record: ``probs_TE`` the token's group distribution (the softmax over its group's logits, 0 outside the
-group; also for expert-choice image tokens, whose choice and weights are the sigmoid scores); ``logits_TE`` the raw logits with gradient only through the token's own
-group's columns, so that objectives reading the logits (STGC's L_cel, z-loss) change only the group the
-token routes in (their normalisers still see the other group's logits, as constants) [ours].
+group; also for expert-choice image tokens, whose choice and weights are the sigmoid scores);
+``logits_TE`` the raw logits with gradient only through the token's own group's columns, so that
+objectives reading the logits (STGC's L_cel, z-loss) change only the group the token routes in (their
+normalisers still see the other group's logits, as constants) [ours].
 ``aux_loss``: each token-choice group's balance loss E_g * sum_e f_e P_e over its own real tokens (top-1 f,
 MoE-LLaVA's form), weighted by the group's share of the real tokens (the sum is 1 when every group is
 uniform); expert-choice groups are balanced by construction and add nothing (MoMa uses no balance loss).
