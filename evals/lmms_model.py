@@ -79,6 +79,7 @@ def _checkpoint_clusters(model: Any, path: Path) -> Any:
             f"no {CLUSTERS_NAME}; copy it from the run's training checkpoint."
         )
     clusters.check(model.config.moe_config.router.num_clusters)
+    clusters.check_embedder()
     return clusters
 
 

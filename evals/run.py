@@ -30,6 +30,7 @@ import pandas as pd
 
 from evals import tasks as T
 from evals.checkpoint import check_checkpoint
+from stgc.clusters import check_checkpoint_clusters
 from stgc.provenance import git_revision
 
 MODEL_NAME = "stgc_moe_llava"  # evals.lmms_model.MODEL_NAME (not imported: it loads lmms-eval)
@@ -66,6 +67,7 @@ def check_inputs(
     Returns (checkpoint, expanded task names, source, mini root)."""
     try:
         path = check_checkpoint(checkpoint)
+        check_checkpoint_clusters(path)  # MoCLE-style routers: the saved clusters fit router and embedder
         names = T.expand_tasks(tasks)
         source, root = T.resolve_source(source, mini_root)
     except ValueError as err:

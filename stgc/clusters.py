@@ -139,6 +139,10 @@ class InstructionClusters:
     def _remember(self, texts: Sequence[str], ids: np.ndarray) -> None:
         self._known.update(zip(texts, (int(i) for i in ids), strict=True))
 
+    def check_embedder(self, *, model: Any = None) -> None:
+        """Refuse an embedding model whose dimension is not the centroids' (one probe sentence)."""
+        self._nearest(_embed(["What is in the image?"], self.embedding_model, model))
+
     def check(self, num_clusters: int) -> None:
         """Refuse a cluster model whose k is not the router's."""
         if self.num_clusters != num_clusters:
@@ -192,6 +196,30 @@ class InstructionClusters:
     def load_if_present(cls, folder: str | os.PathLike) -> InstructionClusters | None:
         path = Path(folder) / CLUSTERS_NAME
         return cls.load(path) if path.is_file() else None
+
+
+def check_checkpoint_clusters(folder: str | os.PathLike) -> InstructionClusters | None:
+    """For a checkpoint whose router reads instruction clusters: its cluster model, checked against the
+    router (k) and the embedding model (dimension); ``None`` for other checkpoints. ValueError (with the
+    fix) when the file is missing or does not fit."""
+    from stgc.config import MoEConfig
+
+    config_path = Path(folder) / "config.json"
+    try:
+        moe = MoEConfig.from_dict(json.loads(config_path.read_text()).get("moe"))
+    except (OSError, json.JSONDecodeError):
+        return None  # not a MoE checkpoint of this project: the checkpoint checks say so
+    if not uses_instruction_clusters(moe):
+        return None
+    clusters = InstructionClusters.load_if_present(folder)
+    if clusters is None:
+        raise ValueError(
+            f"{folder} routes on instruction clusters (router {moe.router.name!r}) but has no "
+            f"{CLUSTERS_NAME}; copy it from the run's training checkpoint (every checkpoint holds it)."
+        )
+    clusters.check(moe.router.num_clusters)
+    clusters.check_embedder()
+    return clusters
 
 
 def fingerprint(distinct: Sequence[str], num_clusters: int, embedding_model: str | None, seed: int) -> str:

@@ -382,6 +382,7 @@ def _instruction_clusters(config: RunConfig, model: nn.Module, dataset: Any):
         with _file_lock(config.run_dir.parent / ".instruction_clusters.lock"):
             clusters = clusters_for_training(instructions, router, cache)
     clusters.check(router.num_clusters)
+    clusters.check_embedder()  # a cached or inherited cluster model must fit this run's embedding model
     model.instruction_clusters = clusters
     return clusters
 
