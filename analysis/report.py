@@ -3,12 +3,12 @@
     build_report("results/tiny")            -> results/tiny/reports/
     stgc report results/tiny [--runs-dir runs/tiny]
 
-For each notebook (01_benchmarks, 02_expert_loading, 03_pathways, 04_gradient_conflict) papermill injects
-the parameters (`results_dir`, and `runs_dir` where the notebook declares it) and runs it in a fresh
+For each notebook (01_benchmarks, 02_expert_loading, 03_pathways, 04_gradient_conflict, 05_peers) papermill
+injects the parameters (`results_dir`, and `runs_dir` where the notebook declares it) and runs it in a fresh
 kernel; the executed notebook is written to reports/<name>.ipynb and rendered to reports/<name>.html. The
 section functions the notebooks call (`analysis.sections`) write the figures to reports/figures/*.png and
 their tables to reports/tables/*.csv; reports/README.md maps each figure to the function and data that
-make it (`analysis.sections.FIGURES`).
+make it (`analysis.sections.FIGURES`, and `analysis.peers.FIGURES` for 05).
 
 The kernel is this interpreter (`sys.executable -m ipykernel_launcher`), whatever "python3" kernelspec
 Jupyter would otherwise find first (a user-level one may point at another Python without this project).
@@ -35,6 +35,7 @@ NOTEBOOKS = (
     "02_expert_loading.ipynb",
     "03_pathways.ipynb",
     "04_gradient_conflict.ipynb",
+    "05_peers.ipynb",
 )
 KERNEL_NAME = "python3"
 
@@ -75,7 +76,10 @@ def _html(notebook_path: Path) -> Path:
 
 
 def _readme(reports: Path, executed: list[Path], failures: list[str]) -> Path:
+    from analysis import peers
     from analysis.sections import FIGURES, TABLES
+
+    FIGURES, TABLES = {**FIGURES, **peers.FIGURES}, {**TABLES, **peers.TABLES}  # noqa: N806
 
     lines = [
         "# Reports",
