@@ -386,23 +386,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--capacity-factor", type=float, default=None, help="MoE capacity (default: dropless)"
     )
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (--quick: 2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; --quick: 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed rounds first (default 2; --quick: 1)"
+    )
     parser.add_argument("--quick", action="store_true", help="the tiny model on the CPU (smoke test)")
 
 
 def run(args: argparse.Namespace) -> int:
+    rounds = {k: v for k, v in (("warmup", args.warmup), ("repeats", args.repeats)) if v is not None}
     if args.quick:
-        bench = StepBench.quick()
+        bench = dataclasses.replace(StepBench.quick(), **rounds)
         device = torch.device("cpu")
     else:
-        bench = StepBench(
-            batch=args.batch,
-            seq=args.seq,
-            capacity_factor=args.capacity_factor,
-            warmup=args.warmup,
-            repeats=args.repeats,
-        )
+        bench = StepBench(batch=args.batch, seq=args.seq, capacity_factor=args.capacity_factor, **rounds)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type != "cuda":
             raise ValueError("the full-size step benchmark needs a GPU; use --quick for the CPU smoke test.")
