@@ -12,40 +12,28 @@ model_args (`--model_args k=v,...`):
     device            default: the process's device under `accelerate launch`, else cuda if present, else cpu
     dtype             "auto" (the checkpoint's), "float32", "bfloat16", "float16"
     max_new_tokens    used when a task's generation_kwargs set none (default 128, MoE-LLaVA's eval default)
-    capture_routing   a folder: save the routing of every prompt and generated token there (format below)
     batch_size        from lmms-eval's --batch_size (requests per forward, per process)
 
 Generation is batched with left padding, greedy unless a task asks for temperature > 0, stops at EOS and at
-the task's `until` strings (the reply is also cut at the first of them), and is deterministic. With a
+the task's `until` strings (the reply is also cut at the first of them), and is deterministic.
+
+A request that fails (its batch is retried one request at a time) is answered "" and reported on stderr;
+when every request of a task fails the adapter raises `RequestsFailed`, and bad model_args or checkpoints
+raise `AdapterInputError`: both are `SystemExit`s (`AdapterExit`), because lmms-eval's CLI catches every
+`Exception`, logs it and exits 0, and neither may look like a finished evaluation. `evals.run.evaluate`
+turns them back into ordinary exceptions. With a
 capacity factor (token dropping) routing depends on the batch, so scores depend on the batch size; the
 default MoE config routes every token and batched answers equal batch-1 answers (tested).
 
-Routing capture format (`capture_routing=<dir>`; the analysis package turns it into Parquet traces):
-`<dir>/routing_rank<R>.pt`, one per process, (re)written at the end of each generate_until call, a
-`torch.save`d dict:
-    format "stgc-routing-capture", version 2, checkpoint (str), moe_layers (list[int]), num_experts E,
-    top_k K, samples: list of one dict per request, in the order processed:
-        task (str), split (str), doc_id (int)
-        input_ids    int64 (S,)      the prompt's tokens then the generated answer's, padding removed
-                                     (image tokens expanded; the answer up to and including EOS)
-        is_image     bool (S,)       True at image-token positions
-        is_answer    bool (S,)       True at generated-token positions
-        topk_idx     int16 (L, S, K) experts per token and MoE layer (L = len(moe_layers), layer order)
-        topk_weights float32 (L, S, K)
-        probs        float32 (L, S, E) router softmax
-The routing is read from the generation's own forwards (the prefill and every decode step pass a
-`RoutingContext` whose records list collects each layer's record), so capture adds no forward pass
-(`stgc bench capture` measures the overhead).
+Routing traces come from `stgc analyze capture` (`analysis.capture`), which drives this adapter's prompts
+and the model's own generation.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "stgc_moe_llava"
-CAPTURE_FORMAT, CAPTURE_VERSION = "stgc-routing-capture", 2
 
 
 def manifest():
@@ -62,10 +50,28 @@ from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from evals.checkpoint import check_checkpoint  # noqa: E402
-from stgc.moe import RoutingContext  # noqa: E402
 
 
-def _checkpoint_clusters(model: Any, path: Path) -> Any:
+class AdapterExit(SystemExit):
+    """The adapter cannot answer. A SystemExit (exit status 1, the message on stderr) so that
+    `python -m lmms_eval`, which turns any Exception into a log line and exit status 0, stops with an
+    error."""
+
+
+class AdapterInputError(AdapterExit):
+    """Bad model_args or checkpoint: one line naming the problem and the fix."""
+
+
+class RequestsFailed(AdapterExit):
+    """Every request of at least one task failed."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _checkpoint_clusters(model: Any, path: Any) -> Any:
     """The instruction clusters a checkpoint routes on (MoCLE-style routers), loaded with the model from
     its ``instruction_clusters.json``; an error when its router needs them and the folder has none."""
     from stgc.clusters import CLUSTERS_NAME, uses_instruction_clusters
@@ -106,30 +112,31 @@ class StgcMoeLlava(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         max_new_tokens: int | str = 128,
-        capture_routing: str | None = None,
         max_batch_size: int
         | None = None,  # passed by lmms-eval's simple_evaluate; auto batch size is not supported
         **unexpected: Any,
     ) -> None:
         super().__init__()
         if unexpected:
-            raise ValueError(
-                f"unknown model_args {sorted(unexpected)} for {MODEL_NAME}; valid: pretrained, device, "
-                "dtype, max_new_tokens, capture_routing"
+            raise AdapterInputError(
+                f"{MODEL_NAME}: unknown model_args {sorted(unexpected)}; valid: pretrained, device, "
+                "dtype, max_new_tokens"
             )
         from accelerate import Accelerator
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         import stgc  # noqa: F401  (registers the model with the Auto classes)
 
-        path = check_checkpoint(pretrained)
-        if str(batch_size).startswith("auto"):
-            raise ValueError(
-                f"batch_size={batch_size!r}: automatic batch size is not supported; pass an integer"
+        try:
+            path = check_checkpoint(pretrained)
+        except ValueError as err:
+            raise AdapterInputError(f"{MODEL_NAME}: {err}") from None
+        if str(batch_size).startswith("auto") or not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise AdapterInputError(
+                f"{MODEL_NAME}: batch_size={batch_size!r} is not supported; pass an integer >= 1 "
+                "(automatic batch size is not supported)"
             )
         self.batch_size_per_gpu = int(batch_size)
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
         self.max_new_tokens = int(max_new_tokens)
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:
@@ -147,9 +154,10 @@ class StgcMoeLlava(lmms):
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation continues every row at the same position
         self.pretrained = str(path)
-        self.capture_dir = Path(capture_routing) if capture_routing else None
-        self._captured: list[dict[str, Any]] = []
-        self.clusters = _checkpoint_clusters(self._model, path)
+        try:
+            self.clusters = _checkpoint_clusters(self._model, path)
+        except ValueError as err:
+            raise AdapterInputError(f"{MODEL_NAME}: {err}") from None
 
     def clean(self) -> None:
         """lmms-eval calls this at the end of every evaluate() and its default deletes every nn.Module
@@ -223,25 +231,58 @@ class StgcMoeLlava(lmms):
             [r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True
         )
         replies: list[str] = []
+        failures: dict[str, list[str]] = {}
         pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="stgc_moe_llava generate")
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-            contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
-            gen_kwargs = dict(all_gen_kwargs[0])
-            visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
-            prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-            inputs = self._inputs(prompts, visuals, list(contexts))
-            until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            ctx = RoutingContext(records=[]) if self.capture_dir is not None else None
-            texts, new_BN = self._generate(inputs, gen_kwargs, until, ctx)
-            replies.extend(texts)
-            if ctx is not None:
-                self._capture(inputs, new_BN, ctx.records, tasks, splits, doc_ids)
+            try:
+                replies.extend(self._answer(chunk))
+            except Exception as err:  # noqa: BLE001 - retried one by one; the failures are reported below
+                if len(chunk) == 1:
+                    failures.setdefault(chunk[0][4], []).append(_one_line(err))
+                    replies.append("")
+                else:
+                    for one in chunk:
+                        try:
+                            replies.extend(self._answer([one]))
+                        except Exception as one_err:  # noqa: BLE001
+                            failures.setdefault(one[4], []).append(_one_line(one_err))
+                            replies.append("")
             pbar.update(len(chunk))
         pbar.close()
-        if self.capture_dir is not None:
-            self._save_capture()
+        self._report_failures(failures, [r.args[4] for r in requests])
         return collator.get_original(replies)
+
+    def _answer(self, chunk) -> list[str]:
+        """The replies to one batch of requests (their `args` tuples)."""
+        contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+        gen_kwargs = dict(all_gen_kwargs[0])
+        visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
+        prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
+        inputs = self._inputs(prompts, visuals, list(contexts))
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        return self._generate(inputs, gen_kwargs, until)
+
+    def _report_failures(self, failures: dict[str, list[str]], request_tasks: list[str]) -> None:
+        """Failed requests on stderr; RequestsFailed when every request of a task failed."""
+        import sys
+
+        totals: dict[str, int] = {}
+        for task in request_tasks:
+            totals[task] = totals.get(task, 0) + 1
+        for task, errors in failures.items():
+            if len(errors) < totals[task]:
+                print(
+                    f"{MODEL_NAME}: {len(errors)} of {totals[task]} requests of task {task} failed and are "
+                    f"scored as empty answers; first error: {errors[0]}",
+                    file=sys.stderr,
+                )
+        dead = [task for task, errors in failures.items() if len(errors) == totals[task]]
+        if dead:
+            raise RequestsFailed(
+                f"{MODEL_NAME}: every request of task(s) {', '.join(dead)} failed ({self.pretrained}); first "
+                f"error: {failures[dead[0]][0]}"
+            )
 
     @torch.inference_mode()
     def _generate(
@@ -249,8 +290,7 @@ class StgcMoeLlava(lmms):
         inputs: dict[str, torch.Tensor],
         gen_kwargs: dict[str, Any],
         until: list[str],
-        routing_ctx: RoutingContext | None = None,
-    ) -> tuple[list[str], torch.Tensor]:
+    ) -> list[str]:
         temperature = float(gen_kwargs.get("temperature") or 0)
         sampling = temperature > 0
         kwargs: dict[str, Any] = dict(
@@ -266,12 +306,10 @@ class StgcMoeLlava(lmms):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if until:  # stop early; the reply is cut at the stop string below either way
             kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
-        if routing_ctx is not None:
-            kwargs["routing_ctx"] = routing_ctx  # reaches every forward of the generation
         out_BS = self._model.generate(**inputs, **kwargs)
         new_BN = out_BS[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_BN, skip_special_tokens=True)
-        return [_cut_at(t, until) for t in texts], new_BN
+        return [_cut_at(t, until) for t in texts]
 
     # ---------------------------------------------------------------------------------- loglikelihood
     @torch.inference_mode()
@@ -303,72 +341,3 @@ class StgcMoeLlava(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"{MODEL_NAME} answers single-turn tasks only")
-
-    # -------------------------------------------------------------------------------- routing capture
-    @torch.inference_mode()
-    def _capture(
-        self, inputs: dict[str, torch.Tensor], new_BN: torch.Tensor, records, tasks, splits, doc_ids
-    ):
-        """Per-sample routing of the prompt (the prefill's records) and of the generated tokens (one record
-        per layer per decode step), stitched along the sequence; padding and post-EOS tokens dropped."""
-        L = len(self._model.config.moe_layers)
-        mask_BS = inputs["attention_mask"].bool()
-        B, S = mask_BS.shape
-        steps = [records[i : i + L] for i in range(0, len(records), L)]
-        assert steps and all(len(st) == L for st in steps), "routing records are not whole forward steps"
-
-        def stack(step_records, seq):  # -> topk (L,B,seq,K), weights, probs
-            return (
-                torch.stack([r.topk_idx_TK.reshape(B, seq, -1) for r in step_records]),
-                torch.stack([r.weights_TK.reshape(B, seq, -1) for r in step_records]).float(),
-                torch.stack([r.probs_TE.reshape(B, seq, -1) for r in step_records]).float(),
-            )
-
-        parts = [stack(steps[0], S)] + [stack(st, 1) for st in steps[1:]]
-        topk, weights, probs = (torch.cat([p[i] for p in parts], dim=2) for i in range(3))
-        n_new = len(steps) - 1  # the last generated token is never fed back, so it has no routing
-        eos = self.eot_token_id
-        image_BS = inputs["input_ids"] == self._model.config.image_token_id
-        self._layers = [r.layer_idx for r in steps[0]]
-        # one device-to-host copy per batch (a copy per sample would sync the GPU B times)
-        topk, weights, probs = topk.to(torch.int16).cpu(), weights.cpu(), probs.cpu()
-        ids_BS, mask_BS, image_BS, new_BN = (
-            t.cpu() for t in (inputs["input_ids"], mask_BS, image_BS, new_BN[:, :n_new])
-        )
-        for b in range(B):
-            ans = new_BN[b]
-            stop = (ans == eos).nonzero()
-            n_ans = int(stop[0]) + 1 if len(stop) else int(ans.shape[0])
-            keep = torch.cat([mask_BS[b], torch.arange(n_new) < n_ans])
-            is_answer = torch.cat([torch.zeros(S, dtype=torch.bool), keep[S:]])
-            self._captured.append(
-                {
-                    "task": tasks[b],
-                    "split": splits[b],
-                    "doc_id": int(doc_ids[b]),
-                    "input_ids": torch.cat([ids_BS[b], ans])[keep],
-                    "is_image": torch.cat([image_BS[b], torch.zeros(n_new, dtype=torch.bool)])[keep],
-                    "is_answer": is_answer[keep],
-                    "topk_idx": topk[:, b, keep],
-                    "topk_weights": weights[:, b, keep],
-                    "probs": probs[:, b, keep],
-                }
-            )
-
-    def _save_capture(self) -> None:
-        assert self.capture_dir is not None
-        self.capture_dir.mkdir(parents=True, exist_ok=True)
-        first = self._captured[0] if self._captured else None
-        payload = {
-            "format": CAPTURE_FORMAT,
-            "version": CAPTURE_VERSION,
-            "checkpoint": self.pretrained,
-            "moe_layers": list(getattr(self, "_layers", [])),
-            "num_experts": int(first["probs"].shape[-1]) if first is not None else None,
-            "top_k": int(first["topk_idx"].shape[-1]) if first is not None else None,
-            "samples": self._captured,
-        }
-        path = self.capture_dir / f"routing_rank{self.rank}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)

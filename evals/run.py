@@ -42,6 +42,10 @@ class EvalInputError(ValueError):
     """Bad user input (checkpoint, task names, dataset folders): one line naming the problem and the fix."""
 
 
+class EvalFailedError(RuntimeError):
+    """The evaluation ran but every request of a task failed (the model adapter's `RequestsFailed`)."""
+
+
 @dataclass
 class EvalResult:
     out_dir: Path
@@ -134,7 +138,7 @@ def evaluate(
     log_samples: bool = True,
 ) -> EvalResult | None:
     """Evaluate `checkpoint` on `tasks` (task, group or suite names); see the module docstring. Returns
-    None on ranks other than 0. `model_args` go to the model (e.g. capture_routing, max_new_tokens, dtype);
+    None on ranks other than 0. `model_args` go to the model (e.g. max_new_tokens, dtype);
     `gen_kwargs` ("max_new_tokens=16,...") override every task's generation settings (recorded)."""
     path, names, source, root = check_inputs(checkpoint, list(tasks), source, mini_root, limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(path)
@@ -145,21 +149,29 @@ def evaluate(
     from lmms_eval.tasks import TaskManager
 
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    from evals.lmms_model import AdapterInputError, RequestsFailed
+
     manager = TaskManager(include_path=str(task_dir), include_defaults=False, model_name=MODEL_NAME)
-    results = simple_evaluate(
-        model=MODEL_NAME,
-        model_args=_model_args_string({"pretrained": str(path), **(model_args or {})}),
-        tasks=names,
-        batch_size=batch_size,
-        device=device,
-        limit=limit,
-        task_manager=manager,
-        gen_kwargs=gen_kwargs,
-        log_samples=log_samples,
-        bootstrap_iters=0,
-        # lmms-eval hands this to aggregation functions that write files (MMBench): keep them in `out`.
-        cli_args=argparse.Namespace(output_path=str(out), process_with_media=False),
-    )
+    try:
+        results = simple_evaluate(
+            model=MODEL_NAME,
+            model_args=_model_args_string({"pretrained": str(path), **(model_args or {})}),
+            tasks=names,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            task_manager=manager,
+            gen_kwargs=gen_kwargs,
+            log_samples=log_samples,
+            bootstrap_iters=0,
+            # lmms-eval hands this to aggregation functions that write files (MMBench): keep them in `out`.
+            cli_args=argparse.Namespace(output_path=str(out), process_with_media=False),
+        )
+    # the adapter's errors are SystemExits for lmms-eval's CLI; ordinary exceptions here
+    except AdapterInputError as bad:
+        raise EvalInputError(str(bad.code)) from None
+    except RequestsFailed as failed:
+        raise EvalFailedError(str(failed.code)) from None
     if results is None:  # not rank 0
         return None
     missing = [n for n in names if n not in results.get("results", {})]

@@ -98,6 +98,23 @@ def test_parameter_groups_of_the_tiny_model():
     )
 
 
+def test_z_loss_run_logs_every_term_scaled_and_unscaled(suite, tmp_path):
+    """The worked example of docs/extending.md: a tiny run with [load_balance, z_loss] logs both terms,
+    unscaled and scaled by their coefficients, and the total is L_lm plus the scaled terms."""
+    dense = train(_tiny("tiny_dense", suite, tmp_path / "dense"))
+    config = _tiny("tiny_z_loss", suite, tmp_path / "z", f"model.init={dense}", "method.z_loss.coef=0.01")
+    assert [o.name for o in config.method.objectives] == ["load_balance", "z_loss"]
+    train(config)
+    records = read_metrics(tmp_path / "z")
+    assert len(records) == 2
+    for r in records:
+        assert r["loss/z"] > 0 and r["loss/aux"] > 0
+        assert r["loss/z_scaled"] == pytest.approx(0.01 * r["loss/z"])
+        assert r["loss/aux_scaled"] == pytest.approx(0.01 * r["loss/aux"])
+        total = r["loss/lm"] + r["loss/aux_scaled"] + r["loss/z_scaled"]
+        assert r["loss/total"] == pytest.approx(total, rel=1e-6)
+
+
 def test_fused_stgc_under_activation_checkpointing_matches():
     """The MoE-LLaVA recipes checkpoint activations (non-reentrant): the recomputed forward runs outside the
     routing context, yet the backward keeps the original nodes and their observer, so the fused gradients

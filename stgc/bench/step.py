@@ -132,7 +132,7 @@ class MethodSwitch:
 
     def __init__(self, model: nn.Module, configs: dict[str, RunConfig], device: torch.device, dtype):
         from stgc.modeling import json_form
-        from stgc.train import set_trainable
+        from stgc.trainer import set_trainable
 
         self.model, self.device, self.dtype = model, device, dtype
         self.layers = model.model.language_model.layers

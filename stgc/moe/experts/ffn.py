@@ -21,7 +21,7 @@ FFN_KINDS = ("swiglu", "gelu")
 def act_forward(ffn: str, h: Tensor, F_: int) -> Tensor:
     """SwiGLU: silu(gate) * up of h = [gate | up]; GELU: tanh-approximated GELU (Phi-2's ``gelu_new``)."""
     if ffn == "swiglu":
-        return F.silu(h[:, :F_]) * h[:, F_:]
+        return F.silu(h[..., :F_]) * h[..., F_:]
     return F.gelu(h, approximate="tanh")
 
 
@@ -125,22 +125,17 @@ class FFNExperts(ExpertBank):
         return y_TD
 
     def dense(self, x_TD: Tensor) -> DenseOutputs:
-        """Every expert on every token (one product per expert). The outputs are computed from the
-        stacked first-bias activations, so that a hook on ``site1_TEF`` sees their gradient (the token
-        gradients g1 of a dense step)."""
-        E, F_ = self.num_experts, self.intermediate_size
-        h = [F.linear(x_TD, self.w_in[e], None if self.b_in is None else self.b_in[e]) for e in range(E)]
-        if self.ffn == "gelu":
-            site1_TEF = torch.stack(h, 1)
-            a_TEF = F.gelu(site1_TEF, approximate="tanh")
-        else:
-            site1_TEF = torch.stack([act_forward(self.ffn, h_e, F_) for h_e in h], 1)
-            a_TEF = site1_TEF
-        outs = [
-            F.linear(a_TEF[:, e], self.w_out[e], None if self.b_out is None else self.b_out[e])
-            for e in range(E)
-        ]
-        return DenseOutputs(torch.stack(outs, 1), site1_TEF)
+        """Every expert on every token (one product per expert), its first-bias activations as one (T, E, F)
+        tensor on the path to the outputs (so that a hook on it sees their gradient)."""
+        E, b_in, b_out = self.num_experts, self.b_in, self.b_out
+        h_TEH = torch.stack(
+            [F.linear(x_TD, self.w_in[e], None if b_in is None else b_in[e]) for e in range(E)], 1
+        )
+        a_TEF = act_forward(self.ffn, h_TEH, self.intermediate_size)
+        o_TED = torch.stack(
+            [F.linear(a_TEF[:, e], self.w_out[e], None if b_out is None else b_out[e]) for e in range(E)], 1
+        )
+        return DenseOutputs(o_TED, a_TEF if self.ffn == "swiglu" else h_TEH)
 
     def extra_repr(self) -> str:
         return f"E={self.num_experts}, D={self.hidden_size}, F={self.intermediate_size}, ffn={self.ffn}"
