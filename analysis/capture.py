@@ -427,7 +427,8 @@ def _capture_tasks(
                 docs = [lm._doc(t, s, d) for t, s, d in zip(task_names, splits, doc_ids)]
                 visuals = [list(doc_to_visual[0](doc)) for doc in docs]
                 prompts = [lm._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-                inputs = lm._inputs(prompts, visuals, list(contexts))  # left-padded, as the evaluation's
+                # left-padded, as the evaluation's batches (+ instruction clusters where a router reads them)
+                inputs = lm._with_clusters(lm._inputs(prompts, visuals), list(contexts))
                 if clusters is not None and "cluster_ids" in inputs:
                     ids = inputs["cluster_ids"].tolist()
                     clusters.setdefault(name, {}).update({str(d): int(c) for d, c in zip(doc_ids, ids)})

@@ -236,8 +236,10 @@ def peers(results_dir: str | Path | None = None, runs_dir: str | Path | None = N
             ],
             ignore_index=True,
         )
-    if curves.empty:
-        section.missing(
+    if present.empty:
+        section.missing("no training runs found (their metrics.jsonl); pass `--runs-dir runs/<sweep>`.")
+    elif curves.empty:
+        section.note(
             "no run logged peer-method diagnostics (competesmoe/, adamoe/, moma/, mocle/ keys in "
             "metrics.jsonl); train a peer method (e.g. `stgc train tiny_adamoe`) or pass `--runs-dir`."
         )
@@ -304,4 +306,6 @@ def peers(results_dir: str | Path | None = None, runs_dir: str | Path | None = N
         )
     if not traces:
         section.missing("no routing traces (routing/*.parquet); `stgc analyze capture` writes them.")
+    elif not (true_rows or loading_rows or nmi_rows):
+        section.note("No trace of an AdaMoE, MoMa or MoCLE-style checkpoint in routing/.")
     return section

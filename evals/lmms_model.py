@@ -201,21 +201,21 @@ class StgcMoeLlava(lmms):
         eos = self.tokenizer.eos_token or ""
         return text[: -len(eos)] if eos and text.endswith(eos) else text
 
-    def _inputs(
-        self, prompts: list[str], visuals: list[list[Any]], instructions: list[str] | None = None
+    def _with_clusters(
+        self, inputs: dict[str, torch.Tensor], instructions: list[str]
     ) -> dict[str, torch.Tensor]:
-        """The processor's tensors for the rendered ``prompts``, plus ``cluster_ids`` from the task's
-        ``instructions`` (the contexts) when the checkpoint routes on instruction clusters."""
+        """``inputs`` plus each prompt's instruction cluster (``cluster_ids``, from the task's contexts) when
+        the checkpoint routes on instruction clusters (MoCLE-style; ``stgc.clusters``)."""
+        if self.clusters is not None:
+            ids = torch.from_numpy(self.clusters.predict(instructions))
+            inputs["cluster_ids"] = ids.to(inputs["input_ids"].device)
+        return inputs
+
+    def _inputs(self, prompts: list[str], visuals: list[list[Any]]) -> dict[str, torch.Tensor]:
         images = [im for per_request in visuals for im in per_request]
         inputs = self.processor(
             images=images or None, text=prompts, return_tensors="pt", padding=True, add_special_tokens=True
         )
-        if self.clusters is not None:
-            if instructions is None or len(instructions) != len(prompts):
-                raise ValueError(
-                    "this checkpoint routes on instruction clusters: pass each prompt's instruction"
-                )
-            inputs["cluster_ids"] = torch.from_numpy(self.clusters.predict(instructions))
         inputs = inputs.to(self._device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
@@ -258,7 +258,7 @@ class StgcMoeLlava(lmms):
         gen_kwargs = dict(all_gen_kwargs[0])
         visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
         prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-        inputs = self._inputs(prompts, visuals, list(contexts))
+        inputs = self._with_clusters(self._inputs(prompts, visuals), list(contexts))
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         return self._generate(inputs, gen_kwargs, until)
@@ -323,8 +323,8 @@ class StgcMoeLlava(lmms):
             visuals = [list(doc_to_visual(doc))]
             prompt = self._prompt(context, len(visuals[0]))
             full = self._prompt(context, len(visuals[0]), continuation=continuation)
-            prompt_ids = self._inputs([prompt], visuals, [context])["input_ids"][0]
-            inputs = self._inputs([full], visuals, [context])
+            prompt_ids = self._inputs([prompt], visuals)["input_ids"][0]
+            inputs = self._with_clusters(self._inputs([full], visuals), [context])
             ids = inputs["input_ids"][0]
             n = prompt_ids.shape[0]
             if ids.shape[0] <= n or not torch.equal(ids[:n], prompt_ids):

@@ -182,10 +182,11 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """transformers' loading, plus the instruction clusters saved in the folder (if any)."""
         from stgc.clusters import InstructionClusters
 
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        out = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out  # (model, info) with output_loading_info=True
         if Path(str(pretrained_model_name_or_path)).is_dir():
             model.instruction_clusters = InstructionClusters.load_if_present(pretrained_model_name_or_path)
-        return model
+        return out
 
     # ----------------------------------------------------------------------------------------------------
     @property

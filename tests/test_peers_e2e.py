@@ -88,15 +88,6 @@ def test_each_method_trains_logs_its_diagnostics_and_saves_what_evaluation_needs
     assert (trained["mocle"] / "instruction_clusters.json").is_file()
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_each_method_is_evaluated_through_lmms_eval(trained, suite, name, tmp_path, capsys):
-    rc = main(["eval", str(trained[name]), "--tasks", "stgc_gqa", "--mini-root", str(suite), "--batch-size",
-               "2", "--max-new-tokens", "4", "--limit", "2", "--out", str(tmp_path / "eval")])  # fmt: skip
-    assert rc == 0
-    assert "stgc_gqa" in capsys.readouterr().out
-    assert len((tmp_path / "eval" / "samples_stgc_gqa.jsonl").read_text().splitlines()) == 2
-
-
 def test_mocle_checkpoint_evaluated_twice_gives_the_same_cluster_ids_and_answers(trained, suite, tmp_path):
     from datasets import load_from_disk
 
@@ -116,18 +107,19 @@ def test_mocle_checkpoint_evaluated_twice_gives_the_same_cluster_ids_and_answers
     # the cluster ids the adapter computes: the same in two fresh loads, and those training used
     train_rows = load_from_disk(str(suite / "train"))["train"]
     instructions = [first_instruction(c) for c in train_rows["conversations"]]
-    ids = [StgcMoeLlava(pretrained=str(ckpt)).clusters.predict(instructions) for _ in range(2)]
+    adapters = [StgcMoeLlava(pretrained=str(ckpt)) for _ in range(2)]
+    ids = [lm.clusters.predict(instructions) for lm in adapters]
     assert np.array_equal(ids[0], ids[1]) and len(set(ids[0].tolist())) > 1
     refit = InstructionClusters.fit(instructions, 4, seed=0)  # the training run's fit, repeated
     assert np.allclose(refit.centroids, InstructionClusters.load(ckpt).centroids, atol=1e-6)
     assert np.array_equal(refit.predict(instructions), ids[0])
     # the ids reach the model: another cluster changes the routing of the same prompt
-    lm = StgcMoeLlava(pretrained=str(ckpt))
+    lm = adapters[1]
     with torch.no_grad():
         lm.model.model.language_model.layers[0].mlp.router.cluster_embedding.normal_()
     image = train_rows[0]["image"].convert("RGB")
     prompt = lm._prompt("What color is the square?", 1)
-    inputs = lm._inputs([prompt], [[image]], ["What color is the square?"])
+    inputs = lm._with_clusters(lm._inputs([prompt], [[image]]), ["What color is the square?"])
     logits = []
     for cluster in (0, 1):
         inputs["cluster_ids"] = torch.tensor([cluster])
@@ -171,3 +163,46 @@ def test_cluster_model_of_another_dimension_is_refused(trained, suite, tmp_path,
     (bad / "instruction_clusters.json").unlink()
     assert main(["eval", str(bad), "--tasks", "stgc_gqa", "--mini-root", str(suite), "--limit", "2"]) == 2
     assert "has no instruction_clusters.json" in _one_error_line(capsys)
+
+
+def test_every_method_is_evaluated_through_lmms_eval_in_a_sweep(trained, suite, tmp_path):
+    """Each trained checkpoint evaluated through lmms-eval (evals.run.evaluate, what `stgc eval` runs) by
+    `stgc sweep`'s machinery: '+' labels are run folders, each label's RunConfig is its recipe (the
+    checkpoints come from a stub trainer that copies the trained ones), scores and table are written."""
+    import pandas as pd
+
+    from evals import sweep as S
+
+    runs = {
+        "moma": "moma",
+        "adamoe": "adamoe",
+        "mocle+stgc": "mocle",
+        "competesmoe+stgc": "competesmoe_stgc",
+    }
+    recipes = {"moma": "tiny_moma", "adamoe": "tiny_adamoe", "mocle+stgc": "tiny_mocle_stgc",
+               "competesmoe+stgc": "tiny_competesmoe_stgc"}  # fmt: skip
+    sweep = S.Sweep(
+        name="peers_t",
+        methods={label: get_recipe(recipe) for label, recipe in recipes.items()},
+        seeds=(0,),
+        tasks=("stgc_gqa",),
+        eval=S.EvalSettings(batch_size=2, limit=2, mini_root=str(suite), gen_kwargs="max_new_tokens=4"),
+        runs_root=str(tmp_path / "runs"),
+        baseline="moma",
+    )
+    assert sweep.run_config("mocle+stgc", 0).method.name == "mocle+stgc"
+
+    def stub_train(config) -> Path:
+        label = Path(config.output_dir).name.rsplit("-seed", 1)[0]
+        ckpt = Path(config.output_dir) / "checkpoint-2"
+        shutil.copytree(trained[runs[label]], ckpt)
+        return ckpt
+
+    result = S.run_sweep(sweep, tmp_path / "results", train_fn=stub_train, progress=False)
+    assert not result.failures
+    scores = pd.read_csv(tmp_path / "results" / "scores.csv")
+    assert set(scores["method"]) == set(recipes) and (scores["n"] == 2).all()
+    assert (
+        tmp_path / "runs" / "mocle+stgc-seed0" / "eval" / "checkpoint-2" / "stgc_gqa" / "results.json"
+    ).is_file()
+    assert set(pd.read_csv(tmp_path / "results" / "table.csv")["method"]) == set(recipes)
