@@ -12,9 +12,11 @@ first 576 after BOS are the image (labels on the text only).
 
 Every method runs on the same weights: one model whose MoE blocks are swapped per method; blocks with the
 same expert bank settings share one bank (its parameters and optimizer state), each method has its own
-routers; a method whose bank differs gets its own. Data-derived inputs are synthetic: a method routing on
-instruction clusters (MoCLE-style) gets cluster ids 0..B-1. A method whose objectives run some layers
-densely on scheduled steps (CompeteSMoE's competition, ``RoutingContext.dense_layers``) is timed twice: at
+routers; a method whose bank differs gets its own (LLaVA-MoLE's LoRA bank), a method with other MoE
+layers its own blocks there. Data-derived inputs are synthetic: a method routing on instruction clusters
+(MoCLE-style) gets cluster ids 0..B-1, and each method's ``synthetic_setup`` builds what its objectives
+would compute from a training set (RoMA's neighbour cache) from the synthetic batch. A method whose
+objectives run some layers densely on scheduled steps (CompeteSMoE's competition, ``RoutingContext.dense_layers``) is timed twice: at
 a step without dense layers (``<method>``) and at one with the fewest (``<method>@dense``), and
 ``amortised_ratio`` weighs the two by the schedule's mean number of dense layers per step (drawn for
 ``--schedule-steps`` steps).
@@ -109,7 +111,9 @@ def method_configs(bench: StepBench) -> dict[str, RunConfig]:
     """label -> RunConfig of every row: baseline, stgc (fused), stgc_two_pass, then each other preset of
     ``METHODS`` alone and with STGC fused (``<name>+stgc``)."""
     base = RunConfig(
-        name="bench_step",
+        # a MoE recipe's name: a post-training preset (RoMA) points model.init at that recipe; the bench
+        # builds its own random weights and never reads model.init
+        name="tiny",
         model=ModelConfig(
             backbone=bench.backbone, size=bench.size, moe=MoEConfig(capacity_factor=bench.capacity_factor)
         ),
@@ -290,6 +294,8 @@ def run_benchmark(bench: StepBench, device: torch.device, say: Callable[[str], N
         batch = dict(inputs)
         if uses_instruction_clusters(moe):  # synthetic: one cluster per sample
             batch["cluster_ids"] = torch.arange(bench.batch, device=device) % moe.router.num_clusters
+        switch.install(label)
+        objectives.synthetic_setup(model, batch)  # stand-ins for what a training set would give (RoMA's)
         plain, dense, mean_dense = _step_index(objectives, bench.schedule_steps)
         variants = [(label, plain)] + ([(f"{label}@dense", dense)] if dense is not None else [])
         for row, index in variants:

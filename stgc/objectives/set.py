@@ -14,8 +14,8 @@ from stgc.config import MoEConfig
 from stgc.moe.record import GradObserver, RoutingContext, RoutingRecord
 
 # the built-in objectives register (competesmoe, peers: peer routing methods I)
-from stgc.objectives import competesmoe, load_balance, peers, stgc, z_loss  # noqa: F401
-from stgc.objectives.base import OBJECTIVES, Objective, StepInputs
+from stgc.objectives import agm, competesmoe, load_balance, mole_balance, peers, roma, stgc, z_loss  # noqa: F401
+from stgc.objectives.base import OBJECTIVES, Objective, StepInputs, TrainingData
 from stgc.objectives.config import MethodConfig, ObjectiveConfig
 
 STATE_NAME = "objectives_state.pt"  # in every checkpoint folder of a run with stateful objectives
@@ -103,6 +103,14 @@ class ObjectiveSet:
         for o in self.items:
             o.prepare(max_steps=max_steps, moe_layers=moe_layers, seed=seed)
 
+    def before_epoch(self, epoch: int, data: TrainingData) -> None:
+        for o in self.items:
+            o.before_epoch(epoch, data)
+
+    def synthetic_setup(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        for o in self.items:
+            o.synthetic_setup(model, inputs)
+
     def observer(self, step: int) -> GradObserver | None:
         return next((obs for obs in (o.observer(step) for o in self.items) if obs is not None), None)
 
@@ -159,7 +167,7 @@ class ObjectiveSet:
             return scaled_sum(o.loss, t, c)
 
         late: dict[str, Tensor] = {}
-        step_inputs = StepInputs(model, ctx, out, main, step, coefs, rerun)
+        step_inputs = StepInputs(model, ctx, out, main, step, coefs, rerun, inputs)
         for o in self.items:
             late.update(o.before_backward(step_inputs, observer))
         loss = scaled_sum(main, late, coefs)
