@@ -12,14 +12,14 @@ first 576 after BOS are the image (labels on the text only).
 
 Every method runs on the same weights: one model whose MoE blocks are swapped per method; blocks with the
 same expert bank settings share one bank (its parameters and optimizer state), each method has its own
-routers; a method whose bank differs gets its own (LLaVA-MoLE's LoRA bank), a method with other MoE
-layers its own blocks there. Data-derived inputs are synthetic: a method routing on instruction clusters
-(MoCLE-style) gets cluster ids 0..B-1, and each method's ``synthetic_setup`` builds what its objectives
-would compute from a training set (RoMA's neighbour cache) from the synthetic batch. A method whose
-objectives run some layers densely on scheduled steps (CompeteSMoE's competition, ``RoutingContext.dense_layers``) is timed twice: at
-a step without dense layers (``<method>``) and at one with the fewest (``<method>@dense``), and
+routers; a method whose bank differs gets its own (LLaVA-MoLE's LoRA bank), a method with other MoE layers
+its own blocks there. Data-derived inputs are synthetic: a method routing on instruction clusters (MoCLE
+style) gets cluster ids 0..B-1, and each method's ``synthetic_setup`` builds what its objectives would
+compute from a training set (RoMA's neighbour cache) from the synthetic batch. A method whose objectives run
+some layers densely on scheduled steps (CompeteSMoE's competition, ``RoutingContext.dense_layers``) is timed
+twice: at a step without dense layers (``<method>``) and at one with the fewest (``<method>@dense``), and
 ``amortised_ratio`` weighs the two by the schedule's mean number of dense layers per step (drawn for
-``--schedule-steps`` steps).
+``StepBench.schedule_steps`` = 1000 steps).
 
 Timing: rounds over all rows in a rotating order (``stgc.bench.moe.measure_interleaved``), each step
 synchronised; ``step_ms`` the median over rounds; ``ratio_to_baseline`` the median over rounds of each
