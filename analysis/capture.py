@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis import DEFAULT_MAX_NEW_TOKENS
 from analysis.schema import (
     META_KEY,
     REQUIRED_META_KEYS,
@@ -54,7 +55,6 @@ from analysis.schema import (
     validate_traces,
 )
 
-DEFAULT_MAX_NEW_TOKENS = 16
 RUN_CONFIG_NAME = "run_config.json"  # stgc.callbacks.RUN_CONFIG_NAME (not imported: it loads torch)
 
 

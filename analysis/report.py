@@ -27,8 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from analysis.results import ResultsError, open_results
-
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = (
     "01_benchmarks.ipynb",
@@ -123,6 +121,8 @@ def build_report(
 ) -> Path:
     """Execute the notebooks on `results_dir` (default: the newest results folder) and write
     <results_dir>/reports/ (see the module docstring); return that folder."""
+    from analysis.results import open_results  # pandas: imported here so that --help stays instant
+
     say = log or (lambda _msg: None)
     folder = open_results(results_dir, runs_dir)  # before the slow imports: a bad folder fails at once
 
@@ -203,6 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from analysis.results import ResultsError
+
     notebooks = None
     if args.notebooks:
         notebooks = []

@@ -62,6 +62,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from evals.checkpoint import check_checkpoint  # noqa: E402
+from stgc.logs import verbose  # noqa: E402
 from stgc.moe import RoutingContext  # noqa: E402
 
 
@@ -194,7 +195,10 @@ class StgcMoeLlava(lmms):
             [r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True
         )
         replies: list[str] = []
-        pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="stgc_moe_llava generate")
+        # the sweep's and the demo's evaluation bar counts tasks; this per-call bar shows with --verbose
+        pbar = tqdm(
+            total=len(requests), disable=self.rank != 0 or not verbose(), desc="stgc_moe_llava generate"
+        )
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
             gen_kwargs = dict(all_gen_kwargs[0])

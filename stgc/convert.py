@@ -458,20 +458,6 @@ def _save_safetensors(state: dict[str, Tensor], out: Path, max_shard_size: str) 
 # CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help="MoE-LLaVA checkpoint folder (config.json with a 'moe' dict)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument(
-        "--vision-tower", type=Path, default=None, help="CLIP folder (overrides mm_image_tower)"
-    )
-    parser.add_argument("--image-token-id", type=int, default=None, help="vocabulary row of <image>")
-    parser.add_argument(
-        "--reproduce-moellava-routing",
-        action="store_true",
-        help="keep MoE-LLaVA's evaluation routing (capacity, Gumbel 2nd expert, padding routed)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         out = convert_moe_llava(

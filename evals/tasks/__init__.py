@@ -25,8 +25,7 @@ from typing import Any
 
 import yaml
 
-from stgc.data import BENCHMARKS
-from stgc.data.bench_scenes import POPE_CATEGORIES as _POPE_CATEGORIES
+from stgc.data import params as _params
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 SOURCES = ("mini", "hub")
@@ -128,8 +127,8 @@ MINI_FOLDERS: dict[str, str] = {
 # Mini-suite folder -> the split its lmms-eval task reads (the real dataset's split name), and POPE's
 # negative-sampling categories (the `category` column; one task per category): both defined once, by the
 # mini suite's registry.
-MINI_SPLITS: dict[str, str] = {name: spec.split for name, spec in BENCHMARKS.items()}
-POPE_CATEGORIES = _POPE_CATEGORIES
+MINI_SPLITS: dict[str, str] = dict(_params.SPLITS)
+POPE_CATEGORIES = _params.POPE_CATEGORIES
 # Keys replaced when the mini suite is the source, per hub dataset. GQA's process_docs downloads the image
 # set and joins it onto the rows; the mini rows already hold `image`.
 MINI_OVERRIDES: dict[str, dict[str, Any]] = {"lmms-lab-encoder/GQA": {"process_docs": None}}
