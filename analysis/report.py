@@ -21,9 +21,12 @@ the failed one is kept, with its traceback, in reports/ for reading). The CLI pr
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -47,6 +50,16 @@ def _kernel_manager_class():
     from jupyter_client.manager import KernelManager
 
     class ThisPythonKernelManager(KernelManager):
+        # IPC sockets next to the connection file instead of TCP on localhost: no other local user can
+        # reach the kernel, and ipykernel has no "running over TCP without encryption" warning to print
+        transport = "ipc"
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            # socket files in the temporary folder (the default "kernel-ipc" is relative to the kernel's
+            # working directory, the notebooks folder); removed when the kernel shuts down
+            self.ip = os.path.join(tempfile.gettempdir(), f"stgc-kernel-{uuid.uuid4().hex[:12]}")
+
         @property
         def kernel_spec(self) -> KernelSpec:
             if self._kernel_spec is None:

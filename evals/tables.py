@@ -15,8 +15,8 @@ Output (wide, one row per method, baseline first):
     and `notes`, `git_revision` (the revisions the row's values came from).
 
 Only each task's headline metric is tabulated (`HEADLINE`, from evals.tasks; override per call). Versions
-are never averaged together (STYLE.md 9): a task with several versions gets one column per version and a
-note says so.
+are never averaged together (docs/architecture.md, Conventions): a task with several versions gets one
+column per version and a note says so.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent set-up for a fresh machine: a virtual environment in .venv with this project installed.
 #
-# The traps it avoids (docs: ENVIRONMENT.md):
+# The traps it avoids (docs: README.md, set-up):
 # - an unpinned torch requirement makes pip fetch the newest CUDA torch (several GB). Every install below
 #   runs with a constraints file that pins the torch chosen first: the one the base Python already has
 #   (a user's CUDA build, seen through --system-site-packages), else the CPU build STGC_TORCH names.

@@ -317,7 +317,7 @@ def convert_moe_llava(
         sentinel id -200, which has no row). Default: ``<image>`` added to the checkpoint's tokenizer (its
         first free row; the embedding matrices of these models have spare rows).
     reproduce_moellava_routing: MoE-LLaVA's evaluation routing (capacity eval_capacity_factor, Gumbel 2nd
-        expert, padding routed); off by default: deterministic routing, padding masked (STGC.md section 1).
+        expert, padding routed); off by default: deterministic routing, padding masked (docs/method.md 1).
     """
     from transformers import GenerationConfig, LlavaConfig
 

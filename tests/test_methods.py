@@ -1,7 +1,7 @@
 """Routing methods (stgc.methods): equivalences of STGC's modes with each other and with the baseline.
 
-STGC.md section 5: beta = 0 is bit-identical to the baseline; fused == two_pass when the upstream gradient
-is the same (one MoE layer); fused masks agree with two_pass masks on nearly all pairs (the figure is
+docs/method.md section 5: beta = 0 is bit-identical to the baseline; fused == two_pass when the upstream
+gradient is the same (one MoE layer); fused masks agree with two_pass masks on nearly all pairs (the figure is
 printed: run with -s to see it).
 """
 

@@ -35,7 +35,7 @@ DEFAULT_MINI_ROOT = "data/mini"
 MANIFEST_NAME = "stgc_tasks.json"
 
 # Protocol labels used in tables: "lmms-eval" = lmms-eval 0.7.3's task as is; "moe-llava" = the parsing /
-# prompt of MoE-LLaVA's own evaluation scripts where they differ (BENCHMARKS.md).
+# prompt of MoE-LLaVA's own evaluation scripts where they differ (docs/benchmarks.md).
 LMMS_EVAL = "lmms-eval"
 MOE_LLAVA = "moe-llava"
 

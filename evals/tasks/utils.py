@@ -1,6 +1,6 @@
 """The few task functions lmms-eval does not have: POPE category selection, and MoE-LLaVA's answer parsing
 for POPE and ScienceQA. Each parser only maps the reply to the answer string MoE-LLaVA's scripts would have
-scored; the scoring itself is lmms-eval's own function, called unchanged (BENCHMARKS.md).
+scored; the scoring itself is lmms-eval's own function, called unchanged (docs/benchmarks.md).
 
 Referenced from the task YAMLs by module path (`!function evals.tasks.utils.<name>`).
 """
