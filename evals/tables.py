@@ -211,6 +211,12 @@ def _columns(wide: pd.DataFrame, tasks: Sequence[str]) -> list[_Column]:
     return out
 
 
+def _header(col: _Column) -> str:
+    """The column's header; a task split by version (never averaged) names its version."""
+    version = col.label[len(col.task) + 1 :] if col.label != col.task else ""
+    return col.display.header + (f" @{version}" if version else "")
+
+
 def _value(x: float, d: Display) -> str:
     return "–" if x is None or math.isnan(x) else f"{x * d.factor:.{d.digits}f}"
 
@@ -255,14 +261,21 @@ def _notes(wide: pd.DataFrame, cols: list[_Column], baseline: str, reference_lab
     from evals.tasks import PROTOCOLS
 
     seeds = {m: s for m, s in zip(wide["method"], wide["seeds"])}
-    n = min(len(str(s).split()) for s in seeds.values()) if seeds else 0
+    base = set(str(seeds.get(baseline, "")).split())
+    paired = {m: len(base & set(str(s).split())) for m, s in seeds.items() if m != baseline}
+    untested = [f"{m}: {n}" for m, n in paired.items() if n < SIGNIFICANCE_MIN_SEEDS]
+    if paired and len(untested) == len(paired):
+        tested = f" (paired seeds here: {'; '.join(untested)}: no test)."
+    elif untested:
+        tested = f"; not tested for too few paired seeds: {'; '.join(untested)}."
+    else:
+        tested = "."
     lines = [
         f"Mean ± sample std over seeds ({'; '.join(f'{m}: {s}' for m, s in seeds.items())}); each column "
         "states its scale (fractions shown as %). (+x): difference of means to "
         f"{baseline}.",
         f"Significance: * p < 0.05, ** p < 0.01, {SIGNIFICANCE_TEST}, shown only with >= "
-        f"{SIGNIFICANCE_MIN_SEEDS} paired seeds"
-        + (f" (here {n}: no test)." if n < SIGNIFICANCE_MIN_SEEDS else "."),
+        f"{SIGNIFICANCE_MIN_SEEDS} paired seeds" + tested,
         "Protocols: "
         + "; ".join(
             f"{p}: "
@@ -291,7 +304,7 @@ def render_markdown(
     headline metric on its stated scale, "mean ± std (+delta)" per cell, and notes saying what they mean."""
     wide, cols, refs = summary(long, baseline, tasks, reference)
     base_seeds = len(str(wide.loc[wide["method"] == baseline, "seeds"].iloc[0]).split())
-    header = ["method", "seeds"] + [c.display.header for c in cols]
+    header = ["method", "seeds"] + [_header(c) for c in cols]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(cols)]
     for _, row in wide.iterrows():
         cells = []
@@ -318,7 +331,7 @@ def render_text(
     wide, cols, refs = summary(long, baseline, tasks, reference)
     base_seeds = len(str(wide.loc[wide["method"] == baseline, "seeds"].iloc[0]).split())
     rows: list[list[str]] = [
-        ["", *[c.display.name for c in cols]],
+        ["", *[c.display.name + ("@" + c.label.split("@", 1)[1] if "@" in c.label else "") for c in cols]],
         ["", *[f"{c.display.short or c.display.metric} {c.display.scale}" for c in cols]],
     ]
     for _, row in wide.iterrows():
