@@ -260,9 +260,12 @@ def run_sweep(
     train_errors: dict[tuple[str, int], BaseException] = {}
     configs = {run: sweep.run_config(*run) for run in todo}
     with _training_phase(configs, default_trainer, progress) as on_run_done:
+        from stgc.logs import quiet_output
+
         for run, config in configs.items():
             try:
-                checkpoints[run] = Path(train_fn(config))
+                with quiet_output():  # what a run prints (its parameter count) shows with --verbose
+                    checkpoints[run] = Path(train_fn(config))
             except Exception as err:  # the run's cells fail; the other runs go on (KeyboardInterrupt stops)
                 train_errors[run] = err
             on_run_done(run)

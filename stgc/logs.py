@@ -26,6 +26,9 @@ from typing import Any
 ENV_VERBOSE = "STGC_VERBOSE"
 # read at import time by huggingface_hub / transformers / datasets: set before they are imported
 _QUIET_ENV = {
+    # every tqdm bar that is not a phase bar (which passes disable=False): datasets' map / filter bars,
+    # lmms-eval's request and postprocessing bars, ... (tqdm reads TQDM_* defaults when it is imported)
+    "TQDM_DISABLE": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "warning",
@@ -45,11 +48,14 @@ def configure(verbose_flag: bool | None = None) -> None:
         os.environ[ENV_VERBOSE] = "1" if verbose_flag else "0"
     if verbose():
         logging.disable(logging.NOTSET)
+        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
         return
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    # INFO and below of every Python logger (DeepSpeed's accelerator line, accelerate, datasets, ...)
+    # INFO and below of every Python logger (accelerate, datasets, DeepSpeed's op builder, ...)
     logging.disable(logging.INFO)
+    # DeepSpeed warns on every CPU machine that it found no accelerator (its logger is "DeepSpeed")
+    logging.getLogger("DeepSpeed").addFilter(_NoAcceleratorNotice())
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings(
             "ignore",
@@ -60,6 +66,11 @@ def configure(verbose_flag: bool | None = None) -> None:
         module = sys.modules.get(name)
         if module is not None:  # already imported: their env switches were read; set them directly
             _quiet_library(name)
+
+
+class _NoAcceleratorNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
 
 
 def _quiet_library(name: str) -> None:
@@ -119,6 +130,7 @@ class Phase:
             dynamic_ncols=True,
             leave=True,
             file=sys.stderr,
+            disable=False,  # explicit: quiet mode sets TQDM_DISABLE for every other bar
             mininterval=0.5,
             bar_format="{desc} {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} {unit} "
             "[{elapsed}<{remaining}]{postfix}",
