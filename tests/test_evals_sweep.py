@@ -253,7 +253,7 @@ def test_two_checkpoints_by_ten_tasks_load_each_model_once(tmp_path, monkeypatch
         methods={"baseline": tiny()},
         seeds=(0, 1),
         tasks=S.T.SUITES[S.T.MOE_LLAVA],
-        eval=S.EvalSettings(batch_size=4, mini_root=str(mini), limit=2, model_args={"max_new_tokens": 2}),
+        eval=S.EvalSettings(batch_size=4, mini_root=str(mini), limit=2, gen_kwargs="max_new_tokens=2"),
         runs_root=str(tmp_path / "runs"),
     )
     result = S.run_sweep(sweep, tmp_path / "results", train_fn=StubTrainer(source=source), progress=False)
