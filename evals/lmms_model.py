@@ -12,7 +12,6 @@ model_args (`--model_args k=v,...`):
     device            default: the process's device under `accelerate launch`, else cuda if present, else cpu
     dtype             "auto" (the checkpoint's), "float32", "bfloat16", "float16"
     max_new_tokens    used when a task's generation_kwargs set none (default 128, MoE-LLaVA's eval default)
-    capture_routing   a folder: save the routing of every prompt and generated token there (format below)
     batch_size        from lmms-eval's --batch_size (requests per forward, per process)
 
 Generation is batched with left padding, greedy unless a task asks for temperature > 0, stops at EOS and at
@@ -20,32 +19,15 @@ the task's `until` strings (the reply is also cut at the first of them), and is 
 capacity factor (token dropping) routing depends on the batch, so scores depend on the batch size; the
 default MoE config routes every token and batched answers equal batch-1 answers (tested).
 
-Routing capture format (`capture_routing=<dir>`; the analysis package turns it into Parquet traces):
-`<dir>/routing_rank<R>.pt`, one per process, (re)written at the end of each generate_until call, a
-`torch.save`d dict:
-    format "stgc-routing-capture", version 2, checkpoint (str), moe_layers (list[int]), num_experts E,
-    top_k K, samples: list of one dict per request, in the order processed:
-        task (str), split (str), doc_id (int)
-        input_ids    int64 (S,)      the prompt's tokens then the generated answer's, padding removed
-                                     (image tokens expanded; the answer up to and including EOS)
-        is_image     bool (S,)       True at image-token positions
-        is_answer    bool (S,)       True at generated-token positions
-        topk_idx     int16 (L, S, K) experts per token and MoE layer (L = len(moe_layers), layer order)
-        topk_weights float32 (L, S, K)
-        probs        float32 (L, S, E) router softmax
-The routing is read from the generation's own forwards (the prefill and every decode step pass a
-`RoutingContext` whose records list collects each layer's record), so capture adds no forward pass
-(`stgc bench capture` measures the overhead).
+Routing traces come from `stgc analyze capture` (`analysis.capture`), which drives this adapter's prompts
+and the model's own generation.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "stgc_moe_llava"
-CAPTURE_FORMAT, CAPTURE_VERSION = "stgc-routing-capture", 2
 
 
 def manifest():
@@ -63,7 +45,6 @@ from tqdm import tqdm  # noqa: E402
 
 from evals.checkpoint import check_checkpoint  # noqa: E402
 from stgc.logs import verbose  # noqa: E402
-from stgc.moe import RoutingContext  # noqa: E402
 
 
 def _cut_at(text: str, until: list[str]) -> str:
@@ -89,7 +70,6 @@ class StgcMoeLlava(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         max_new_tokens: int | str = 128,
-        capture_routing: str | None = None,
         max_batch_size: int
         | None = None,  # passed by lmms-eval's simple_evaluate; auto batch size is not supported
         **unexpected: Any,
@@ -98,7 +78,7 @@ class StgcMoeLlava(lmms):
         if unexpected:
             raise ValueError(
                 f"unknown model_args {sorted(unexpected)} for {MODEL_NAME}; valid: pretrained, device, "
-                "dtype, max_new_tokens, capture_routing"
+                "dtype, max_new_tokens"
             )
         from accelerate import Accelerator
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -130,8 +110,6 @@ class StgcMoeLlava(lmms):
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation continues every row at the same position
         self.pretrained = str(path)
-        self.capture_dir = Path(capture_routing) if capture_routing else None
-        self._captured: list[dict[str, Any]] = []
 
     def clean(self) -> None:
         """lmms-eval calls this at the end of every evaluate() and its default deletes every nn.Module
@@ -207,15 +185,10 @@ class StgcMoeLlava(lmms):
             inputs = self._inputs(prompts, visuals)
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            ctx = RoutingContext(records=[]) if self.capture_dir is not None else None
-            texts, new_BN = self._generate(inputs, gen_kwargs, until, ctx)
+            texts = self._generate(inputs, gen_kwargs, until)
             replies.extend(texts)
-            if ctx is not None:
-                self._capture(inputs, new_BN, ctx.records, tasks, splits, doc_ids)
             pbar.update(len(chunk))
         pbar.close()
-        if self.capture_dir is not None:
-            self._save_capture()
         return collator.get_original(replies)
 
     @torch.inference_mode()
@@ -224,8 +197,7 @@ class StgcMoeLlava(lmms):
         inputs: dict[str, torch.Tensor],
         gen_kwargs: dict[str, Any],
         until: list[str],
-        routing_ctx: RoutingContext | None = None,
-    ) -> tuple[list[str], torch.Tensor]:
+    ) -> list[str]:
         temperature = float(gen_kwargs.get("temperature") or 0)
         sampling = temperature > 0
         kwargs: dict[str, Any] = dict(
@@ -241,12 +213,10 @@ class StgcMoeLlava(lmms):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if until:  # stop early; the reply is cut at the stop string below either way
             kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
-        if routing_ctx is not None:
-            kwargs["routing_ctx"] = routing_ctx  # reaches every forward of the generation
         out_BS = self._model.generate(**inputs, **kwargs)
         new_BN = out_BS[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_BN, skip_special_tokens=True)
-        return [_cut_at(t, until) for t in texts], new_BN
+        return [_cut_at(t, until) for t in texts]
 
     # ---------------------------------------------------------------------------------- loglikelihood
     @torch.inference_mode()
@@ -278,72 +248,3 @@ class StgcMoeLlava(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"{MODEL_NAME} answers single-turn tasks only")
-
-    # -------------------------------------------------------------------------------- routing capture
-    @torch.inference_mode()
-    def _capture(
-        self, inputs: dict[str, torch.Tensor], new_BN: torch.Tensor, records, tasks, splits, doc_ids
-    ):
-        """Per-sample routing of the prompt (the prefill's records) and of the generated tokens (one record
-        per layer per decode step), stitched along the sequence; padding and post-EOS tokens dropped."""
-        L = len(self._model.config.moe_layers)
-        mask_BS = inputs["attention_mask"].bool()
-        B, S = mask_BS.shape
-        steps = [records[i : i + L] for i in range(0, len(records), L)]
-        assert steps and all(len(st) == L for st in steps), "routing records are not whole forward steps"
-
-        def stack(step_records, seq):  # -> topk (L,B,seq,K), weights, probs
-            return (
-                torch.stack([r.topk_idx_TK.reshape(B, seq, -1) for r in step_records]),
-                torch.stack([r.weights_TK.reshape(B, seq, -1) for r in step_records]).float(),
-                torch.stack([r.probs_TE.reshape(B, seq, -1) for r in step_records]).float(),
-            )
-
-        parts = [stack(steps[0], S)] + [stack(st, 1) for st in steps[1:]]
-        topk, weights, probs = (torch.cat([p[i] for p in parts], dim=2) for i in range(3))
-        n_new = len(steps) - 1  # the last generated token is never fed back, so it has no routing
-        eos = self.eot_token_id
-        image_BS = inputs["input_ids"] == self._model.config.image_token_id
-        self._layers = [r.layer_idx for r in steps[0]]
-        # one device-to-host copy per batch (a copy per sample would sync the GPU B times)
-        topk, weights, probs = topk.to(torch.int16).cpu(), weights.cpu(), probs.cpu()
-        ids_BS, mask_BS, image_BS, new_BN = (
-            t.cpu() for t in (inputs["input_ids"], mask_BS, image_BS, new_BN[:, :n_new])
-        )
-        for b in range(B):
-            ans = new_BN[b]
-            stop = (ans == eos).nonzero()
-            n_ans = int(stop[0]) + 1 if len(stop) else int(ans.shape[0])
-            keep = torch.cat([mask_BS[b], torch.arange(n_new) < n_ans])
-            is_answer = torch.cat([torch.zeros(S, dtype=torch.bool), keep[S:]])
-            self._captured.append(
-                {
-                    "task": tasks[b],
-                    "split": splits[b],
-                    "doc_id": int(doc_ids[b]),
-                    "input_ids": torch.cat([ids_BS[b], ans])[keep],
-                    "is_image": torch.cat([image_BS[b], torch.zeros(n_new, dtype=torch.bool)])[keep],
-                    "is_answer": is_answer[keep],
-                    "topk_idx": topk[:, b, keep],
-                    "topk_weights": weights[:, b, keep],
-                    "probs": probs[:, b, keep],
-                }
-            )
-
-    def _save_capture(self) -> None:
-        assert self.capture_dir is not None
-        self.capture_dir.mkdir(parents=True, exist_ok=True)
-        first = self._captured[0] if self._captured else None
-        payload = {
-            "format": CAPTURE_FORMAT,
-            "version": CAPTURE_VERSION,
-            "checkpoint": self.pretrained,
-            "moe_layers": list(getattr(self, "_layers", [])),
-            "num_experts": int(first["probs"].shape[-1]) if first is not None else None,
-            "top_k": int(first["topk_idx"].shape[-1]) if first is not None else None,
-            "samples": self._captured,
-        }
-        path = self.capture_dir / f"routing_rank{self.rank}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)

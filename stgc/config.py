@@ -35,21 +35,107 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+# --------------------------------------------------------------------------------------------------------
+# the parts of a MoE layer: a router and an expert bank, each chosen by name (docs/extending.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig(ConfigBase):
+    """Base of every router's settings; ``name`` selects the router class (``stgc.moe.routers.ROUTERS``).
+    A router may be wider than the bank (``width``): columns past the bank's experts are null experts."""
+
+    name: str = "softmax_topk"
+
+    def width(self, num_experts: int) -> int:
+        """The router's output width R for a bank of ``num_experts`` experts."""
+        return num_experts
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsConfig(ConfigBase):
+    """Base of every expert bank's settings; ``name`` selects the bank class
+    (``stgc.moe.experts.EXPERT_BANKS``)."""
+
+    name: str = "ffn"
+
+
+ROUTER_CONFIGS: dict[str, type[RouterConfig]] = {}
+EXPERTS_CONFIGS: dict[str, type[ExpertsConfig]] = {}
+
+
+def register_router_config(cls: type[RouterConfig]) -> type[RouterConfig]:
+    """Class decorator: make a router's settings selectable as ``model.moe.router.name=<name>``."""
+    return _register(ROUTER_CONFIGS, cls, "router")
+
+
+def register_experts_config(cls: type[ExpertsConfig]) -> type[ExpertsConfig]:
+    """Class decorator: make an expert bank's settings selectable as ``model.moe.experts.name=<name>``."""
+    return _register(EXPERTS_CONFIGS, cls, "expert bank")
+
+
+def _register(registry: dict[str, type], cls: type, what: str) -> type:
+    name = cls().name
+    if name in registry:
+        raise ValueError(f"{what} {name!r} is registered twice")
+    registry[name] = cls
+    return cls
+
+
+def section_from_dict(registry: dict[str, type[T]], data: Any, key: str, default: str) -> T:
+    """A registry section (``model.moe.router``, ``model.moe.experts``) from its dict form (or the object
+    itself); an unknown name raises with the valid names."""
+    if isinstance(data, ConfigBase):
+        return data  # type: ignore[return-value]
+    data = dict(data or {"name": default})
+    name = data.setdefault("name", default)
+    if name not in registry:
+        raise ValueError(f"{key}.name={name!r} is unknown; valid choices are {sorted(registry)}.")
+    return registry[name].from_dict(data)
+
+
+@register_router_config
+@dataclasses.dataclass(frozen=True)
+class SoftmaxTopKConfig(RouterConfig):
+    """MoE-LLaVA's router (DeepSpeed's top-k gate): logits = W x (+ b with ``bias``), softmax, top-k,
+    combine weights renormalised over the chosen experts. Its capacity and sampling options are the MoE
+    layer's (``MoEConfig``), since they apply to any token-choice router."""
+
+    name: str = "softmax_topk"
+    bias: bool = False
+
+
+@register_experts_config
+@dataclasses.dataclass(frozen=True)
+class FFNExpertsConfig(ExpertsConfig):
+    """E full copies of the dense FFN (sparse upcycling; MoE-LLaVA's experts)."""
+
+    name: str = "ffn"
+
+
+IMPLEMENTATIONS = ("auto", "eager")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig(ConfigBase):
-    """Settings of every MoE layer of a model (STGC.md section 1).
+    """Settings of every MoE layer of a model (docs/method.md, "The base model").
 
     num_experts: E experts per MoE layer (each upcycled from the dense FFN).
     top_k: K experts per token; combine weights are renormalised over the K chosen (DeepSpeed's top-2 gate).
     layers: decoder layer indices whose MLP is a MoE block; ``None`` means every other layer (0, 2, 4, ...).
-    aux_loss_coef: alpha of the load-balancing loss (MoE-LLaVA: 0.01).
+    aux_loss_coef: alpha, the coefficient of the ``load_balance`` objective (MoE-LLaVA: 0.01).
     capacity_factor: ``None`` (default) routes every token; a number reproduces DeepSpeed's capacity
-        ceil(cf * K * T / E) (at least ``min_capacity``) with token dropping, top-1 assignments first.
+        ceil(cf * K * T / E) (at least ``min_capacity``) with token dropping, top-1 assignments first, in
+        training. eval_capacity_factor: the factor at evaluation (MoE-LLaVA: 1.5 in training, 2.0 at
+        evaluation); ``None`` uses ``capacity_factor`` there too.
     second_expert_sampling: DeepSpeed's Gumbel-noise choice of the 2nd expert (also at evaluation, which
         makes MoE-LLaVA's scores non-deterministic). Off by default; training only unless
         ``sample_at_eval``.
     route_padding: MoE-LLaVA routes padding tokens and counts them in capacity and in L_aux. Off by default:
         padding is masked out of routing statistics and losses.
+    router / experts: which router and expert bank every MoE layer has, with their own settings (saved in
+        the checkpoint, so that evaluation and analysis route exactly as training did).
+    implementation: ``auto`` runs the fused fast path where one is registered for the (router, bank) pair
+        (``stgc.moe.fused``), else the eager one; ``eager`` always runs the readable eager parts.
     """
 
     num_experts: int = 4
@@ -57,27 +143,42 @@ class MoEConfig(ConfigBase):
     layers: tuple[int, ...] | None = None
     aux_loss_coef: float = 0.01
     capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
     min_capacity: int = 4
     second_expert_sampling: bool = False
     sample_at_eval: bool = False
     route_padding: bool = False
+    router: RouterConfig = dataclasses.field(default_factory=SoftmaxTopKConfig)
+    experts: ExpertsConfig = dataclasses.field(default_factory=FFNExpertsConfig)
+    implementation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.layers is not None and not isinstance(self.layers, tuple):
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        router = section_from_dict(ROUTER_CONFIGS, self.router, "moe.router", "softmax_topk")
+        experts = section_from_dict(EXPERTS_CONFIGS, self.experts, "moe.experts", "ffn")
+        object.__setattr__(self, "router", router)
+        object.__setattr__(self, "experts", experts)
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"moe.num_experts={self.num_experts!r} is invalid; use an integer >= 1.")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        width = router.width(self.num_experts)
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= width:
             raise ValueError(
-                f"moe.top_k={self.top_k!r} is invalid for num_experts={self.num_experts}; "
-                f"use 1 <= top_k <= {self.num_experts}."
+                f"moe.top_k={self.top_k!r} is invalid for a router of width {width} (num_experts="
+                f"{self.num_experts}, router {router.name!r}); use 1 <= top_k <= {width}."
             )
         if self.aux_loss_coef < 0:
             raise ValueError(f"moe.aux_loss_coef={self.aux_loss_coef} is negative; use a value >= 0.")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(
+                    f"moe.{key}={value} is invalid; use a positive number or None (no token dropping)."
+                )
+        if self.eval_capacity_factor is not None and self.capacity_factor is None:
             raise ValueError(
-                f"moe.capacity_factor={self.capacity_factor} is invalid; use a positive number or None "
-                "(no token dropping)."
+                f"moe.eval_capacity_factor={self.eval_capacity_factor} without a training capacity_factor; "
+                "set moe.capacity_factor too (MoE-LLaVA: 1.5 and 2.0), or neither (no token dropping)."
             )
         if self.min_capacity < 0:
             raise ValueError(f"moe.min_capacity={self.min_capacity} is negative; use a value >= 0.")
@@ -87,6 +188,16 @@ class MoEConfig(ConfigBase):
             )
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError(f"moe.layers={self.layers} has duplicates; list each layer index once.")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"moe.implementation={self.implementation!r} is not valid; choose one of {IMPLEMENTATIONS}."
+            )
+
+    def capacity(self, training: bool) -> float | None:
+        """The capacity factor in force (training or evaluation)."""
+        if not training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
 
     def resolve_layers(self, num_hidden_layers: int) -> tuple[int, ...]:
         """The MoE layer indices for a model with ``num_hidden_layers`` decoder layers (validated)."""

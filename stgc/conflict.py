@@ -1,9 +1,9 @@
-"""Token-level gradients, conflict scores and the conflict elimination loss (STGC.md sections 2-5).
+"""Token-level gradients, conflict scores and the conflict elimination loss (docs/method.md).
 
 Shape legend: T tokens, E experts, K top-k, A routed (token, expert) assignments in expert-sorted order,
 D model dim, F expert FFN dim, C conflicting assignments.
 
-Token gradients are activation gradients (STGC.md section 2): for assignment (t, e)
+Token gradients are activation gradients (docs/method.md, "Token gradients"): for assignment (t, e)
   g2 = w_{t,e} * dL/dy_t                       (output bias, dim D)
   g1 = dL/d(first bias)                         (dim F): the real fc1 bias (GELU) or a virtual zero bias
                                                 at the input of the down projection (SwiGLU): W_down^T g2.
@@ -11,7 +11,7 @@ The MoE block's backward hands them to a ``ConflictObserver`` (``stgc.moe.GradOb
 every assignment against its expert's mean gradient, marks conflicts and, in the fused mode, adds
 beta * dL_cel/dz to the router-logit gradient of the same backward.
 
-Modes (STGC.md section 5):
+Modes (docs/method.md, "Three ways to compute it"):
 - ``fused``: one forward, one backward; the observer returns the scaled CEL gradient.
 - ``two_pass``: forward; autograd.grad of the main loss down to the first MoE layer with the observer
   collecting masks (no weight gradients in that pass); L_cel from the kept logits; one backward of the total.
@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from stgc.moe import FirstPass, RoutingRecord, TokenGrads, _kernel, expert_membership
+from stgc.moe.dispatch import expert_membership
+from stgc.moe.fused.passes import maybe_compiled
+from stgc.moe.record import FirstPass, RoutingRecord, TokenGrads
 
 SCORES = ("mean", "concat", "g1", "g2")
 ZERO_NORM = 1e-20  # a gradient or mean at most this long is no direction: its pair is never considered
@@ -101,14 +103,14 @@ def conflict_scores(
         if sq1_A is None:
             sq1_A = torch.linalg.vector_norm(g1_AF, dim=-1, dtype=acc).square()
         sq1 = sq1_A.to(acc)
-        sq2, dot2, dot1 = _kernel("rowstats_g2v", _rowstats, g2_AD)(g2_AD, mean2, v_ED, expert_A)
+        sq2, dot2, dot1 = maybe_compiled("rowstats_g2v", _rowstats, g2_AD)(g2_AD, mean2, v_ED, expert_A)
     else:
         mean1 = sums1 / counts.clamp_min(1)[:, None]
-        sq1, dot1, _ = _kernel("rowstats_g1", _rowstats, g1_AF)(g1_AF, mean1, None, expert_A)
-        sq2, dot2, _ = _kernel("rowstats_g2", _rowstats, g2_AD)(g2_AD, mean2, None, expert_A)
+        sq1, dot1, _ = maybe_compiled("rowstats_g1", _rowstats, g1_AF)(g1_AF, mean1, None, expert_A)
+        sq2, dot2, _ = maybe_compiled("rowstats_g2", _rowstats, g2_AD)(g2_AD, mean2, None, expert_A)
     mnorm1 = torch.linalg.vector_norm(mean1, dim=-1)
     mnorm2 = torch.linalg.vector_norm(mean2, dim=-1)
-    s_A, considered = _kernel("score_tail", _score_tail, g1_AF)(
+    s_A, considered = maybe_compiled("score_tail", _score_tail, g1_AF)(
         sq1, dot1, sq2, dot2, mnorm1, mnorm2, expert_A, zero_norm, score
     )
     if valid_A is not None:
@@ -151,10 +153,11 @@ def _token_scores(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """``conflict_scores`` (SwiGLU shortcut) and the conflict masks from the MoE block's Triton backward:
     the per-expert sums of g2 come from the pass that wrote g2 and the scores from one read of dy
-    (``stgc.kernels.conflict_tokens``); with ``cel_scale`` also the scaled neg_logit_ce gradient and L_cel.
+    (``stgc.moe.fused.observer_kernels.conflict_tokens``); with ``cel_scale`` also the scaled neg_logit_ce
+    gradient and L_cel.
     The scores are cosines, so the expert sums stand in for the means (same direction; an expert with no
     valid rows has sum 0 and no conflicts); with ``allreduce_mean`` the sums are summed over ranks."""
-    from stgc.kernels import conflict_tokens
+    from stgc.moe.fused.observer_kernels import conflict_tokens
 
     sums2 = grads.sums2_ED
     if obs.allreduce_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -187,7 +190,8 @@ def _token_scores(
 
 
 def cel_loss(logits_TE: Tensor, token_A: Tensor, expert_A: Tensor, conflict_A: Tensor, form: str) -> Tensor:
-    """Conflict elimination loss of one layer (STGC.md section 4), a pure function of the router logits.
+    """Conflict elimination loss of one layer (docs/method.md, "The conflict elimination loss"), a pure
+    function of the router logits.
 
     ``neg_logit_ce`` (default): L = (1 / max(1, |C|)) sum_{(t,e) in C} -log softmax(-z_t)_e; its gradient
         per pair is (onehot_e - softmax(-z_t)) / |C|: it lowers the conflicting expert's logit and moves mass
@@ -213,8 +217,9 @@ def _cel_grad_neg_logit_ce(
     logits_TE: Tensor, token_A: Tensor, expert_A: Tensor, conflict_A: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     """(scale * dL_cel/dz, L_cel) of the default form in closed form: per conflicting pair (t, e) the
-    gradient is (onehot_e - softmax(-z_t)) / |C| (STGC.md section 4): no autograd graph per layer, and one
-    compiled kernel when the layer is large; a test holds it equal to autograd on ``cel_loss``."""
+    gradient is (onehot_e - softmax(-z_t)) / |C| (docs/method.md, "The conflict elimination loss"): no
+    autograd graph per layer, and one compiled kernel when the layer is large; a test holds it equal to
+    autograd on ``cel_loss``."""
     z_AE = logits_TE.index_select(0, token_A).float()
     logq_AE = torch.log_softmax(-z_AE, dim=-1)
     w_A = conflict_A.float()
@@ -276,6 +281,8 @@ class ConflictObserver:
         last MoE layer's backward once for both passes (``two_pass_first_pass``).
     first_pass: a ``stgc.moe.FirstPass`` during two_pass's first backward (``two_pass_first_pass``), else
         ``None``.
+    reports_cel: False for an observer that only measures (a method without L_cel, on the trainer's
+        measuring steps): its summary then has no ``cel`` keys rather than zeros.
     ``layers`` holds each layer's per-assignment result of the last backward (masks and scores, a few
     hundred KB per layer): the statistics and the two_pass loss are computed from it.
     """
@@ -291,6 +298,7 @@ class ConflictObserver:
         allreduce_mean: bool = False,
         collect_grads: bool = False,
         loss_scale: float | None = 1.0,
+        reports_cel: bool = True,
     ):
         if score not in SCORES:
             raise ValueError(f"score={score!r} is not valid; choose one of {SCORES}.")
@@ -301,6 +309,7 @@ class ConflictObserver:
         self.allreduce_mean = allreduce_mean
         self.collect_grads = collect_grads
         self.loss_scale = loss_scale
+        self.reports_cel = reports_cel
         self.active = True
         self.first_pass: FirstPass | None = None
         self.layers: dict[int, LayerConflict] = {}
@@ -346,7 +355,7 @@ class ConflictObserver:
             cel = torch.zeros((), device=score_A.device)
         if applies and grad_TE is None:
             if self.loss_form == "neg_logit_ce":
-                grad_TE, cel = _kernel("cel_grad", _cel_grad_neg_logit_ce, grads.g1_AF)(
+                grad_TE, cel = maybe_compiled("cel_grad", _cel_grad_neg_logit_ce, grads.g1_AF)(
                     record.logits_TE.detach(), token_A, expert_A, conflict_A, self._grad_scale()
                 )
             else:
@@ -378,7 +387,12 @@ class ConflictObserver:
             return out
         fr, mc = [], []
         for layer, s in sorted(self.stats.items()):
-            for key in ("fraction", "mean_cos", "cel", "pairs"):
+            keys = (
+                ("fraction", "mean_cos", "cel", "pairs")
+                if self.reports_cel
+                else ("fraction", "mean_cos", "pairs")
+            )
+            for key in keys:
                 out[f"conflict/layer{layer}/{key}"] = float(s[key].detach())
             fr.append(out[f"conflict/layer{layer}/fraction"])
             mc.append(out[f"conflict/layer{layer}/mean_cos"])
@@ -399,8 +413,9 @@ def two_pass_first_pass(main_loss: Tensor, records: list[RoutingRecord], observe
     (nothing below its router needs one), except in the last MoE layer. The gradient at that layer's output
     is the same in the second backward (every L_cel is a function of router logits, which sit at or below
     it), so its whole backward runs here, from ``main_loss * observer.loss_scale`` (the loss as the caller
-    will back-propagate it), and the second backward reuses it (``stgc.moe._ExpertsFn``). With an unknown
-    loss scale (``loss_scale=None``: fp16 loss scaling) the second backward computes it again."""
+    will back-propagate it), and the second backward reuses it (``stgc.moe.fused.experts_fn.ExpertsFn``).
+    With an unknown loss scale (``loss_scale=None``: fp16 loss scaling) the second backward computes it
+    again."""
     if not records:
         raise ValueError("two_pass needs routing records: run the forward with a RoutingContext(records=[]).")
     observer.active = True

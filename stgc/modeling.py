@@ -1,7 +1,8 @@
 """The MoE-LLaVA model as a transformers model (DESIGN.md "Contracts"; STGC.md section 1).
 
 ``MoELlavaForConditionalGeneration`` is transformers' ``LlavaForConditionalGeneration`` (CLIP vision tower,
-2-layer GELU projector, causal LM) whose MLP at the configured decoder layers is a ``stgc.moe.MoEBlock``.
+2-layer GELU projector, causal LM) whose MLP at the configured decoder layers is a ``stgc.moe.MoEBlock``
+(its router and expert bank as the MoE config names them).
 Its config (``MoELlavaConfig``, model_type ``stgc_moe_llava``) carries the MoE settings and the routing
 method, and both classes are registered with the Auto classes: after ``import stgc``,
 ``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)`` load a
@@ -58,8 +59,10 @@ class MoELlavaConfig(LlavaConfig):
     """A ``LlavaConfig`` plus the MoE settings and the routing method.
 
     moe: ``MoEConfig.to_dict()`` (validated here, also against the text config's layer count).
-    routing_method: a plain dict naming the routing method and its parameters, e.g. ``{"name": "baseline"}``;
-        stored and round-tripped as is (the methods registry interprets it).
+    routing_method: a plain dict naming the routing method and its objectives (``MethodConfig.to_dict()``,
+        e.g. ``{"name": "stgc", "objectives": [...]}``; older checkpoints hold the flat
+        ``{"name": "stgc", "beta": ...}``); stored and round-tripped as is, for provenance (evaluation
+        routes by the MoE config alone).
     """
 
     model_type = "stgc_moe_llava"
@@ -68,9 +71,7 @@ class MoELlavaConfig(LlavaConfig):
     routing_method: dict | None = None
 
     def __post_init__(self, **kwargs):
-        self.moe = MoEConfig.from_dict(self.moe).to_dict()
-        if self.moe["layers"] is not None:
-            self.moe["layers"] = list(self.moe["layers"])  # JSON form; MoEConfig turns it back into a tuple
+        self.moe = json_form(MoEConfig.from_dict(self.moe).to_dict())
         self.routing_method = dict(self.routing_method) if self.routing_method else {"name": "baseline"}
         if "name" not in self.routing_method:
             raise ValueError(
@@ -143,11 +144,14 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         moe_cfg = config.moe_config
         layers = self.model.language_model.layers
         for i in config.moe_layers:
-            layers[i].mlp = MoEBlock(
-                moe_cfg, text_cfg.hidden_size, text_cfg.intermediate_size, ffn, layer_idx=i
-            )
+            layers[i].mlp = MoEBlock(moe_cfg, text_cfg.hidden_size, text_cfg.intermediate_size, ffn, i)
         # Again, for the new blocks only (modules the parent's post_init initialised are flagged, skipped).
         self.post_init()
+        # transformers initialises a module type it knows (nn.Linear: normal, std initializer_range); a
+        # router is its own type, which the text model's init skips: give it the same
+        std = getattr(text_cfg, "initializer_range", 0.02)
+        for block in self.moe_blocks.values():
+            block.router.init_weights(std)
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Save with tensors under their in-memory names (``state_dict()`` keys, e.g.
@@ -298,31 +302,27 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
 
 def _upcycle(mlp: nn.Module, moe_cfg: MoEConfig, layer_idx: int) -> MoEBlock:
-    """A MoE block whose experts all copy the dense MLP (gate/up/down or fc1/fc2 parameter layout)."""
+    """A MoE block built from the dense MLP (gate_proj/up_proj/down_proj or fc1/fc2 parameter layout)."""
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
         for n in ("gate_proj", "up_proj", "down_proj"):
             if getattr(mlp, n).bias is not None:
                 raise ValueError(f"layer {layer_idx}: {n} has a bias; the swiglu MoE expert has none.")
-        return MoEBlock.from_dense(
-            moe_cfg,
-            layer_idx,
-            gate_proj=mlp.gate_proj.weight,
-            up_proj=mlp.up_proj.weight,
-            down_proj=mlp.down_proj.weight,
-        )
+        return MoEBlock.upcycled(moe_cfg, mlp, "swiglu", layer_idx)
     if all(hasattr(mlp, n) for n in ("fc1", "fc2")):
-        return MoEBlock.from_dense(
-            moe_cfg,
-            layer_idx,
-            fc1_weight=mlp.fc1.weight,
-            fc1_bias=mlp.fc1.bias,
-            fc2_weight=mlp.fc2.weight,
-            fc2_bias=mlp.fc2.bias,
-        )
+        return MoEBlock.upcycled(moe_cfg, mlp, "gelu", layer_idx)
     raise ValueError(
         f"layer {layer_idx}: MLP {type(mlp).__name__} has neither gate_proj/up_proj/down_proj nor fc1/fc2; "
         "supported dense MLPs are Llama/Qwen2/StableLM-style and Phi-style."
     )
+
+
+def json_form(value: Any) -> Any:
+    """Tuples as lists, recursively (what config.json holds; the config classes turn lists back)."""
+    if isinstance(value, dict):
+        return {k: json_form(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [json_form(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------

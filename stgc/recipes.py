@@ -30,8 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from stgc.backbones import BACKBONES, get_backbone
-from stgc.config import ConfigBase, MoEConfig
-from stgc.methods import REGISTRY, MethodConfig, method_config_from_dict
+from stgc.config import EXPERTS_CONFIGS, ROUTER_CONFIGS, ConfigBase, ExpertsConfig, MoEConfig, RouterConfig
+from stgc.objectives.config import (
+    METHODS,
+    OBJECTIVE_CONFIGS,
+    MethodConfig,
+    ObjectiveConfig,
+    STGCConfig,
+    method_preset,
+    with_objective,
+)
 
 PARAM_GROUPS = (
     "experts",
@@ -241,7 +249,7 @@ class RunConfig(ConfigBase):
             if isinstance(value, dict):
                 object.__setattr__(self, key, cls.from_dict(value))
         if isinstance(self.method, dict):
-            object.__setattr__(self, "method", method_config_from_dict(self.method))
+            object.__setattr__(self, "method", MethodConfig.from_dict(self.method))
         _check(isinstance(self.method, MethodConfig), f"method={self.method!r} is not a method config.")
         if self.model.dense:
             groups = set(self.training.trainable_groups())
@@ -260,12 +268,11 @@ class RunConfig(ConfigBase):
 
     @property
     def method_tag(self) -> str:
-        """'dense', 'baseline', or the method name plus its non-default parameters (e.g. stgc-beta0.05)."""
+        """'dense', 'baseline', or the method name plus its objectives' non-default parameters (e.g.
+        stgc-beta0.05)."""
         if self.model.dense:
             return "dense"
-        defaults = type(self.method)().to_dict()
-        diff = [f"{k}{_fmt(v)}" for k, v in self.method.to_dict().items() if k != "name" and v != defaults[k]]
-        return "-".join([self.method.name, *diff])
+        return self.method.tag()
 
     @property
     def run_dir(self) -> Path:
@@ -276,12 +283,6 @@ class RunConfig(ConfigBase):
     def resolved(self) -> RunConfig:
         """The config with its output folder filled in (what a run saves)."""
         return self.replace(output_dir=str(self.run_dir))
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, tuple | list):
-        return "_".join(str(v) for v in value)
-    return str(value)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -422,13 +423,25 @@ def moe_llava_phi2_2_7b() -> RunConfig:
 
 
 def with_method(config: RunConfig, name: str, **params: Any) -> RunConfig:
-    """``config`` trained with routing method ``name`` and its parameters (validated by its config class)."""
-    return config.replace(method=method_config_from_dict({"name": name, **params}))
+    """``config`` trained with the method preset ``name`` (``stgc.objectives.config.METHODS``): its
+    objectives, each parameter given to the objective that has it, and the changes it makes to the MoE
+    layers (a peer's router)."""
+    method = method_preset(name, **params)
+    preset = METHODS[name]
+    model, training = config.model, config.training
+    if preset.moe:
+        model = model.replace(moe=MoEConfig.from_dict({**model.moe.to_dict(), **preset.moe}))
+    if preset.training:
+        training = training.replace(**preset.training)
+    return config.replace(method=method, model=model, training=training)
 
 
 def stgc_variant(config: RunConfig, **params: Any) -> RunConfig:
-    """``config`` with STGC (default beta 0.01, tau 0, fused) and any STGC parameter overridden."""
-    return with_method(config, "stgc", **params)
+    """``config`` with STGC on top of its method (default beta 0.01, tau 0, fused) and any STGC parameter
+    overridden: the baseline becomes ``stgc``, any other method ``<method>+stgc``."""
+    stgc = STGCConfig(**params)
+    method = with_objective(config.method, stgc, lambda n: "stgc" if n == "baseline" else f"{n}+stgc")
+    return config.replace(method=method)
 
 
 def with_seed(config: RunConfig, seed: int) -> RunConfig:
@@ -444,8 +457,27 @@ RECIPES: dict[str, Callable[[], RunConfig]] = {
     "moe_llava_qwen_1_8b": moe_llava_qwen_1_8b,
     "moe_llava_phi2_2_7b": moe_llava_phi2_2_7b,
 }
-for _name in ("tiny", "small", "moe_llava_stablelm_1_6b", "moe_llava_qwen_1_8b", "moe_llava_phi2_2_7b"):
-    RECIPES[f"{_name}_stgc"] = (lambda base: lambda: stgc_variant(base()))(RECIPES[_name])
+# every method preset on every MoE recipe, alone and with STGC on top: tiny_stgc, small_z_loss,
+# moe_llava_stablelm_1_6b_z_loss_stgc, ...
+METHOD_BASES = ("tiny", "small", "moe_llava_stablelm_1_6b", "moe_llava_qwen_1_8b", "moe_llava_phi2_2_7b")
+
+
+def _variant(base: Callable[[], RunConfig], method: str, stgc: bool) -> Callable[[], RunConfig]:
+    def recipe() -> RunConfig:
+        config = base() if method == "baseline" else with_method(base(), method)
+        return stgc_variant(config) if stgc else config
+
+    what = ("STGC on " if stgc else "") + f"{method}: {METHODS[method].doc}"
+    recipe.__doc__ = f"{base.__name__} with {what}"
+    return recipe
+
+
+for _name in METHOD_BASES:
+    RECIPES[f"{_name}_stgc"] = _variant(RECIPES[_name], "baseline", True)
+    for _method in METHODS:
+        if _method not in ("baseline", "stgc"):
+            RECIPES[f"{_name}_{_method}"] = _variant(RECIPES[_name], _method, False)
+            RECIPES[f"{_name}_{_method}_stgc"] = _variant(RECIPES[_name], _method, True)
 
 
 def get_recipe(name: str) -> RunConfig:
@@ -461,8 +493,16 @@ def get_recipe(name: str) -> RunConfig:
 
 def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
     """``config`` with ``section.key=value`` overrides applied, e.g. ``training.lr=1e-4``,
-    ``method.beta=0.05``, ``model.moe.num_experts=8``, ``method.name=stgc`` (resets the method's other
-    parameters to that method's defaults; applied before the other ``method.*`` keys), ``output_dir=runs/x``.
+    ``model.moe.num_experts=8``, ``output_dir=runs/x``, and for the method:
+
+    - ``method.name=stgc``: the preset (its objectives with their defaults, and its MoE changes), applied
+      before the other keys; with ``method.objectives`` given too, ``method.name`` is only the label;
+    - ``method.objectives=load_balance,z_loss``: the objective list (objectives already in the method
+      keep their settings; the label becomes the list's names after load_balance, joined by '+');
+    - ``method.stgc.beta=0.05``: a setting of one objective; ``method.beta=0.05`` (the older form) sets it
+      on the one objective that has such a setting;
+    - ``model.moe.router.name=...`` / ``model.moe.experts.name=...``: a router or bank switch (its other
+      settings reset to that one's defaults), applied before their other keys.
 
     Values convert to the field's type: numbers, ``true`` / ``false``, ``none`` / ``null`` for optional
     fields, comma-separated or ``[0,2]`` lists for tuples. An unknown key or a malformed value raises
@@ -474,24 +514,86 @@ def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value (e.g. training.lr=1e-4).")
         pairs.append((key, value.strip()))
+    given = dict(pairs)
+    if "method.name" in given and "method.objectives" not in given:
+        name = given["method.name"]
+        if name not in METHODS:
+            raise ValueError(f"method.name={name!r} is unknown; valid methods are {sorted(METHODS)}.")
+        if name != config.method.name:
+            config = with_method(config, name)
     data = config.to_dict()
-    # a method switch first, so that the other method.* keys are checked against the new method's fields
+    if "method.objectives" in given:
+        data["method"] = _objective_list(data["method"], given["method.objectives"], given.get("method.name"))
+    # registry switches first, so that the other keys are checked against the new class's fields
+    for key in ("model.moe.router.name", "model.moe.experts.name"):
+        if key in given:
+            section = data["model"]["moe"][key.split(".")[2]]
+            if given[key] != section.get("name"):
+                section.clear()
+                section["name"] = given[key]
     for key, value in pairs:
-        if key == "method.name":
-            if value not in REGISTRY:
-                raise ValueError(f"method.name={value!r} is unknown; valid methods are {sorted(REGISTRY)}.")
-            if value != data["method"]["name"]:
-                data["method"] = {"name": value}
-    for key, value in pairs:
-        if key == "method.name":
+        if key in ("method.name", "method.objectives", "model.moe.router.name", "model.moe.experts.name"):
             continue
-        _set_path(data, key.split("."), value, RunConfig, key)
+        if key.startswith("method."):
+            _set_objective(data["method"], key, value)
+        else:
+            _set_path(data, key.split("."), value, RunConfig, key)
     return RunConfig.from_dict(data)
 
 
+def _objective_list(method: dict[str, Any], text: str, label: str | None) -> dict[str, Any]:
+    names = [n.strip() for n in text.strip("[]()").split(",") if n.strip()]
+    unknown = [n for n in names if n not in OBJECTIVE_CONFIGS]
+    if not names or unknown:
+        raise ValueError(
+            f"method.objectives={text!r} names unknown objectives {unknown or '(none given)'}; valid "
+            f"objectives are {sorted(OBJECTIVE_CONFIGS)}."
+        )
+    old = {o["name"]: o for o in method["objectives"]}
+    rest = [n for n in names if n != "load_balance"]
+    return {
+        "name": label or ("+".join(rest) if rest else "baseline"),
+        "objectives": [old.get(n, {"name": n}) for n in names],
+    }
+
+
+def _set_objective(method: dict[str, Any], key: str, text: str) -> None:
+    """``method.<objective>.<setting>=`` or ``method.<setting>=`` (the one objective that has it)."""
+    path = key.split(".")[1:]
+    objectives = method["objectives"]
+    if len(path) == 2:
+        target = next((o for o in objectives if o["name"] == path[0]), None)
+        if target is None:
+            raise ValueError(
+                f"config key {key!r}: the method has no objective {path[0]!r} (it has "
+                f"{[o['name'] for o in objectives]}); add it with method.objectives=..."
+            )
+        _set_path(target, path[1:], text, OBJECTIVE_CONFIGS[target["name"]], key)
+        return
+    owners = [o for o in objectives if path[0] in _field_hints(OBJECTIVE_CONFIGS[o["name"]], o)]
+    if len(path) != 1 or len(owners) != 1 or path[0] == "name":
+        valid = sorted(
+            f"method.{o['name']}.{f}"
+            for o in objectives
+            for f in _field_hints(OBJECTIVE_CONFIGS[o["name"]], o)
+            if f != "name"
+        )
+        raise ValueError(
+            f"unknown config key {key!r}; the method {method['name']!r} has the objectives "
+            f"{[o['name'] for o in objectives]}, whose keys are {valid} (and method.name, "
+            "method.objectives)."
+        )
+    _set_path(owners[0], path, text, OBJECTIVE_CONFIGS[owners[0]["name"]], key)
+
+
 def _field_hints(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    if cls is MethodConfig:  # the method section's class depends on its name
-        cls = REGISTRY[data["name"]].Config
+    # registry sections: the class depends on the section's name
+    if isinstance(cls, type) and issubclass(cls, RouterConfig):
+        cls = ROUTER_CONFIGS.get(data.get("name"), cls)
+    elif isinstance(cls, type) and issubclass(cls, ExpertsConfig):
+        cls = EXPERTS_CONFIGS.get(data.get("name"), cls)
+    elif isinstance(cls, type) and issubclass(cls, ObjectiveConfig):
+        cls = OBJECTIVE_CONFIGS.get(data.get("name"), cls)
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -499,13 +601,10 @@ def _field_hints(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 def _set_path(data: dict[str, Any], path: list[str], text: str, cls: type, full_key: str) -> None:
     hints = _field_hints(cls, data)
     head = path[0]
-    if head not in hints:
+    if head not in hints or head == "method":
         prefix = full_key[: len(full_key) - len(".".join(path))]
         valid = sorted(prefix + k for k in hints)
-        hint = ""
-        if cls is MethodConfig:
-            hint = f" (for method {data['name']!r}; method.name=<method> switches to another method)"
-        raise ValueError(f"unknown config key {full_key!r}; valid keys here are {valid}{hint}.")
+        raise ValueError(f"unknown config key {full_key!r}; valid keys here are {valid}.")
     hint = hints[head]
     if len(path) > 1:
         sub = data.get(head)
@@ -514,7 +613,7 @@ def _set_path(data: dict[str, Any], path: list[str], text: str, cls: type, full_
         _set_path(sub, path[1:], text, hint, full_key)
         return
     if dataclasses.is_dataclass(hint):
-        keys = sorted(f"{full_key}.{f.name}" for f in dataclasses.fields(hint))
+        keys = sorted(f"{full_key}.{f}" for f in _field_hints(hint, data.get(head) or {}))
         raise ValueError(f"config key {full_key!r} is a section; set one of its keys: {keys}.")
     data[head] = _convert(text, hint, full_key)
 

@@ -1,6 +1,8 @@
-"""Training on transformers' ``Trainer`` (DESIGN.md): a small subclass adds the routing method's losses, the
-conflict measurement and the routing metrics; everything else (checkpoints, resume, DeepSpeed, gradient
-accumulation, clipping, the cosine schedule with warmup, seeds, the progress bar) is the Trainer's own.
+"""Training a run (docs/architecture.md): the model and data of a config, the checks before training
+(finished runs, compatible configs, readable checkpoints), and ``train``. The trainer itself
+(``stgc.trainer.MoETrainer``) runs the run's objectives; everything else (checkpoints, resume, DeepSpeed,
+gradient accumulation, clipping, the cosine schedule with warmup, seeds, the progress bar) is transformers'
+``Trainer``'s own.
 
     train(get_recipe("tiny_stgc"))  -> runs/tiny-stgc-seed0/checkpoint-<last step>
 
@@ -10,14 +12,8 @@ Run folder (``RunConfig.run_dir``):
     checkpoint-<step>/       a Hugging Face model folder (config, safetensors, processor, tokenizer) that
                              loads on its own with AutoModelForImageTextToText / AutoProcessor after
                              ``import stgc``, plus the Trainer's optimizer / scheduler / RNG state
+                             and the objectives' state (``objectives_state.pt``, when they keep any)
     final.json               written when the run has finished: the final checkpoint's name
-
-Loss scaling with gradient accumulation: the Trainer divides each micro-batch's loss by the number of
-micro-batches of the step (``loss_is_scaled_for_ga = False`` below: the method's loss is a per-micro-batch
-mean and ignores ``num_items_in_batch``). STGC's fused mode adds beta * dL_cel/dz inside the backward,
-outside the loss, so the trainer gives the observer the same 1/accumulation factor (``loss_scale``, in
-``_observer``; two_pass's first pass uses it too); fused and two_pass then agree under accumulation as
-without it.
 """
 
 from __future__ import annotations
@@ -26,14 +22,13 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from stgc.callbacks import (
@@ -43,12 +38,21 @@ from stgc.callbacks import (
     NonFiniteGradientGuard,
     RunConfigCallback,
     StepBuffer,
-    routing_stats,
 )
-from stgc.conflict import ConflictObserver
-from stgc.methods import RoutingMethod, build_method
-from stgc.moe import ExpertBank, MoEBlock
+from stgc.moe import MoEBlock
+from stgc.objectives.set import ObjectiveSet
 from stgc.recipes import INIT_RECIPE_PREFIX, PARAM_GROUPS, RunConfig, get_recipe
+from stgc.trainer import (
+    CheckpointError,
+    MoETrainer,
+    NonFiniteLossError,
+    ObjectivesCallback,
+    check_loss_scaling,
+    fp16_loss_scaling,
+    load_objectives_state,
+    parameter_groups,
+    set_trainable,
+)
 
 FINAL_NAME = "final.json"
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_zero2.json"
@@ -62,166 +66,6 @@ RESUMABLE_CHANGES = (
     "training.deepspeed",
     "training.cpu_threads",
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss of a training step was NaN or infinite; the run stopped before applying it."""
-
-
-class CheckpointError(ValueError):
-    """A run folder or checkpoint cannot be resumed (corrupt, or written by a different run)."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# trainable parameters
-
-
-def parameter_groups(model: nn.Module) -> dict[str, str]:
-    """Parameter name -> group (``stgc.recipes.PARAM_GROUPS`` or "other").
-
-    MoE parameters are found by module type (``ExpertBank``, a ``MoEBlock``'s router); the rest by the
-    module path of transformers' LLaVA (``multi_modal_projector``, ``vision_tower``, ``embed_tokens``,
-    ``lm_head``, ``self_attn``, ``mlp``) and norm modules by class name, so every backbone of the registry
-    maps the same way without naming a model."""
-    owner: dict[int, str] = {}
-    for module in model.modules():
-        if isinstance(module, MoEBlock):
-            for p in module.router.parameters():
-                owner[id(p)] = "router"
-        if isinstance(module, ExpertBank):
-            for p in module.parameters():
-                owner[id(p)] = "experts"
-    groups: dict[str, str] = {}
-    for mod_name, module in model.named_modules():
-        for p_name, p in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            parts = name.split(".")
-            if id(p) in owner:
-                group = owner[id(p)]
-            elif "multi_modal_projector" in parts:
-                group = "projector"
-            elif "vision_tower" in parts:
-                group = "vision"
-            elif "embed_tokens" in parts:
-                group = "embeddings"
-            elif "lm_head" in parts:
-                group = "lm_head"
-            elif "self_attn" in parts:
-                group = "attention"
-            elif type(module).__name__.endswith("Norm"):
-                group = "norms"
-            elif "mlp" in parts:
-                group = "mlp"
-            else:
-                group = "other"
-            groups.setdefault(name, group)
-    return groups
-
-
-def set_trainable(model: nn.Module, trainable: str, groups: Sequence[str]) -> dict[str, int]:
-    """Freeze every parameter except those of ``groups`` (all of them when ``trainable == "all"``).
-
-    Returns trainable parameter counts per group. A requested group the model does not have is an error
-    (e.g. "experts" on a dense model), not a silent no-op."""
-    by_name = parameter_groups(model)
-    present = set(by_name.values())
-    missing = [g for g in groups if g not in present]
-    if missing and trainable != "all":
-        raise ValueError(
-            f"training.trainable={trainable!r}: this model has no {missing} parameters (it has "
-            f"{sorted(present)}); remove them from training.trainable."
-        )
-    counts: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        group = by_name[name]
-        on = trainable == "all" or group in groups
-        p.requires_grad_(on)
-        if on:
-            counts[group] = counts.get(group, 0) + p.numel()
-    return counts
-
-
-# --------------------------------------------------------------------------------------------------------
-# the trainer
-
-
-class MoETrainer(Trainer):
-    """``Trainer`` whose loss is the routing method's (``RoutingMethod.train_loss``), plus the metrics.
-
-    method: the routing method; ``None`` trains a dense model with its own loss (stage 2).
-    measure_conflict_every: on these steps a method without token gradients (the baseline) gets a measuring
-        ``ConflictObserver(scale=0)``, so that its conflict statistics are logged too.
-    """
-
-    loss_is_scaled_for_ga = False  # the method's loss is a micro-batch mean: let Trainer divide by GA
-
-    def __init__(
-        self,
-        *args: Any,
-        method: RoutingMethod | None,
-        measure_conflict_every: int,
-        buffer: StepBuffer,
-        **kwargs: Any,
-    ):
-        super().__init__(*args, **kwargs)
-        self.method = method
-        self.measure_conflict_every = measure_conflict_every
-        self.buffer = buffer
-        self.model_accepts_loss_kwargs = False
-        self._step_loss = None
-        self._tokens = 0
-        self._measuring = False
-        self._fp16_loss_scaling = fp16_loss_scaling(self.args)
-
-    def _observer(self, step: int):
-        obs = self.method.observer(step)
-        every = self.measure_conflict_every
-        self._measuring = obs is None and bool(every) and step % every == 0
-        if self._measuring:
-            obs = ConflictObserver(scale=0.0)
-        if obs is not None and hasattr(obs, "loss_scale"):
-            # the loss is divided by the accumulation steps before its backward; fp16 loss scaling
-            # multiplies it by a factor only the scaler knows
-            ga = getattr(self, "current_gradient_accumulation_steps", 1)  # (set by the training loop)
-            obs.loss_scale = None if self._fp16_loss_scaling else 1.0 / ga
-        return obs
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        step = self.state.global_step
-        mask = inputs.get("attention_mask")
-        self._tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        if self.method is None:
-            out = model(**inputs)
-            self._step_loss = out.loss
-            loss = out.loss
-        else:
-            result = self.method.train_loss(model, inputs, step, observer=self._observer(step))
-            self._step_loss = result
-            out, loss = result.output, result.loss
-        if not torch.isfinite(loss.detach()).all():
-            logs = self._step_loss.logs() if self.method is not None else {"loss/lm": float(loss)}
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss/"))
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            raise NonFiniteLossError(
-                f"non-finite loss at optimizer step {step + 1} ({terms}); the run stopped before applying "
-                f"it. Last good checkpoint: {last or 'none yet'}. Lower training.lr or check the data, then "
-                "resume (the run continues from that checkpoint)."
-            )
-        return (loss, out) if return_outputs else loss
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        # after the backward: the fused mode's conflict statistics exist only now
-        result, self._step_loss = self._step_loss, None
-        if self.method is None:
-            metrics = {"loss/total": float(result.detach()), "loss/lm": float(result.detach())}
-        else:
-            metrics = result.logs()
-            if self._measuring:  # measured only: this method has no CEL, do not log one as 0
-                metrics = {k: v for k, v in metrics.items() if not (k.endswith("/cel") or "/cel_" in k)}
-            metrics.update(routing_stats(result.records))
-        self.buffer.add(metrics, self._tokens)
-        return loss
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -251,6 +95,7 @@ def build_components(config: RunConfig) -> RunComponents:
         build_llava_config,
         build_model,
         build_processor,
+        json_form,
     )
 
     data = config.data
@@ -263,7 +108,7 @@ def build_components(config: RunConfig) -> RunComponents:
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     mc = config.model
-    routing_method = None if mc.dense else config.method.to_dict()
+    routing_method = None if mc.dense else json_form(config.method.to_dict())
     init = _resolve_init(config)
     if init is None:
         kwargs = dict(
@@ -565,43 +410,44 @@ def train(
     set_seed(config.training.seed)
     parts = (components or build_components)(config)
     model = parts.model
-    method = None if config.model.dense else build_method(config.method, config.model.moe)
-    if method is not None:
-        moe_layers = {b.layer_idx for b in model.modules() if isinstance(b, MoEBlock)}
+    objectives = None if config.model.dense else ObjectiveSet(config.method, config.model.moe)
+    moe_layers = tuple(sorted(b.layer_idx for b in model.modules() if isinstance(b, MoEBlock)))
+    if objectives is not None:
         if not moe_layers:
             raise ValueError("the model has no MoE blocks; set model.dense=True to train a dense model.")
-        wanted = getattr(config.method, "layers", None)
-        if wanted is not None and not set(wanted) <= moe_layers:
-            raise ValueError(
-                f"method.layers={list(wanted)} includes layers without a MoE block; the MoE layers are "
-                f"{sorted(moe_layers)}."
-            )
+        objectives.check(moe_layers)
         if hasattr(model.config, "routing_method"):
-            model.config.routing_method = config.method.to_dict()
+            from stgc.modeling import json_form
+
+            model.config.routing_method = json_form(config.method.to_dict())
     if last is not None:
         check_checkpoint(Path(last), config, model)
     groups = set_trainable(model, config.training.trainable, config.training.trainable_groups())
 
     args = training_arguments(config, **({"deepspeed": deepspeed} if deepspeed is not None else {}))
-    _check_loss_scaling(args, method)
+    check_loss_scaling(args, objectives)
     if args.should_save:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_CONFIG_NAME).write_text(config.to_json())
     buffer = StepBuffer()
-    method_name = "dense" if method is None else config.method_tag
+    method_name = "dense" if objectives is None else config.method_tag
+    hooks = (
+        [] if objectives is None else [ObjectivesCallback(objectives, moe_layers, config.training.seed, last)]
+    )
     trainer = MoETrainer(
         model=model,
         args=args,
         train_dataset=parts.train_dataset,
         data_collator=parts.data_collator,
         processing_class=parts.processing_class,
-        method=method,
+        objectives=objectives,
         measure_conflict_every=config.training.measure_conflict_every,
         buffer=buffer,
         callbacks=[
             MetricsCallback(run_dir / METRICS_NAME, buffer, method_name),
             RunConfigCallback(config.to_json()),
             NonFiniteGradientGuard(NonFiniteLossError),
+            *hooks,
             *callbacks,
         ],
     )
@@ -631,24 +477,6 @@ def train(
     return final
 
 
-def fp16_loss_scaling(args: TrainingArguments) -> bool:
-    """Whether the run scales its loss for fp16 (torch amp or DeepSpeed's fp16 section)."""
-    ds = args.deepspeed
-    if isinstance(ds, str):
-        ds = json.loads(Path(ds).read_text())
-    return bool(args.fp16 or (isinstance(ds, dict) and (ds.get("fp16") or {}).get("enabled") is True))
-
-
-def _check_loss_scaling(args: TrainingArguments, method: RoutingMethod | None) -> None:
-    """fp16 loss scaling multiplies the loss, not STGC's fused in-backward CEL gradient: refuse the pair."""
-    obs = method.observer(0) if method is not None else None
-    if fp16_loss_scaling(args) and obs is not None and getattr(method.config, "mode", None) == "fused":
-        raise ValueError(
-            "fp16 with loss scaling cannot be combined with STGC's fused mode (its CEL gradient is added "
-            "inside the backward, unscaled); use bf16 (training.bf16=true) or method.mode=two_pass."
-        )
-
-
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl (NaN where a value was not finite)."""
     path = Path(run_dir) / METRICS_NAME
@@ -659,10 +487,13 @@ __all__ = [
     "CheckpointError",
     "MoETrainer",
     "NonFiniteLossError",
+    "ObjectivesCallback",
     "PARAM_GROUPS",
     "RunComponents",
     "build_components",
     "check_checkpoint",
+    "fp16_loss_scaling",
+    "load_objectives_state",
     "parameter_groups",
     "read_metrics",
     "set_trainable",

@@ -10,7 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     # Without a GPU the project's Triton kernels run on CPU tensors in Triton's interpreter (tests only:
-    # ``stgc.moe.TRITON_ON_CPU``); it must be on before ``stgc.kernels`` defines them.
+    # ``stgc.moe.fused.passes.TRITON_ON_CPU``); it must be on before the kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast

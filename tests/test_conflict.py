@@ -12,10 +12,9 @@ import torch
 
 from stgc.config import MoEConfig
 from stgc.conflict import ConflictObserver, cel_loss, conflict_scores, reference_token_grads
-from stgc.methods import build_method
-from stgc.methods.stgc import STGCConfig
 from stgc.moe import MoEBlock, RoutingContext
-from tests.toy_moe import toy_batch, toy_model
+from stgc.objectives.config import STGCConfig
+from tests.toy_moe import objectives, toy_batch, toy_model
 
 FFNS = ("swiglu", "gelu")
 
@@ -73,8 +72,8 @@ def test_reference_and_two_pass_modes_give_the_same_masks_and_loss(ffn):
     results = {}
     for mode in ("reference", "two_pass"):
         model.zero_grad()
-        method = build_method(STGCConfig(beta=0.1, mode=mode), moe)
-        step = method.train_loss(model, batch, step=0)
+        method = objectives(STGCConfig(beta=0.1, mode=mode), moe)
+        step = method.step_loss(model, batch, step=0)
         step.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         results[mode] = (step, grads)
@@ -119,8 +118,8 @@ def test_tokens_without_loss_are_never_conflicting_in_a_model():
     model = toy_model("swiglu", num_layers=2)
     batch = toy_batch(batch=3, seq=8)
     batch["labels"][:, 1:5] = -100  # positions 0..3 predict ignored labels
-    method = build_method(STGCConfig(beta=0.5, mode="two_pass"), MoEConfig(aux_loss_coef=0.0))
-    step = method.train_loss(model, batch, 0)
+    method = objectives(STGCConfig(beta=0.5, mode="two_pass"), MoEConfig(aux_loss_coef=0.0))
+    step = method.step_loss(model, batch, 0)
     for layer in step.observer.layers.values():
         pos_A = layer.token_A % 8
         no_loss = (pos_A <= 3) | (pos_A == 7)  # the last position predicts nothing

@@ -1,5 +1,5 @@
 """The lmms-eval model adapter on a tiny random checkpoint: registration, batched == batch-1 answers,
-stop strings and max_new_tokens, loglikelihood, routing capture, bad checkpoints."""
+stop strings and max_new_tokens, loglikelihood, bad checkpoints."""
 
 from __future__ import annotations
 
@@ -56,57 +56,11 @@ def _evaluate(lm, task_dir, tmp_path):
     }
 
 
-def test_batched_generation_equals_batch_one_and_capture(checkpoint, task_dir, tmp_path):
+def test_batched_generation_equals_batch_one(checkpoint, task_dir, tmp_path):
     one = _evaluate(StgcMoeLlava(pretrained=str(checkpoint), batch_size=1), task_dir, tmp_path)
-    cap = tmp_path / "capture"
-    four = _evaluate(
-        StgcMoeLlava(pretrained=str(checkpoint), batch_size=4, capture_routing=str(cap)), task_dir, tmp_path
-    )
+    four = _evaluate(StgcMoeLlava(pretrained=str(checkpoint), batch_size=4), task_dir, tmp_path)
     assert one == four
     assert sum(len(v) for v in one.values()) == 12 and any(r.strip() for v in one.values() for r in v)
-
-    payload = torch.load(cap / "routing_rank0.pt")
-    assert payload["format"] == "stgc-routing-capture" and payload["version"] == 2
-    assert payload["moe_layers"] == [0, 2] and payload["num_experts"] == 4 and payload["top_k"] == 2
-    samples = payload["samples"]
-    assert sorted((s["task"], s["doc_id"]) for s in samples) == sorted(
-        (t, i) for t in TASKS for i in range(4)
-    )
-    for s in samples:
-        S = s["input_ids"].shape[0]
-        assert s["is_image"].shape == (S,) and s["is_image"].any()
-        assert s["topk_idx"].shape == (2, S, 2) and s["topk_idx"].dtype == torch.int16
-        assert s["topk_weights"].shape == (2, S, 2) and s["probs"].shape == (2, S, 4)
-        assert torch.allclose(s["probs"].sum(-1), torch.ones(2, S), atol=1e-5)
-        # the generated answer's routing follows the prompt's: is_answer is one contiguous suffix
-        n_ans = int(s["is_answer"].sum())
-        assert s["is_answer"].shape == (S,) and not s["is_answer"][: S - n_ans].any()
-        assert not (s["is_answer"] & s["is_image"]).any()
-    assert any(s["is_answer"].any() for s in samples)
-    assert len({s["input_ids"].shape[0] for s in samples}) > 1
-
-
-def test_capture_during_generation_equals_a_full_forward(checkpoint, tmp_path):
-    """The routing read from generate()'s own forwards (prefill + KV-cache decode steps) equals the routing
-    of one forward over prompt + answer: capture needs no extra pass and records the same thing."""
-    from PIL import Image
-
-    lm = StgcMoeLlava(pretrained=str(checkpoint), batch_size=1, capture_routing=str(tmp_path / "cap"))
-    doc = {"image": Image.new("RGB", (8, 8), (200, 10, 10))}
-    lm.generate_until(_requests(lm, doc, {"max_new_tokens": 6, "until": []}))
-    s = lm._captured[0]
-    inputs = lm._inputs([lm._prompt("What colour is the square?", 1)], [[doc["image"]]])
-    ids = s["input_ids"][None].to(inputs["input_ids"].device)
-    with torch.inference_mode():
-        out = lm.model(
-            input_ids=ids,
-            pixel_values=inputs["pixel_values"],
-            attention_mask=torch.ones_like(ids),
-            output_routing=True,
-        )
-    full = torch.stack([r.topk_idx_TK for r in out.routing_records]).to(torch.int16)  # L, S, K
-    assert s["is_answer"].any()
-    assert torch.equal(full, s["topk_idx"])
 
 
 def _requests(lm, doc, gen_kwargs):

@@ -1,8 +1,9 @@
-"""The Triton path of the MoE block (``stgc.kernels``: routing in two launches, the expert path's
+"""The Triton kernels of the fused MoE path (``stgc.moe.fused``: routing in two launches, the expert path's
 elementwise passes, the fused observer's token-wise scores and CEL gradient) equals the eager path.
 
 On a GPU these run the compiled kernels; without one, Triton's interpreter runs them on CPU tensors
-(``TRITON_INTERPRET=1`` from conftest, ``stgc.moe.TRITON_ON_CPU``), so CI checks the kernels' logic too.
+(``TRITON_INTERPRET=1`` from conftest, ``stgc.moe.fused.passes.TRITON_ON_CPU``), so CI checks the
+kernels' logic too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import stgc.moe
+import stgc.moe.dispatch
+import stgc.moe.fused
+import stgc.moe.fused.passes
 from stgc.config import MoEConfig
 from stgc.conflict import ConflictObserver
 from stgc.moe import MoEBlock, RoutingContext, routing_context
@@ -22,7 +25,7 @@ D, F_ = 32, 48
 
 
 def _use_triton(monkeypatch, triton: bool) -> None:
-    monkeypatch.setattr(stgc.moe, "TRITON_ON_CPU", triton and DEV == "cpu")
+    monkeypatch.setattr(stgc.moe.fused.passes, "TRITON_ON_CPU", triton and DEV == "cpu")
     if triton:
         monkeypatch.delenv("STGC_NO_TRITON", raising=False)
     else:
@@ -123,10 +126,10 @@ def test_triton_block_equals_eager(
 @pytest.mark.parametrize("products", ["grouped", "grouped_forward"])
 def test_triton_routing_issues_the_first_grouped_product(monkeypatch, ffn, products):
     """With grouped expert products the routing issues the first one itself, right after its kernels
-    (``stgc.kernels.route_and_dispatch``'s ``then``), and the expert path uses it: of the forward's two
+    (``route_and_dispatch``'s ``issue_first_product``), and the expert path uses it: of the forward's two
     grouped products the expert path issues only the second; outputs and gradients stay the eager path's."""
     products_issued, by_expert_path = [], []
-    grouped, rows_wt = stgc.moe.grouped_rows_wt, stgc.moe._Groups.rows_wt
+    grouped, rows_wt = stgc.moe.dispatch.grouped_rows_wt, stgc.moe.dispatch.ExpertGroups.rows_wt
 
     def counted(*args):
         products_issued.append(1)
@@ -136,8 +139,9 @@ def test_triton_routing_issues_the_first_grouped_product(monkeypatch, ffn, produ
         by_expert_path.append(1)
         return rows_wt(self, *args)
 
-    monkeypatch.setattr(stgc.moe, "grouped_rows_wt", counted)
-    monkeypatch.setattr(stgc.moe._Groups, "rows_wt", counted_rows_wt)
+    monkeypatch.setattr(stgc.moe.dispatch, "grouped_rows_wt", counted)
+    monkeypatch.setattr(stgc.moe.fused, "grouped_rows_wt", counted)
+    monkeypatch.setattr(stgc.moe.dispatch.ExpertGroups, "rows_wt", counted_rows_wt)
     cfg = MoEConfig(num_experts=4, top_k=2)
 
     def run(triton):
@@ -160,7 +164,7 @@ def test_triton_routing_issues_the_first_grouped_product(monkeypatch, ffn, produ
 def test_triton_kernels_with_several_column_blocks(monkeypatch):
     """The column-blocked kernels (routing backward, combine, row dot, gather) with blocks narrower than
     D (here D = 32: two blocks of 16 each), as at the bench shape, equal the eager path."""
-    import stgc.kernels as K
+    import stgc.moe.fused.launch as K
 
     for name in ("ROUTE_BWD_BLOCK_D", "COMBINE_BLOCK_D", "ROWDOT_BLOCK_D", "GATHER_BLOCK_D", "ROUTE_BLOCK_D"):
         monkeypatch.setattr(K, name, 16)
@@ -193,7 +197,7 @@ def test_triton_stgc_modes_equal_eager(monkeypatch, mode, products):
             b.expert_products = products
         x = torch.randn(shape.tokens, D, device=DEV)
         method = _method(mode, model.blocks[0].config)
-        out = method.train_loss(model, {"x": x, "target": torch.randn_like(x)}, step=1)
+        out = method.step_loss(model, {"x": x, "target": torch.randn_like(x)}, 1)
         out.loss.backward()
         return out.logs(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -240,7 +244,7 @@ def test_triton_path_odd_inputs(monkeypatch):
     """A non-contiguous input (the router's input gradient is written row-major), exact ties (the lower
     expert index first, on both paths), a NaN row (no expert index past E), no tokens at all, and an
     in-place edit of tokens_per_expert before the backward (e.g. an all-reduce for logging)."""
-    from stgc.kernels import route_and_dispatch
+    from stgc.moe.fused.routing_kernels import route_and_dispatch
 
     def run(triton, x):
         block = _train_block(monkeypatch, triton)

@@ -69,6 +69,52 @@ def test_save_load_roundtrip(tmp_path, backbone):
     assert block.router.weight.dtype == torch.float32 and block.experts.w_in.dtype == torch.bfloat16
 
 
+def test_router_settings_round_trip_and_route_evaluation_as_saved(tmp_path):
+    """The router's own settings (a bias, the evaluation capacity factor) are in config.json: the reloaded
+    model routes exactly as the saved one, in training and evaluation mode."""
+    settings = dict(
+        router={"name": "softmax_topk", "bias": True}, capacity_factor=1.0, eval_capacity_factor=2.0
+    )
+    model = tiny_model("llama", **settings)
+    with torch.no_grad():
+        for block in model.moe_blocks.values():
+            block.router.bias.normal_()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.config.moe_config == MoEConfig(**settings)
+    assert loaded.moe_blocks[0].router.bias is not None
+    batch = image_batch(model)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(loaded, mode)()
+        with torch.no_grad():
+            a = model(**batch, output_routing=True).routing_records
+            b = loaded(**batch, output_routing=True).routing_records
+        for ra, rb in zip(a, b, strict=True):
+            assert torch.equal(ra.topk_idx_TK, rb.topk_idx_TK) and torch.equal(ra.kept_TK, rb.kept_TK)
+            torch.testing.assert_close(ra.weights_TK, rb.weights_TK)
+
+
+def test_checkpoints_written_before_routers_and_objectives_still_load(tmp_path):
+    """A config.json of the layout before this refactor (no router / experts / implementation /
+    eval_capacity_factor in ``moe``, the flat routing method) loads with the default router and bank and
+    routes as it did."""
+    model = tiny_model("llama", capacity_factor=2.0)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key in ("router", "experts", "implementation", "eval_capacity_factor"):
+        cfg["moe"].pop(key)
+    cfg["routing_method"] = {"name": "stgc", "beta": 0.05, "mode": "fused"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.config.moe_config == MoEConfig(capacity_factor=2.0)
+    from stgc.objectives.config import objective_params
+
+    assert objective_params(loaded.config.routing_method, "stgc")["beta"] == 0.05
+    batch = image_batch(model)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
 def test_processor_saved_with_checkpoint(tmp_path):
     """AutoProcessor loads the processor saved next to the model; <image> expands to the tower's tokens."""
     from PIL import Image

@@ -27,25 +27,17 @@ def _dense_mlp(kind: str, seed: int = 0) -> torch.nn.Module:
 
 
 def _from_dense(mlp: torch.nn.Module, cfg: MoEConfig) -> MoEBlock:
-    if hasattr(mlp, "gate_proj"):
-        return MoEBlock.from_dense(
-            cfg, 0, gate_proj=mlp.gate_proj.weight, up_proj=mlp.up_proj.weight, down_proj=mlp.down_proj.weight
-        )
-    return MoEBlock.from_dense(
-        cfg,
-        0,
-        fc1_weight=mlp.fc1.weight,
-        fc1_bias=mlp.fc1.bias,
-        fc2_weight=mlp.fc2.weight,
-        fc2_bias=mlp.fc2.bias,
-    )
+    return MoEBlock.upcycled(cfg, mlp, "swiglu" if hasattr(mlp, "gate_proj") else "gelu", 0)
 
 
+@pytest.mark.parametrize("implementation", ["auto", "eager"])
 @pytest.mark.parametrize("kind", ["llama", "phi"])
-def test_one_expert_equals_dense_ffn(kind):
-    """E=1, K=1: the block is the dense FFN, in outputs and in gradients w.r.t. inputs and weights."""
+def test_one_expert_equals_dense_ffn(kind, implementation):
+    """E=1, K=1: the block is the dense FFN, in outputs and in gradients w.r.t. inputs and weights, on the
+    fused path and on the eager parts."""
     mlp = _dense_mlp(kind)
-    block = _from_dense(mlp, MoEConfig(num_experts=1, top_k=1)).train()
+    block = _from_dense(mlp, MoEConfig(num_experts=1, top_k=1, implementation=implementation)).train()
+    assert block.implementation == ("fused" if implementation == "auto" else "eager")
     x = torch.randn(3, 7, D)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn(3, 7, D)

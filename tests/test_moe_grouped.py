@@ -137,8 +137,9 @@ def test_triton_swiglu_passes_equal_eager():
     """The Triton activation forward and backward (with |grad_a|^2 per row) equal the plain elementwise
     code (on CPU: Triton's interpreter)."""
     pytest.importorskip("triton")
-    from stgc.kernels import swiglu_backward, swiglu_forward
-    from stgc.moe import _act_backward, _act_forward
+    from stgc.moe.experts.ffn import act_forward as _act_forward
+    from stgc.moe.fused.expert_kernels import swiglu_backward, swiglu_forward
+    from stgc.moe.fused.passes import act_backward as _act_backward
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
@@ -158,16 +159,13 @@ def test_auto_products_split_the_backward_from_the_threshold_on(monkeypatch):
     """``auto`` (on CUDA bf16) keeps every product grouped below PER_EXPERT_BACKWARD_MIN_ROWS rows per
     expert and runs the backward's per expert from there on; the explicit modes ignore the size. Without
     grad mode nothing splits (no backward will come: the forward copies no sizes to the host)."""
-    from stgc import moe
+    from stgc.moe import dispatch
 
-    monkeypatch.setattr(moe, "use_grouped_mm", lambda *a: True)  # as on CUDA bf16
-    monkeypatch.setattr(moe, "PER_EXPERT_BACKWARD_MIN_ROWS", 8)
-    block = MoEBlock(MoEConfig(num_experts=4, top_k=2), D, F_, "swiglu", layer_idx=0)
+    monkeypatch.setattr(dispatch, "PER_EXPERT_BACKWARD_MIN_ROWS", 8)
     offsets = torch.tensor([4, 8, 12, 16])
 
-    def split(tokens: int, mode: str) -> bool:
-        block.expert_products = mode
-        return block._groups(torch.zeros(tokens, D), offsets).per_expert_backward
+    def split(tokens: int, mode: str) -> bool:  # (grouped=True: as on CUDA bf16)
+        return dispatch.ExpertGroups.for_rows(tokens * 2, offsets, 4, mode, True).per_expert_backward
 
     assert not split(15, "auto") and split(16, "auto")  # 30 rows < 4 x 8 <= 32 rows
     assert split(2, "grouped_forward") and not split(64, "grouped")

@@ -249,14 +249,14 @@ def test_fp16_loss_scaling_is_refused_with_the_fused_mode():
     from types import SimpleNamespace
 
     from stgc.config import MoEConfig
-    from stgc.methods import build_method
-    from stgc.train import _check_loss_scaling
+    from stgc.trainer import check_loss_scaling
+    from tests.toy_moe import objectives
 
-    fused = build_method({"name": "stgc"}, MoEConfig())
-    two_pass = build_method({"name": "stgc", "mode": "two_pass"}, MoEConfig())
+    fused = objectives({"name": "stgc"}, MoEConfig())
+    two_pass = objectives({"name": "stgc", "mode": "two_pass"}, MoEConfig())
     ds_fp16 = SimpleNamespace(fp16=False, deepspeed={"fp16": {"enabled": True}})
     with pytest.raises(ValueError, match="fp16 with loss scaling"):
-        _check_loss_scaling(ds_fp16, fused)
-    _check_loss_scaling(ds_fp16, two_pass)
-    _check_loss_scaling(SimpleNamespace(fp16=False, deepspeed={"fp16": {"enabled": "auto"}}), fused)
-    _check_loss_scaling(ds_fp16, build_method({"name": "baseline"}, MoEConfig()))
+        check_loss_scaling(ds_fp16, fused)
+    check_loss_scaling(ds_fp16, two_pass)
+    check_loss_scaling(SimpleNamespace(fp16=False, deepspeed={"fp16": {"enabled": "auto"}}), fused)
+    check_loss_scaling(ds_fp16, objectives({"name": "baseline"}, MoEConfig()))

@@ -8,7 +8,7 @@ import pytest
 
 from stgc.cli import main as stgc_main
 from stgc.config import MoEConfig
-from stgc.methods.stgc import STGCConfig
+from stgc.objectives.config import LoadBalanceConfig, MethodConfig, STGCConfig, ZLossConfig
 from stgc.recipes import (
     RECIPES,
     DataConfig,
@@ -30,7 +30,7 @@ def test_every_recipe_is_valid_and_round_trips(name):
     assert again == config
     assert str(config.run_dir).startswith("runs/")
     if name.endswith("_stgc"):
-        assert config.method == STGCConfig()
+        assert config.method == MethodConfig("stgc", (LoadBalanceConfig(), STGCConfig()))
         assert config.replace(method=get_recipe(name.removesuffix("_stgc")).method) == get_recipe(
             name.removesuffix("_stgc")
         )
@@ -60,7 +60,7 @@ def test_moe_llava_recipes_use_the_published_stage3_settings():
 def test_variants_derive_in_code():
     base = get_recipe("tiny")
     v = with_seed(stgc_variant(base, beta=0.05, mode="two_pass"), 3)
-    assert v.method == STGCConfig(beta=0.05, mode="two_pass") and v.training.seed == 3
+    assert v.method.objective("stgc") == STGCConfig(beta=0.05, mode="two_pass") and v.training.seed == 3
     assert v.model == base.model and v.data == base.data
     assert str(v.run_dir) == "runs/tiny-stgc-beta0.05-modetwo_pass-seed3"
     with pytest.raises(ValueError, match="beta"):
@@ -84,12 +84,30 @@ def test_overrides_convert_types_and_switch_methods():
         ],
     )
     assert c.training.lr == 1e-4 and isinstance(c.training.lr, float)
-    assert c.method == STGCConfig(beta=0.05, layers=(0, 2))
+    assert c.method == MethodConfig("stgc", (LoadBalanceConfig(), STGCConfig(beta=0.05, layers=(0, 2))))
     assert c.model.moe == MoEConfig(top_k=1, capacity_factor=1.5)
     assert c.training.bf16 is True and c.training.save_total_limit is None
     assert c.training.trainable == "experts,router" and str(c.run_dir) == "runs/x"
     back = apply_overrides(c, ["method.name=baseline"])
-    assert back.method.name == "baseline" and not hasattr(back.method, "beta")
+    assert back.method == MethodConfig() and back.method.objective("stgc") is None
+    # the objective list, its settings, and the layout saved before objectives existed
+    z = apply_overrides(
+        get_recipe("tiny"), ["method.objectives=load_balance,z_loss", "method.z_loss.coef=0.1"]
+    )
+    assert z.method == MethodConfig("z_loss", (LoadBalanceConfig(), ZLossConfig(coef=0.1)))
+    assert str(z.run_dir) == "runs/tiny-z_loss-coef0.1-seed0"
+    legacy = RunConfig.from_dict({**get_recipe("tiny").to_dict(), "method": {"name": "stgc", "beta": 0.05}})
+    assert legacy.method == MethodConfig("stgc", (LoadBalanceConfig(), STGCConfig(beta=0.05)))
+    both = apply_overrides(get_recipe("tiny_stgc"), ["method.objectives=load_balance,z_loss,stgc"])
+    assert both.method.name == "z_loss+stgc" and both.method.objective("stgc") == STGCConfig()
+    # the router, the bank and the capacity factors of the MoE layers
+    r = apply_overrides(
+        get_recipe("tiny"),
+        ["model.moe.router.bias=true", "model.moe.capacity_factor=1.5", "model.moe.eval_capacity_factor=2"],
+    )
+    assert (
+        r.model.moe.router.bias and r.model.moe.capacity(True) == 1.5 and r.model.moe.capacity(False) == 2.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -97,8 +115,15 @@ def test_overrides_convert_types_and_switch_methods():
     [
         (["training.lrr=1"], r"unknown config key 'training.lrr'; valid keys here are \[.*'training.lr'"),
         (["nope=1"], r"valid keys here are \[.*'training'"),
-        (["method.beta=0.1"], "method.name=<method> switches"),
-        (["method.name=nope"], r"unknown; valid methods are \['baseline', 'stgc'\]"),
+        (["method.beta=0.1"], r"the method 'baseline' has the objectives \['load_balance'\]"),
+        (["method.name=nope"], r"unknown; valid methods are \[.*'baseline', 'stgc'"),
+        (["method.objectives=load_balance,nope"], r"unknown objectives \['nope'\]; valid objectives are"),
+        (["method.stgc.beta=0.1"], "the method has no objective 'stgc'"),
+        (["model.moe.router.name=nope"], r"moe.router.name='nope' is unknown; valid choices are"),
+        (["model.moe.experts.name=nope"], r"moe.experts.name='nope' is unknown; valid choices are"),
+        (["model.moe.router.nope=1"], "unknown config key 'model.moe.router.nope'"),
+        (["model.moe.eval_capacity_factor=2"], "without a training capacity_factor"),
+        (["model.moe.implementation=fast"], "moe.implementation='fast' is not valid"),
         (["training.lr=fast"], "training.lr='fast' is not a number"),
         (["training.bf16=maybe"], "not a boolean"),
         (["model.moe=3"], "is a section"),
@@ -145,6 +170,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(capsys):
 def test_cli_prints_the_resolved_config(capsys):
     assert stgc_main(["train", "tiny_stgc", "method.beta=0.05", "--print-config"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["method"]["beta"] == 0.05 and data["output_dir"] == "runs/tiny-stgc-beta0.05-seed0"
+    assert data["method"]["objectives"][1] == {**STGCConfig(beta=0.05).to_dict(), "layers": None}
+    assert data["output_dir"] == "runs/tiny-stgc-beta0.05-seed0"
     assert stgc_main(["train", "--list"]) == 0
     assert "tiny_stgc" in capsys.readouterr().out

@@ -52,7 +52,8 @@ def test_dense_stage_then_upcycled_stage3_checkpoints_load(suite, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(final)
     processor = AutoProcessor.from_pretrained(final)
     assert type(model).__name__ == "MoELlavaForConditionalGeneration"
-    assert model.config.routing_method["name"] == "stgc" and model.config.routing_method["beta"] == 0.01
+    method = model.config.routing_method
+    assert method["name"] == "stgc" and method["objectives"][1]["beta"] == 0.01
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
 
     # stage III trained experts, routers and the projector only: everything else is the dense parent's
@@ -97,14 +98,31 @@ def test_parameter_groups_of_the_tiny_model():
     )
 
 
+def test_z_loss_run_logs_every_term_scaled_and_unscaled(suite, tmp_path):
+    """The worked example of docs/extending.md: a tiny run with [load_balance, z_loss] logs both terms,
+    unscaled and scaled by their coefficients, and the total is L_lm plus the scaled terms."""
+    dense = train(_tiny("tiny_dense", suite, tmp_path / "dense"))
+    config = _tiny("tiny_z_loss", suite, tmp_path / "z", f"model.init={dense}", "method.z_loss.coef=0.01")
+    assert [o.name for o in config.method.objectives] == ["load_balance", "z_loss"]
+    train(config)
+    records = read_metrics(tmp_path / "z")
+    assert len(records) == 2
+    for r in records:
+        assert r["loss/z"] > 0 and r["loss/aux"] > 0
+        assert r["loss/z_scaled"] == pytest.approx(0.01 * r["loss/z"])
+        assert r["loss/aux_scaled"] == pytest.approx(0.01 * r["loss/aux"])
+        total = r["loss/lm"] + r["loss/aux_scaled"] + r["loss/z_scaled"]
+        assert r["loss/total"] == pytest.approx(total, rel=1e-6)
+
+
 def test_fused_stgc_under_activation_checkpointing_matches():
     """The MoE-LLaVA recipes checkpoint activations (non-reentrant): the recomputed forward runs outside the
     routing context, yet the backward keeps the original nodes and their observer, so the fused gradients
     and conflict statistics are unchanged."""
     from stgc.config import MoEConfig
-    from stgc.methods import build_method
-    from stgc.methods.stgc import STGCConfig
+    from stgc.objectives.config import STGCConfig
     from tests.conftest import image_batch, tiny_model
+    from tests.toy_moe import objectives
 
     model = tiny_model("llama").train()
     batch = image_batch(model, batch=2, text_len=8)
@@ -116,7 +134,7 @@ def test_fused_stgc_under_activation_checkpointing_matches():
         else:
             model.gradient_checkpointing_disable()
         model.zero_grad()
-        result = build_method(STGCConfig(beta=0.5), MoEConfig()).train_loss(model, batch, 0)
+        result = objectives(STGCConfig(beta=0.5), MoEConfig()).step_loss(model, batch, 0)
         result.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return grads, result.logs(), len(result.records)

@@ -119,3 +119,14 @@ class ToySequences(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         ids = self.ids[i]
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+
+
+def objectives(spec, moe: MoEConfig | None = None):
+    """The ``ObjectiveSet`` of a method: a ``MethodConfig``, its dict form (either layout), or one objective's
+    settings added to the baseline's ``load_balance``."""
+    from stgc.objectives.config import LoadBalanceConfig, MethodConfig, ObjectiveConfig
+    from stgc.objectives.set import ObjectiveSet
+
+    if isinstance(spec, ObjectiveConfig):
+        spec = MethodConfig(name=spec.name, objectives=(LoadBalanceConfig(), spec))
+    return ObjectiveSet(spec, moe or MoEConfig())

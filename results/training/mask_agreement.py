@@ -18,8 +18,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import stgc  # noqa: F401  (registers the model)
 from stgc.data.collate import LlavaCollator
-from stgc.methods import build_method
-from stgc.methods.stgc import STGCConfig
+from stgc.objectives.config import method_preset
+from stgc.objectives.set import ObjectiveSet
 
 
 def agreement(checkpoint: str, betas=(0.01, 0.1, 1.0), batches: int = 6, batch_size: int = 16) -> None:
@@ -37,9 +37,8 @@ def agreement(checkpoint: str, betas=(0.01, 0.1, 1.0), batches: int = 6, batch_s
             layers = {}
             for mode in ("fused", "two_pass"):
                 model.zero_grad()
-                method = build_method(STGCConfig(beta=beta, mode=mode), moe)
-                observer = method.observer(0) if mode == "fused" else None
-                result = method.train_loss(model, batch, 0, observer=observer)
+                method = ObjectiveSet(method_preset("stgc", beta=beta, mode=mode), moe)
+                result = method.step_loss(model, batch, 0)
                 result.loss.backward()
                 layers[mode] = result.observer.layers
             for layer, two in layers["two_pass"].items():

@@ -9,13 +9,11 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, help). Names listed before their module exists are reserved for the modules that will
-# provide them; running one says so.
+# name -> (module, help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "moe": ("stgc.bench.moe", "MoE block vs DeepSpeed's MoE layer: forward+backward time and peak memory"),
     "stgc": ("stgc.bench.stgc", "training-step overhead of STGC (two_pass / fused) against the baseline"),
-    "eval": ("stgc.bench.eval", "evaluation throughput through lmms-eval"),
-    "capture": ("stgc.bench.capture", "routing-trace capture throughput"),
+    "eval": ("evals.bench", "evaluation throughput through lmms-eval"),
 }
 
 
@@ -29,13 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     module_name, help_text = BENCHMARKS[args.name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        print(f"stgc bench {args.name}: not available yet ({module_name} does not exist).")
-        return 2
+    module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"stgc bench {args.name}", description=help_text)
     module.add_arguments(parser)
     try:

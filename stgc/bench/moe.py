@@ -12,8 +12,10 @@ the backward of each, with MoE-LLaVA's coefficient 0.01):
   ``torch._grouped_mm``
 - ``deepspeed_moellava``: ``deepspeed.moe.layer.MoE`` as MoE-LLaVA configures it (``MOELLAVA_DS_SETTINGS``)
 - ``deepspeed_nodrop``: the same without token dropping (drop_tokens=False)
-- ``stgc_eager``: the block without ``stgc.kernels`` (``use_triton=False``: eager routing and sort, the
-  compiled elementwise helpers), the path before the Triton routing
+- ``stgc_no_triton``: the fused path without its Triton kernels (``use_triton=False``: the eager router
+  and sort, the compiled elementwise helpers); ``stgc_eager`` in CSVs before the objectives refactor
+- ``stgc_eager``: the block's eager parts (``MoEConfig.implementation="eager"``: the readable router and
+  bank, one expert at a time with host syncs), the specification the fused path is tested against
 - ``floor``: the experts' matrix products alone on tokens pre-sorted and split evenly over the experts:
   per expert the forward [n, D] x [D, 2F] and [n, F] x [F, D] products and the four backward products
   (dA, dW_out, dW_in, dX), one SwiGLU pass each way (compiled on CUDA); no autograd, routing or combine
@@ -49,11 +51,13 @@ from torch import Tensor
 from stgc.bench.deepspeed_ref import MOELLAVA_DS_SETTINGS, deepspeed_moe_from_block, single_process_group
 from stgc.config import MoEConfig
 from stgc.moe import MoEBlock, RoutingContext, routing_context
+from stgc.moe.dispatch import ExpertGroups, use_grouped_mm
 from stgc.provenance import git_revision
 
 IMPLS = (
     "stgc",
     "stgc_grouped",
+    "stgc_no_triton",
     "stgc_eager",
     "stgc_moellava_settings",
     "stgc_per_expert",
@@ -237,10 +241,14 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     block_gr.load_state_dict(block.state_dict())
     block_gr.router.float()
     block_gr.expert_products = "grouped"
-    block_eager = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
+    block_nt = MoEBlock(base_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
+    block_nt.load_state_dict(block.state_dict())
+    block_nt.router.float()
+    block_nt.use_triton = False
+    eager_cfg = base_cfg.replace(implementation="eager")
+    block_eager = MoEBlock(eager_cfg, D, F_, "swiglu", layer_idx=0).to(device, dtype).train()
     block_eager.load_state_dict(block.state_dict())
     block_eager.router.float()
-    block_eager.use_triton = False
 
     def ours(b: MoEBlock) -> Callable[[], None]:
         xi = x.detach().requires_grad_()
@@ -308,7 +316,8 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
         A = T * cfg.top_k
         xs, dys = x.repeat(cfg.top_k, 1)[:A].contiguous(), dy.repeat(cfg.top_k, 1)[:A].contiguous()
         ends = torch.tensor([round((e + 1) * A / E) for e in range(E)], device=device)
-        groups = block_gr._groups(xs, ends)
+        dims = (D, w_in.shape[1], F_)
+        groups = ExpertGroups.for_rows(A, ends, E, "grouped", use_grouped_mm(xs, dims, "grouped"))
         act_fwd, act_bwd = _compiled(_swiglu_fwd, device), _compiled(_swiglu_bwd, device)
 
         def step() -> None:
@@ -327,6 +336,7 @@ def _steps(cfg: BenchConfig, T: int, device: torch.device) -> dict[str, Callable
     return {
         "stgc": ours(block),
         "stgc_grouped": ours(block_gr),
+        "stgc_no_triton": ours(block_nt),
         "stgc_eager": ours(block_eager),
         "stgc_moellava_settings": ours(block_ml),
         "stgc_per_expert": ours(block_pe),

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from stgc.bench.moe import measure_interleaved, paired_ratio, peak_mib, write_csv
 from stgc.config import MoEConfig
-from stgc.methods import build_method
 from stgc.moe import MoEBlock, RoutingContext, routing_context
+from stgc.objectives.config import method_preset
+from stgc.objectives.set import ObjectiveSet
 from stgc.provenance import git_revision
 
 MODES = ("baseline", "fused", "two_pass", "reference")
@@ -71,7 +72,7 @@ class _Out:
 
 class MoEStack(nn.Module):
     """x -> x + MoE_l(x) for each layer -> mean squared error to a fixed target. Takes ``routing_ctx`` like
-    the real model so that the methods' ``train_loss`` drives it unchanged."""
+    the real model so that the objectives' ``step_loss`` drives it unchanged."""
 
     def __init__(self, s: StackShape):
         super().__init__()
@@ -87,10 +88,10 @@ class MoEStack(nn.Module):
         return _Out(loss=(x.float() - target.float()).square().mean())
 
 
-def _method(mode: str, moe: MoEConfig):
+def _method(mode: str, moe: MoEConfig) -> ObjectiveSet:
     if mode == "baseline":
-        return build_method({"name": "baseline"}, moe)
-    return build_method({"name": "stgc", "mode": mode, "beta": 0.01}, moe)
+        return ObjectiveSet(method_preset("baseline"), moe)
+    return ObjectiveSet(method_preset("stgc", mode=mode, beta=0.01), moe)
 
 
 def _layer_steps(s: StackShape, device, dtype) -> tuple[dict[str, Callable[[], None]], str]:
@@ -106,7 +107,7 @@ def _layer_steps(s: StackShape, device, dtype) -> tuple[dict[str, Callable[[], N
         method = _method(mode, moe)
 
         def step():
-            out = method.train_loss(model, inputs, step=1)
+            out = method.step_loss(model, inputs, 1)
             out.loss.backward()
             model.zero_grad(set_to_none=True)
 
@@ -152,7 +153,7 @@ def _small_steps(
         method = _method(mode, moe)
 
         def step():
-            out = method.train_loss(model, inputs, step=1)
+            out = method.step_loss(model, inputs, 1)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

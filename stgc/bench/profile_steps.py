@@ -1,7 +1,7 @@
 """Kernel time vs wall time of the MoE block, the matrix-product floor and the STGC layer stack (one GPU).
 
 From the repository root on a CUDA machine:
-``python results/bench/profile_steps.py [tokens ...] > results/bench/profile_steps.txt`` (the MoE block
+``python -m stgc.bench.profile_steps [tokens ...] > results/bench/profile_steps.txt`` (the MoE block
 at each token count, default 8192; the layer stack at 8192).
 For each step: the median wall time (CUDA events), the median host time to issue it (the step's Python
 and launches, no synchronisation) and to issue its first grouped expert product, then one step under
@@ -105,8 +105,9 @@ def profile(name: str, step, top: int = 15) -> collections.Counter:
 
 def launch_costs(n: int = 200) -> None:
     """Host time per call on this machine: an allocation, an eager op, a Triton kernel of this project
-    (``stgc.kernels.combine``: one allocation and one launch) and a torch.compile'd function, tiny tensors."""
-    from stgc.kernels import combine
+    (``stgc.moe.fused.expert_kernels.combine``: one allocation and one launch) and a torch.compile'd
+    function, tiny tensors."""
+    from stgc.moe.fused.expert_kernels import combine
 
     a = torch.randn(1024, device="cuda")
     o = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
@@ -116,7 +117,7 @@ def launch_costs(n: int = 200) -> None:
     calls = {
         "torch.empty": lambda: torch.empty(1024, device="cuda"),
         "torch.add (eager op)": lambda: torch.add(a, a),
-        "Triton kernel (stgc.kernels.combine)": lambda: combine(o, pos, w),
+        "Triton kernel (stgc.moe.fused.expert_kernels.combine)": lambda: combine(o, pos, w),
         "torch.compile'd function": lambda: compiled(a),
     }
     print("== host time per call (tiny tensors; median of 5 runs of", n, "calls)")
@@ -184,7 +185,7 @@ def main() -> None:
     with single_process_group():
         for T in tokens:
             steps = _steps(BenchConfig(tokens=(T,)), T, dev)
-            for impl in ("stgc", "stgc_eager", "floor", "floor_grouped"):
+            for impl in ("stgc", "stgc_no_triton", "floor", "floor_grouped"):
                 profile(f"MoE block bench, {impl}, {T} tokens", steps[impl])
             if T == tokens[0]:
                 host_hotspots(f"MoE block bench, stgc, {T} tokens", steps["stgc"])

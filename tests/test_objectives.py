@@ -1,8 +1,9 @@
-"""Routing methods (stgc.methods): equivalences of STGC's modes with each other and with the baseline.
+"""Objectives (stgc.objectives): equivalences of STGC's modes with each other and with the baseline, the
+objective list's contracts (z-loss, one observer, terms scaled and unscaled), and the config layouts.
 
-docs/method.md section 5: beta = 0 is bit-identical to the baseline; fused == two_pass when the upstream
-gradient is the same (one MoE layer); fused masks agree with two_pass masks on nearly all pairs (the figure is
-printed: run with -s to see it).
+docs/method.md, "Three ways to compute it": beta = 0 is bit-identical to the baseline; fused == two_pass
+when the upstream gradient is the same (one MoE layer); fused masks agree with two_pass masks on nearly all
+pairs (the figure is printed: run with -s to see it).
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import torch
 
 from stgc.config import MoEConfig
 from stgc.conflict import cel_loss
-from stgc.methods import REGISTRY, build_method
-from stgc.methods.stgc import STGCConfig
-from tests.toy_moe import toy_batch, toy_model
+from stgc.objectives.config import METHODS, STGCConfig
+from tests.toy_moe import objectives, toy_batch, toy_model
 
 FFNS = ("swiglu", "gelu")
 MOE = MoEConfig()
@@ -22,19 +22,20 @@ MOE = MoEConfig()
 
 def _grads(model, method, batch, step=0, observer=None):
     model.zero_grad(set_to_none=True)
-    result = method.train_loss(model, batch, step, observer=observer)
+    result = method.step_loss(model, batch, step, observer="own" if observer is None else observer)
     result.loss.backward()
     return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_registry_and_build_from_dict():
-    assert {"baseline", "stgc"} <= set(REGISTRY)
-    method = build_method({"name": "stgc", "beta": 0.05, "layers": [0]}, MOE)
-    assert method.config.beta == 0.05 and method.config.layers == (0,)
+    assert {"baseline", "stgc", "z_loss"} <= set(METHODS)
+    method = objectives({"name": "stgc", "beta": 0.05, "layers": [0]}, MOE)  # the layout before objectives
+    stgc = method.items[1].config
+    assert method.names == ["load_balance", "stgc"] and stgc.beta == 0.05 and stgc.layers == (0,)
     with pytest.raises(ValueError, match="unknown routing method"):
-        build_method({"name": "nope"}, MOE)
-    with pytest.raises(ValueError, match="unknown key"):
-        build_method({"name": "stgc", "betta": 0.1}, MOE)
+        objectives({"name": "nope"}, MOE)
+    with pytest.raises(ValueError, match="parameter 'betta'"):
+        objectives({"name": "stgc", "betta": 0.1}, MOE)
 
 
 @pytest.mark.parametrize("ffn", FFNS)
@@ -42,8 +43,8 @@ def test_registry_and_build_from_dict():
 def test_beta_zero_is_bit_identical_to_baseline(ffn, mode):
     model = toy_model(ffn, num_layers=2)
     batch = toy_batch(pad=1)
-    base, g_base = _grads(model, build_method({"name": "baseline"}, MOE), batch)
-    stgc, g_stgc = _grads(model, build_method(STGCConfig(beta=0.0, mode=mode), MOE), batch)
+    base, g_base = _grads(model, objectives({"name": "baseline"}, MOE), batch)
+    stgc, g_stgc = _grads(model, objectives(STGCConfig(beta=0.0, mode=mode), MOE), batch)
     assert torch.equal(base.loss, stgc.loss)
     assert g_base.keys() == g_stgc.keys() and len(g_base) == len(list(model.parameters()))
     for name in g_base:
@@ -56,8 +57,8 @@ def test_beta_zero_is_bit_identical_to_baseline(ffn, mode):
 def test_start_step_turns_the_loss_on_later(ffn):
     model = toy_model(ffn, num_layers=2)
     batch = toy_batch()
-    _, g_base = _grads(model, build_method({"name": "baseline"}, MOE), batch)
-    method = build_method(STGCConfig(beta=0.5, start_step=3), MOE)
+    _, g_base = _grads(model, objectives({"name": "baseline"}, MOE), batch)
+    method = objectives(STGCConfig(beta=0.5, start_step=3), MOE)
     _, g_early = _grads(model, method, batch, step=2)
     _, g_late = _grads(model, method, batch, step=3)
     assert all(torch.equal(g_base[n], g_early[n]) for n in g_base)
@@ -71,10 +72,10 @@ def test_fused_equals_two_pass_with_one_moe_layer(ffn):
     model = toy_model(ffn, num_layers=1)
     batch = toy_batch(batch=4, seq=12, pad=2)
     beta = 0.3
-    fused_method = build_method(STGCConfig(beta=beta, mode="fused"), MOE)
+    fused_method = objectives(STGCConfig(beta=beta, mode="fused"), MOE)
     obs = fused_method.observer(0)
     fused, g_fused = _grads(model, fused_method, batch, observer=obs)
-    two, g_two = _grads(model, build_method(STGCConfig(beta=beta, mode="two_pass"), MOE), batch)
+    two, g_two = _grads(model, objectives(STGCConfig(beta=beta, mode="two_pass"), MOE), batch)
     lf, lt = fused.observer.layers[0], two.observer.layers[0]
     assert torch.equal(lf.conflict_A, lt.conflict_A) and int(lf.conflict_A.sum()) > 0
     # Router logits are fp32 by design (DeepSpeed's gate): the fused mode adds its logit gradient to the
@@ -86,7 +87,7 @@ def test_fused_equals_two_pass_with_one_moe_layer(ffn):
     assert fused.logs()["loss/cel_scaled"] == pytest.approx(beta * fused.logs()["loss/cel"])
 
     # and the router's extra gradient is exactly beta * dL_cel/dz on the fixed masks
-    base, g_base = _grads(model, build_method({"name": "baseline"}, MOE), batch)
+    base, g_base = _grads(model, objectives({"name": "baseline"}, MOE), batch)
     z = base.records[0].logits_TE.detach().requires_grad_(True)
     cel = cel_loss(z, lt.token_A, lt.expert_A, lt.conflict_A, "neg_logit_ce")
     (dz,) = torch.autograd.grad(beta * cel, z)
@@ -105,18 +106,18 @@ def test_two_pass_gradients_are_those_of_the_total_on_its_masks(ffn, loss_scale)
     model = toy_model(ffn, num_layers=3)
     batch = toy_batch(batch=4, seq=12, pad=2)
     beta, s = 0.3, 1.0 if loss_scale is None else loss_scale
-    method = build_method(STGCConfig(beta=beta, mode="two_pass"), MOE)
+    method = objectives(STGCConfig(beta=beta, mode="two_pass"), MOE)
     obs = method.observer(0)
     obs.loss_scale = loss_scale
     model.zero_grad(set_to_none=True)
-    two = method.train_loss(model, batch, 0, observer=obs)
+    two = method.step_loss(model, batch, 0, observer=obs)
     (two.loss * s).backward()
     g_two = {n: p.grad.clone() for n, p in model.named_parameters()}
     masks = {layer: lc for layer, lc in two.observer.layers.items()}
     assert sum(int(lc.conflict_A.sum()) for lc in masks.values()) > 0
 
     model.zero_grad(set_to_none=True)
-    base = build_method({"name": "baseline"}, MOE).train_loss(model, batch, 0)
+    base = objectives({"name": "baseline"}, MOE).step_loss(model, batch, 0)
     cel = sum(
         cel_loss(r.logits_TE, masks[r.layer_idx].token_A, masks[r.layer_idx].expert_A,
                  masks[r.layer_idx].conflict_A, "neg_logit_ce")
@@ -134,10 +135,10 @@ def mask_agreement(ffn: str, beta: float, seeds=(0, 1, 2), num_layers: int = 4) 
     for seed in seeds:
         model = toy_model(ffn, num_layers=num_layers, seed=seed, vocab_size=32)
         batch = toy_batch(batch=8, seq=32, vocab_size=32, seed=seed, pad=3)
-        method = build_method(STGCConfig(beta=beta, mode="fused"), MOE)
+        method = objectives(STGCConfig(beta=beta, mode="fused"), MOE)
         obs = method.observer(0)
         fused, _ = _grads(model, method, batch, observer=obs)
-        two, _ = _grads(model, build_method(STGCConfig(beta=beta, mode="two_pass"), MOE), batch)
+        two, _ = _grads(model, objectives(STGCConfig(beta=beta, mode="two_pass"), MOE), batch)
         for layer, lt in two.observer.layers.items():
             lf = fused.observer.layers[layer]
             assert torch.equal(lf.token_A, lt.token_A) and torch.equal(lf.expert_A, lt.expert_A)
@@ -165,7 +166,7 @@ def test_every_loss_form_trains_and_logs_scaled_and_unscaled(form):
     model = toy_model("gelu", num_layers=2)
     batch = toy_batch()
     for mode in ("fused", "two_pass"):
-        result, grads = _grads(model, build_method(STGCConfig(beta=0.2, loss=form, mode=mode), MOE), batch)
+        result, grads = _grads(model, objectives(STGCConfig(beta=0.2, loss=form, mode=mode), MOE), batch)
         logs = result.logs()
         for key in ("loss/total", "loss/lm", "loss/aux", "loss/aux_scaled", "loss/cel", "loss/cel_scaled"):
             assert key in logs, (mode, key)
@@ -177,8 +178,8 @@ def test_every_loss_form_trains_and_logs_scaled_and_unscaled(form):
 def test_cel_applies_only_to_the_named_layers():
     model = toy_model("swiglu", num_layers=3)
     batch = toy_batch()
-    _, g_base = _grads(model, build_method({"name": "baseline"}, MOE), batch)
-    result, g = _grads(model, build_method(STGCConfig(beta=0.5, layers=(2,), mode="two_pass"), MOE), batch)
+    _, g_base = _grads(model, objectives({"name": "baseline"}, MOE), batch)
+    result, g = _grads(model, objectives(STGCConfig(beta=0.5, layers=(2,), mode="two_pass"), MOE), batch)
     # the CEL is computed and applied in layer 2 only (its gradient still flows down into layers 0-1)
     assert not torch.equal(g["layers.2.router.weight"], g_base["layers.2.router.weight"])
     cels = {layer: float(s["cel"]) for layer, s in result.observer.stats.items()}
@@ -191,9 +192,9 @@ def test_logged_total_is_the_same_objective_in_fused_and_two_pass(ffn):
     """loss/total = L_lm + alpha L_aux + beta L_cel in every mode (fused computes L_cel in the backward)."""
     model = toy_model(ffn, num_layers=1)
     batch = toy_batch(batch=4, seq=12, pad=2)
-    fused = build_method(STGCConfig(beta=0.3, mode="fused"), MOE)
+    fused = objectives(STGCConfig(beta=0.3, mode="fused"), MOE)
     f_logs = _grads(model, fused, batch, observer=fused.observer(0))[0].logs()
-    t_logs = _grads(model, build_method(STGCConfig(beta=0.3, mode="two_pass"), MOE), batch)[0].logs()
+    t_logs = _grads(model, objectives(STGCConfig(beta=0.3, mode="two_pass"), MOE), batch)[0].logs()
     assert f_logs["loss/cel"] > 0
     for key in ("loss/total", "loss/cel", "loss/cel_scaled"):
         assert f_logs[key] == pytest.approx(t_logs[key], rel=1e-5), key

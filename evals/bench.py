@@ -1,13 +1,11 @@
-"""`stgc bench eval` and `stgc bench capture`: generation throughput through lmms-eval.
+"""`stgc bench eval`: generation throughput through lmms-eval.
 
-Both run lmms-eval's own ``simple_evaluate`` on mini-suite tasks with the project's model adapter
+It runs lmms-eval's own ``simple_evaluate`` on mini-suite tasks with the project's model adapter
 (``evals.lmms_model.StgcMoeLlava``) already loaded, so the timing covers request handling, image
 processing, batched generation and scoring, not model loading.
 
-- ``eval``: batch size 1 vs 16 (``--batch-sizes``): samples/s, the speed-up, and whether every answer is
-  identical (greedy decoding, no token dropping: batching must not change an answer). Target: >= 5x.
-- ``capture``: the same batch size with routing capture off vs on (the adapter reads the routing from
-  generate()'s own forwards). Target: <= 5% slower.
+Batch size 1 vs 16 (``--batch-sizes``): samples/s, the speed-up, and whether every answer is identical
+(greedy decoding, no token dropping: batching must not change an answer). Target: >= 5x.
 
 The checkpoint defaults to a randomly initialised ``small`` model (``stgc.backbones``) with the mini
 suite's tokenizer (a random model answers until ``max_new_tokens``: the worst case for decode time).
@@ -148,16 +146,10 @@ def run_bench(args: argparse.Namespace, bench: str) -> int:
     checkpoint = args.checkpoint or small_checkpoint(work / "checkpoint", args.mini_root, size)
     task_dir = write_task_dir(work / "tasks", source="mini", mini_root=args.mini_root)
     small_bs, large_bs = args.batch_sizes
-    if bench == "eval":
-        settings = {
-            f"batch_size={small_bs}": {"batch_size": small_bs},
-            f"batch_size={large_bs}": {"batch_size": large_bs},
-        }
-    else:
-        settings = {
-            "capture=off": {"batch_size": large_bs},
-            "capture=on": {"batch_size": large_bs, "capture_routing": str(work / "capture")},
-        }
+    settings = {
+        f"batch_size={small_bs}": {"batch_size": small_bs},
+        f"batch_size={large_bs}": {"batch_size": large_bs},
+    }
     res = compare(
         settings,
         checkpoint=checkpoint,
@@ -190,13 +182,7 @@ def run_bench(args: argparse.Namespace, bench: str) -> int:
                 samples=r["samples"],
                 seconds=round(r["seconds"], 3),
                 samples_per_s=round(r["samples"] / r["seconds"], 2),
-                # eval: throughput relative to the first setting; capture: time relative to capture off
-                ratio=round(
-                    (first["seconds"] / r["seconds"])
-                    if bench == "eval"
-                    else (r["seconds"] / first["seconds"]),
-                    3,
-                ),
+                ratio=round(first["seconds"] / r["seconds"], 3),  # throughput relative to batch size 1
                 identical_answers=r["answers"] == first["answers"],
                 **stamp,
             )

@@ -1,11 +1,12 @@
-"""Launch shapes of the MoE block's memory-bound Triton kernels (``stgc.kernels``), swept on one GPU at the
-bench shape (D 2048, E 4, top-2, bf16; T tokens): the routing (both launches), its backward, the combine
-and the row dot of the backward. Each configuration is timed with ``triton.testing.do_bench_cudagraph``
-(the calls replayed from a CUDA graph, so that the GPU time is measured and not the host's time to issue
-the launches; median) and its outputs are checked against the module's current shape; the ideal time is
-the bytes the kernel must move over the HBM bandwidth.
+"""Launch shapes (``stgc.moe.fused.launch``) of the MoE block's memory-bound Triton kernels, swept on one GPU
+at the bench shape (D 2048, E 4, top-2, bf16; T tokens): the routing (both launches), its backward, the
+combine and the row dot of the backward. Each configuration is timed with
+``triton.testing.do_bench_cudagraph`` (the calls replayed from a CUDA graph, so that the GPU time is
+measured and not the host's time to issue the launches; median) and its outputs are checked against the
+module's current shape; the ideal time is the bytes the kernel must move over the HBM bandwidth.
 
-    python results/bench/kernel_tuning.py [tokens ...] > results/bench/kernel_tuning.txt
+    python -m stgc.bench.kernel_tuning [tokens ...] > results/bench/kernel_tuning.txt
+
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import sys
 import torch
 from triton.testing import do_bench_cudagraph
 
-from stgc import kernels as K
+from stgc.moe.fused import launch as K
+from stgc.moe.fused.expert_kernels import combine, rowdot_scale
+from stgc.moe.fused.routing_kernels import route_and_dispatch, route_backward
 
 D, E, TOPK, HBM_TBS = 2048, 4, 2, 4.8  # H200: 4.8 TB/s
 
@@ -26,7 +29,7 @@ def _inputs(T: int) -> dict:
     dev = torch.device("cuda")
     x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, generator=g)
     w = torch.randn(E, D, device=dev, generator=g) * 0.02
-    r = K.route_and_dispatch(x, w, None, TOPK, False, True)
+    r = route_and_dispatch(x, w, None, TOPK, False, True)
     A = T * TOPK
     return dict(
         x=x,
@@ -48,17 +51,17 @@ def _cases(v: dict) -> dict:
     return {
         # name: (call, tunables {global: values}, bytes moved)
         "route_and_dispatch": (
-            lambda: K.route_and_dispatch(v["x"], v["w"], None, TOPK, False, True),
+            lambda: route_and_dispatch(v["x"], v["w"], None, TOPK, False, True),
             {"ROUTE_BLOCK_T": (16, 32, 64), "ROUTE_BLOCK_D": (64, 128, 256), "ROUTE_WARPS": (2, 4, 8)},
             T * D * b * 2 + A * D * b,  # x read twice (router, gather), x_A written
         ),
         "gather (dispatch)": (
-            lambda: K.route_and_dispatch(v["x"], v["w"], None, TOPK, False, True),
+            lambda: route_and_dispatch(v["x"], v["w"], None, TOPK, False, True),
             {"GATHER_BLOCK_D": (128, 256, 512)},
             T * D * b * 2 + A * D * b,
         ),
         "route_backward": (
-            lambda: K.route_backward(
+            lambda: route_backward(
                 v["x"],
                 v["w"],
                 None,
@@ -81,12 +84,12 @@ def _cases(v: dict) -> dict:
             T * D * b * 2,  # x read, dx written
         ),
         "combine": (
-            lambda: K.combine(v["o"], r.pos_TK, r.weights_TK),
+            lambda: combine(v["o"], r.pos_TK, r.weights_TK),
             {"COMBINE_BLOCK_T": (8, 16, 32, 64), "COMBINE_BLOCK_D": (128, 256, 512), "COMBINE_WARPS": (4, 8)},
             A * D * b + T * D * b,
         ),
         "rowdot_scale": (
-            lambda: K.rowdot_scale(v["dy"], r.token_A, v["o"], r.w_A),
+            lambda: rowdot_scale(v["dy"], r.token_A, v["o"], r.w_A),
             {"ROW_BLOCK": (16, 32, 64), "ROWDOT_BLOCK_D": (64, 128, 256), "ROWDOT_WARPS": (4, 8)},
             3 * A * D * b,  # dy (by token) and o read, g2 written
         ),

@@ -1,0 +1,237 @@
+"""What a run optimises besides the LM loss, as configuration (torch-free: recipes, overrides and saved
+configs read it without building anything).
+
+A run's ``method`` is a label plus a list of objectives, e.g. ``[load_balance]`` (MoE-LLaVA's baseline),
+``[load_balance, stgc]``, ``[load_balance, z_loss]``. Each objective's settings are a small dataclass
+registered by name (``register_objective_config``); its implementation lives in ``stgc.objectives.<name>``
+(docs/extending.md). ``METHODS`` holds the named presets (``method.name=stgc``): their objectives and any
+change to the MoE layers they need (a peer's router).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from stgc.config import ConfigBase, section_from_dict
+
+# --------------------------------------------------------------------------------------------------------
+# objective settings
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig(ConfigBase):
+    """Base of every objective's settings; ``name`` selects the objective class."""
+
+    name: str = ""
+
+
+OBJECTIVE_CONFIGS: dict[str, type[ObjectiveConfig]] = {}
+
+
+def register_objective_config(cls: type[ObjectiveConfig]) -> type[ObjectiveConfig]:
+    """Class decorator: make an objective selectable by name (``method.objectives=...``)."""
+    name = cls().name
+    if not name or name in OBJECTIVE_CONFIGS:
+        raise ValueError(f"objective {name!r} is unnamed or registered twice")
+    OBJECTIVE_CONFIGS[name] = cls
+    return cls
+
+
+def objective_from_dict(data: Any) -> ObjectiveConfig:
+    """An objective's settings from a name, a dict with a ``name`` or the object itself."""
+    if isinstance(data, str):
+        data = {"name": data}
+    if isinstance(data, dict) and not data.get("name"):
+        raise ValueError(f"objective {data!r} has no name; valid objectives are {sorted(OBJECTIVE_CONFIGS)}.")
+    return section_from_dict(OBJECTIVE_CONFIGS, data, "method.objectives", "")
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class LoadBalanceConfig(ObjectiveConfig):
+    """MoE-LLaVA's load-balancing loss, alpha * sum_layers E * sum_e f_e P_e (docs/method.md). Its
+    coefficient alpha is ``model.moe.aux_loss_coef`` (saved with the model, as MoE-LLaVA's recipe does)."""
+
+    name: str = "load_balance"
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class ZLossConfig(ObjectiveConfig):
+    """ST-MoE's router z-loss, coef * mean over real tokens of logsumexp(logits)^2 per layer, summed over
+    layers (Zoph et al. 2022; CompeteSMoE's recipe uses coef 0.001)."""
+
+    name: str = "z_loss"
+    coef: float = 0.001
+
+    def __post_init__(self) -> None:
+        if not self.coef >= 0:
+            raise ValueError(f"z_loss.coef={self.coef} is invalid; use a value >= 0 (CompeteSMoE: 0.001).")
+
+
+STGC_SCORES = ("mean", "concat", "g1", "g2")
+STGC_LOSS_FORMS = ("neg_logit_ce", "prob", "min_score")
+STGC_MODES = ("fused", "two_pass", "reference")
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class STGCConfig(ObjectiveConfig):
+    """STGC's conflict elimination loss (docs/method.md).
+    beta: its weight (the paper's value is unknown; 0.01 is ours: sweep it).
+    tau: a (token, expert) pair conflicts when its score < tau (default 0).
+    score: mean | concat | g1 | g2. loss: neg_logit_ce | prob | min_score.
+    layers: decoder-layer indices of the MoE layers L_cel applies to (None: every MoE layer).
+    start_step: first optimizer step with L_cel. mode: fused | two_pass | reference.
+    allreduce_mean: expert mean gradients over data-parallel ranks instead of per micro-batch.
+    """
+
+    name: str = "stgc"
+    beta: float = 0.01
+    tau: float = 0.0
+    score: str = "mean"
+    loss: str = "neg_logit_ce"
+    layers: tuple[int, ...] | None = None
+    start_step: int = 0
+    mode: str = "fused"
+    allreduce_mean: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"stgc.tau={self.tau} is outside [-1, 1] (it thresholds a cosine); use -1..1.")
+        if not self.beta >= 0:
+            raise ValueError(f"stgc.beta={self.beta} is invalid; use beta >= 0 (0 turns the loss off).")
+        if self.score not in STGC_SCORES:
+            raise ValueError(f"stgc.score={self.score!r} is not valid; choose one of {STGC_SCORES}.")
+        if self.loss not in STGC_LOSS_FORMS:
+            raise ValueError(f"stgc.loss={self.loss!r} is not valid; choose one of {STGC_LOSS_FORMS}.")
+        if self.mode not in STGC_MODES:
+            raise ValueError(f"stgc.mode={self.mode!r} is not valid; choose one of {STGC_MODES}.")
+        if self.start_step < 0:
+            raise ValueError(f"stgc.start_step={self.start_step} is negative; use a step >= 0.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# methods: a label and a list of objectives
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodPreset:
+    """A named method: its objectives (names, in order) and the changes it makes to the run, applied by
+    ``stgc.recipes.with_method``: ``moe`` (MoEConfig fields, e.g. a peer's router or bank) and ``training``
+    (TrainingConfig fields, e.g. which parameter groups train). Every preset gets recipes
+    ``<base>_<name>`` and ``<base>_<name>_stgc`` for each base recipe (``stgc.recipes``)."""
+
+    objectives: tuple[str, ...]
+    moe: dict[str, Any] = dataclasses.field(default_factory=dict)
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    doc: str = ""
+
+
+METHODS: dict[str, MethodPreset] = {
+    "baseline": MethodPreset(("load_balance",), doc="MoE-LLaVA: L_lm + alpha L_aux"),
+    "stgc": MethodPreset(("load_balance", "stgc"), doc="MoE-LLaVA + STGC's conflict elimination loss"),
+    "z_loss": MethodPreset(("load_balance", "z_loss"), doc="MoE-LLaVA + ST-MoE's router z-loss"),
+}
+
+
+def register_method(name: str, preset: MethodPreset) -> None:
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is registered twice")
+    METHODS[name] = preset
+
+
+def _default_objectives() -> tuple[ObjectiveConfig, ...]:
+    return (LoadBalanceConfig(),)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig(ConfigBase):
+    """A run's routing method: ``name`` (the label of its run folder and table rows; a preset of
+    ``METHODS`` or any label) and its ``objectives``, each with its settings.
+
+    The dict form is ``{"name": ..., "objectives": [{"name": ..., ...}, ...]}``. The layout written before
+    objectives existed (``{"name": "stgc", "beta": ..., ...}``) still reads: the preset's objectives with
+    the parameters given to the objective that has them."""
+
+    name: str = "baseline"
+    objectives: tuple[ObjectiveConfig, ...] = dataclasses.field(default_factory=_default_objectives)
+
+    def __post_init__(self) -> None:
+        objs = tuple(objective_from_dict(o) for o in self.objectives)
+        object.__setattr__(self, "objectives", objs)
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"method.name={self.name!r} is invalid; use a plain label such as 'stgc'.")
+        names = [o.name for o in objs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"method.objectives lists {dupes} more than once; list each objective once.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> MethodConfig:
+        data = dict(data or {"name": "baseline"})
+        if "objectives" in data:
+            return super().from_dict(data)
+        name = data.pop("name", "baseline")
+        if name not in METHODS:
+            raise ValueError(f"unknown routing method {name!r}; valid methods are {sorted(METHODS)}.")
+        return method_preset(name, **data)
+
+    def objective(self, name: str) -> ObjectiveConfig | None:
+        return next((o for o in self.objectives if o.name == name), None)
+
+    def tag(self) -> str:
+        """The label plus every objective parameter that differs from its default (``stgc-beta0.05``)."""
+        diff = []
+        for o in self.objectives:
+            defaults = type(o)().to_dict()
+            diff += [f"{k}{_fmt(v)}" for k, v in o.to_dict().items() if k != "name" and v != defaults[k]]
+        return "-".join([self.name, *diff])
+
+
+def method_preset(name: str, **params: Any) -> MethodConfig:
+    """The preset ``name`` (``METHODS``), each parameter given to the one objective that has it."""
+    if name not in METHODS:
+        raise ValueError(f"unknown routing method {name!r}; valid methods are {sorted(METHODS)}.")
+    configs = [OBJECTIVE_CONFIGS[o]() for o in METHODS[name].objectives]
+    for key, value in params.items():
+        owners = [i for i, c in enumerate(configs) if key in {f.name for f in dataclasses.fields(c)}]
+        if len(owners) != 1 or key == "name":
+            valid = sorted({f.name for c in configs for f in dataclasses.fields(c)} - {"name"})
+            raise ValueError(
+                f"method {name!r}: parameter {key!r} belongs to {len(owners)} of its objectives "
+                f"{[c.name for c in configs]}; valid parameters are {valid}."
+            )
+        i = owners[0]
+        configs[i] = type(configs[i]).from_dict({**configs[i].to_dict(), key: value})
+    return MethodConfig(name=name, objectives=tuple(configs))
+
+
+def with_objective(
+    method: MethodConfig, objective: ObjectiveConfig, label: Callable[[str], str]
+) -> MethodConfig:
+    """``method`` with ``objective`` added (or replacing the one of the same name), relabelled."""
+    rest = tuple(o for o in method.objectives if o.name != objective.name)
+    return MethodConfig(name=label(method.name), objectives=(*rest, objective))
+
+
+def objective_params(routing_method: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """The settings of objective ``name`` in a saved method dict (either layout), or ``None``."""
+    if not routing_method:
+        return None
+    try:
+        method = MethodConfig.from_dict(routing_method)
+    except ValueError:
+        return None
+    found = method.objective(name)
+    return None if found is None else found.to_dict()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "_".join(str(v) for v in value)
+    return str(value)
