@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -88,30 +89,41 @@ def _quiet_library(name: str) -> None:
 
 @contextlib.contextmanager
 def quiet_output() -> Iterator[None]:
-    """Around library calls that print to stdout or log through loguru (lmms-eval): at default verbosity
-    their stdout is dropped and loguru speaks from WARNING up; verbose: unchanged."""
+    """Around library calls that print or draw their own bars (lmms-eval, the Trainer's run, notebooks): at
+    default verbosity their stdout is dropped, of their stderr only warning and error lines are passed on,
+    and loguru speaks from WARNING up; phase bars (made outside) keep drawing. Verbose: unchanged."""
     if verbose():
         yield
         return
-    handler_id = _loguru_warning_only()
+    _loguru_warning_only()
+    err = io.StringIO()
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             yield
     finally:
-        if handler_id is not None:
-            from loguru import logger
+        # stderr held the libraries' own bars (some pass disable=False explicitly, so TQDM_DISABLE cannot
+        # reach them); warnings and errors written there are passed on
+        kept = [line for line in re.split(r"[\r\n]+", err.getvalue()) if _WARNING_LINE.search(line)]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)
 
-            logger.remove(handler_id)
-            logger.add(sys.stderr, level="INFO")
+
+_WARNING_LINE = re.compile(r"warn|error|exception|traceback", re.IGNORECASE)
+_LOGURU_SET = False
 
 
-def _loguru_warning_only() -> int | None:
+def _loguru_warning_only() -> None:
+    """lmms-eval logs through loguru: from WARNING up, to the real stderr (set once per process)."""
+    global _LOGURU_SET
+    if _LOGURU_SET:
+        return
     try:
         from loguru import logger
     except ImportError:
-        return None
+        return
     logger.remove()
-    return logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+    logger.add(sys.__stderr__, level="WARNING", format="{level}: {message}")
+    _LOGURU_SET = True
 
 
 class Phase:
