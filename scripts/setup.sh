@@ -29,7 +29,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
 fi
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# pip's notice for each configured package location that does not exist on this machine (one per package
+# and location, ~200 lines on a fresh set-up) says nothing about this project: drop it, keep the rest
+pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
 if [ -z "$torch_version" ]; then
