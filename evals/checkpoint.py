@@ -34,4 +34,22 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
             f"{str(path)!r} holds a {model_type!r} model, not {MODEL_TYPE!r}; convert it first "
             "(`stgc convert` for MoE-LLaVA checkpoints)"
         )
+    if not _has_chat_template(path):
+        raise ValueError(
+            f"{str(path)!r} has no chat template (no chat_template.jinja, none in tokenizer_config.json), so "
+            "no prompt can be rendered; convert the checkpoint again with `stgc convert` (it writes "
+            "MoE-LLaVA's template) or save a tokenizer with a chat template into the folder"
+        )
     return path
+
+
+def _has_chat_template(path: Path) -> bool:
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        try:
+            if json.loads((path / name).read_text()).get("chat_template"):
+                return True
+        except (OSError, json.JSONDecodeError):
+            continue
+    return False

@@ -40,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="override every task's max_new_tokens"
     )
-    parser.add_argument("--capture-routing", default=None, help="folder for per-sample routing records")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         print("stgc eval: error: give a checkpoint folder (or --list-tasks)", file=sys.stderr)
         return 2
-    from evals.run import EvalInputError, evaluate
+    from evals.run import EvalFailedError, EvalInputError, evaluate
 
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    model_args = {"capture_routing": args.capture_routing}
+    model_args: dict = {}
     if args.batch_size < 1 or (limit is not None and limit <= 0):
         print(
             f"stgc eval: error: --batch-size {args.batch_size} / --limit {args.limit}: the batch size must "
@@ -83,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     except EvalInputError as err:
         print(f"stgc eval: error: {err}", file=sys.stderr)
         return 2
+    except EvalFailedError as err:
+        print(f"stgc eval: error: {err}", file=sys.stderr)
+        return 1
     if result is None:  # a non-zero rank under accelerate launch
         return 0
     scores = result.scores()

@@ -15,7 +15,13 @@ model_args (`--model_args k=v,...`):
     batch_size        from lmms-eval's --batch_size (requests per forward, per process)
 
 Generation is batched with left padding, greedy unless a task asks for temperature > 0, stops at EOS and at
-the task's `until` strings (the reply is also cut at the first of them), and is deterministic. With a
+the task's `until` strings (the reply is also cut at the first of them), and is deterministic.
+
+A request that fails (its batch is retried one request at a time) is answered "" and reported on stderr;
+when every request of a task fails the adapter raises `RequestsFailed`, and bad model_args or checkpoints
+raise `AdapterInputError`: both are `SystemExit`s (`AdapterExit`), because lmms-eval's CLI catches every
+`Exception`, logs it and exits 0, and neither may look like a finished evaluation. `evals.run.evaluate`
+turns them back into ordinary exceptions. With a
 capacity factor (token dropping) routing depends on the batch, so scores depend on the batch size; the
 default MoE config routes every token and batched answers equal batch-1 answers (tested).
 
@@ -47,6 +53,25 @@ from evals.checkpoint import check_checkpoint  # noqa: E402
 from stgc.logs import verbose  # noqa: E402
 
 
+class AdapterExit(SystemExit):
+    """The adapter cannot answer. A SystemExit (exit status 1, the message on stderr) so that
+    `python -m lmms_eval`, which turns any Exception into a log line and exit status 0, stops with an
+    error."""
+
+
+class AdapterInputError(AdapterExit):
+    """Bad model_args or checkpoint: one line naming the problem and the fix."""
+
+
+class RequestsFailed(AdapterExit):
+    """Every request of at least one task failed."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _cut_at(text: str, until: list[str]) -> str:
     """The reply up to the first occurrence of any stop string."""
     cut = len(text)
@@ -76,8 +101,8 @@ class StgcMoeLlava(lmms):
     ) -> None:
         super().__init__()
         if unexpected:
-            raise ValueError(
-                f"unknown model_args {sorted(unexpected)} for {MODEL_NAME}; valid: pretrained, device, "
+            raise AdapterInputError(
+                f"{MODEL_NAME}: unknown model_args {sorted(unexpected)}; valid: pretrained, device, "
                 "dtype, max_new_tokens"
             )
         from accelerate import Accelerator
@@ -85,14 +110,16 @@ class StgcMoeLlava(lmms):
 
         import stgc  # noqa: F401  (registers the model with the Auto classes)
 
-        path = check_checkpoint(pretrained)
-        if str(batch_size).startswith("auto"):
-            raise ValueError(
-                f"batch_size={batch_size!r}: automatic batch size is not supported; pass an integer"
+        try:
+            path = check_checkpoint(pretrained)
+        except ValueError as err:
+            raise AdapterInputError(f"{MODEL_NAME}: {err}") from None
+        if str(batch_size).startswith("auto") or not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise AdapterInputError(
+                f"{MODEL_NAME}: batch_size={batch_size!r} is not supported; pass an integer >= 1 "
+                "(automatic batch size is not supported)"
             )
         self.batch_size_per_gpu = int(batch_size)
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
         self.max_new_tokens = int(max_new_tokens)
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:
@@ -173,23 +200,61 @@ class StgcMoeLlava(lmms):
             [r.args for r in requests], lambda args: (-len(args[0]), args[0]), grouping=True
         )
         replies: list[str] = []
+        failures: dict[str, list[str]] = {}
         # the sweep's and the demo's evaluation bar counts tasks; this per-call bar shows with --verbose
         pbar = tqdm(
             total=len(requests), disable=self.rank != 0 or not verbose(), desc="stgc_moe_llava generate"
         )
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-            contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
-            gen_kwargs = dict(all_gen_kwargs[0])
-            visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
-            prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-            inputs = self._inputs(prompts, visuals)
-            until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            texts = self._generate(inputs, gen_kwargs, until)
-            replies.extend(texts)
+            try:
+                replies.extend(self._answer(chunk))
+            except Exception as err:  # noqa: BLE001 - retried one by one; the failures are reported below
+                if len(chunk) == 1:
+                    failures.setdefault(chunk[0][4], []).append(_one_line(err))
+                    replies.append("")
+                else:
+                    for one in chunk:
+                        try:
+                            replies.extend(self._answer([one]))
+                        except Exception as one_err:  # noqa: BLE001
+                            failures.setdefault(one[4], []).append(_one_line(one_err))
+                            replies.append("")
             pbar.update(len(chunk))
         pbar.close()
+        self._report_failures(failures, [r.args[4] for r in requests])
         return collator.get_original(replies)
+
+    def _answer(self, chunk) -> list[str]:
+        """The replies to one batch of requests (their `args` tuples)."""
+        contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+        gen_kwargs = dict(all_gen_kwargs[0])
+        visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
+        prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
+        inputs = self._inputs(prompts, visuals)
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        return self._generate(inputs, gen_kwargs, until)
+
+    def _report_failures(self, failures: dict[str, list[str]], request_tasks: list[str]) -> None:
+        """Failed requests on stderr; RequestsFailed when every request of a task failed."""
+        import sys
+
+        totals: dict[str, int] = {}
+        for task in request_tasks:
+            totals[task] = totals.get(task, 0) + 1
+        for task, errors in failures.items():
+            if len(errors) < totals[task]:
+                print(
+                    f"{MODEL_NAME}: {len(errors)} of {totals[task]} requests of task {task} failed and are "
+                    f"scored as empty answers; first error: {errors[0]}",
+                    file=sys.stderr,
+                )
+        dead = [task for task, errors in failures.items() if len(errors) == totals[task]]
+        if dead:
+            raise RequestsFailed(
+                f"{MODEL_NAME}: every request of task(s) {', '.join(dead)} failed ({self.pretrained}); first "
+                f"error: {failures[dead[0]][0]}"
+            )
 
     @torch.inference_mode()
     def _generate(

@@ -45,6 +45,10 @@ class EvalInputError(ValueError):
     """Bad user input (checkpoint, task names, dataset folders): one line naming the problem and the fix."""
 
 
+class EvalFailedError(RuntimeError):
+    """The evaluation ran but every request of a task failed (the model adapter's `RequestsFailed`)."""
+
+
 @dataclass
 class EvalResult:
     out_dir: Path
@@ -136,9 +140,8 @@ def evaluate(
     log_samples: bool = True,
 ) -> EvalResult | None:
     """Evaluate `checkpoint` on `tasks` (task, group or suite names) in one lmms-eval call; see the module
-    docstring. Returns None on ranks other than 0. `model_args` go to the model (e.g. capture_routing,
-    max_new_tokens, dtype); `gen_kwargs` ("max_new_tokens=16,...") override every task's generation
-    settings (recorded)."""
+    docstring. Returns None on ranks other than 0. `model_args` go to the model (e.g. max_new_tokens,
+    dtype); `gen_kwargs` ("max_new_tokens=16,...") override every task's generation settings (recorded)."""
     path, names, source, root = check_inputs(checkpoint, list(tasks), source, mini_root, limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(path)
     model = load_model(path, batch_size=batch_size, model_args=model_args, device=device)
@@ -188,9 +191,14 @@ def load_model(
     `--model_args` (so `accelerate launch` data parallelism works as in the lmms-eval CLI)."""
     from lmms_eval import models
 
+    from evals.lmms_model import AdapterInputError
+
     args = _model_args_string({"pretrained": str(checkpoint), **(model_args or {})})
     extra = {"batch_size": batch_size, "max_batch_size": None, "device": device}
-    return models.get_model(MODEL_NAME).create_from_arg_string(args, extra)
+    try:
+        return models.get_model(MODEL_NAME).create_from_arg_string(args, extra)
+    except AdapterInputError as bad:  # a SystemExit for lmms-eval's CLI; an ordinary input error here
+        raise EvalInputError(str(bad.code)) from None
 
 
 @dataclass(frozen=True)
@@ -213,20 +221,28 @@ def _evaluate_loaded(model: Any, names: list[str], out: Path, settings: _Setting
     from lmms_eval.tasks import TaskManager
 
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    from evals.lmms_model import AdapterInputError, RequestsFailed
+
     manager = TaskManager(include_path=str(task_dir), include_defaults=False, model_name=MODEL_NAME)
-    with quiet_output():
-        results = simple_evaluate(
-            model=model,
-            tasks=names,
-            batch_size=settings.batch_size,
-            limit=settings.limit,
-            task_manager=manager,
-            gen_kwargs=settings.gen_kwargs,
-            log_samples=settings.log_samples,
-            bootstrap_iters=0,
-            # lmms-eval hands this to aggregation functions that write files (MMBench): keep them in `out`.
-            cli_args=argparse.Namespace(output_path=str(out), process_with_media=False),
-        )
+    try:
+        with quiet_output():
+            results = simple_evaluate(
+                model=model,
+                tasks=names,
+                batch_size=settings.batch_size,
+                limit=settings.limit,
+                task_manager=manager,
+                gen_kwargs=settings.gen_kwargs,
+                log_samples=settings.log_samples,
+                bootstrap_iters=0,
+                # lmms-eval hands this to aggregation functions that write files (MMBench): keep them in `out`
+                cli_args=argparse.Namespace(output_path=str(out), process_with_media=False),
+            )
+    # the adapter's errors are SystemExits for lmms-eval's CLI; ordinary exceptions here
+    except AdapterInputError as bad:
+        raise EvalInputError(str(bad.code)) from None
+    except RequestsFailed as failed:
+        raise EvalFailedError(str(failed.code)) from None
     if results is None:  # not rank 0
         return None
     missing = [n for n in names if n not in results.get("results", {})]

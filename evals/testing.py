@@ -84,11 +84,17 @@ def scripted_model_class():
 
 
 def write_tiny_checkpoint(
-    path: str | Path, seed: int = 0, backbone: str = "llama", **moe_kwargs: Any
+    path: str | Path,
+    seed: int = 0,
+    backbone: str = "llama",
+    chat_template: str | None = None,
+    **moe_kwargs: Any,
 ) -> Path:
-    """A randomly initialised tiny checkpoint folder (model, tokenizer with the project's chat template,
-    processor) that `AutoModelForImageTextToText` / `AutoProcessor` load after `import stgc`."""
+    """A randomly initialised tiny checkpoint folder (model, tokenizer with the project's chat template, or
+    the `stgc.data.chat_templates` template named `chat_template`, processor) that
+    `AutoModelForImageTextToText` / `AutoProcessor` load after `import stgc`."""
     from stgc.config import MoEConfig
+    from stgc.data.chat_templates import apply_template
     from stgc.data.tokenizer import train_tokenizer
     from stgc.modeling import save_random_checkpoint
 
@@ -99,6 +105,8 @@ def write_tiny_checkpoint(
         "The answer is 42. blue green yellow circle triangle left right above below unanswerable",
     ] * 20
     tokenizer = train_tokenizer(texts, vocab_size=400)
+    if chat_template is not None:
+        apply_template(tokenizer, chat_template)
     return save_random_checkpoint(
         path, tokenizer, backbone=backbone, size="tiny", moe=MoEConfig(**moe_kwargs), seed=seed
     )

@@ -12,6 +12,15 @@ or from an override path, unless the checkpoint carries it (``model.image_tower.
 
 Weights are read with ``torch.load(weights_only=True)``: a pickle that carries code is refused. The output
 is safetensors only. A key set that is not exactly the expected one is an error, never a partial load.
+
+Every converted folder also holds a processor (tokenizer with ``<image>`` + image processor) that evaluates
+the way MoE-LLaVA does: the tokenizer's chat template is MoE-LLaVA's conversation template of that backbone
+(``stgc.data.chat_templates``; its EOS is the template's sep2), and images are padded to a square with the
+image mean when the source config says ``image_aspect_ratio: pad``. The tokenizer comes from the source
+folder or ``--tokenizer``; a remote-code tokenizer (Qwen-1's tiktoken ``QWenTokenizer``) loads only with
+``--trust-remote-code`` and the packages it imports, and must accept ``<image>`` as an added token
+(``QWenTokenizer`` does not): a fast tokenizer of the same vocabulary (Qwen1.5's has Qwen-1's BPE ranks and
+special-token ids) is the offline route. Everything is checked before anything is written.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from torch import Tensor
 
 from stgc.backbones import backbone_for_text_config, get_backbone
 from stgc.config import MoEConfig
+from stgc.data.chat_templates import FOR_MODEL_TYPE, check_eos, get_template
 from stgc.modeling import (
     IMAGE_TOKEN,
     MoELlavaConfig,
@@ -257,9 +267,15 @@ def _moe_config(src_cfg: dict, num_hidden_layers: int, reproduce_moellava: bool)
         aux_loss_coef=float(moe.get("router_aux_loss_coef", 0.01)),
     )
     if reproduce_moellava:
-        # MoE-LLaVA at evaluation: DeepSpeed's eval capacity, sampled 2nd expert, padding routed
+        # MoE-LLaVA's routing: DeepSpeed's capacity (its training and evaluation factors where MoEConfig has
+        # both, else the evaluation one), sampled 2nd expert, padding routed
+        train_cf = float(moe.get("capacity_factor", 1.0))
+        eval_cf = float(moe.get("eval_capacity_factor", train_cf))
+        if "eval_capacity_factor" in {f.name for f in dataclasses.fields(MoEConfig)}:
+            kwargs.update(capacity_factor=train_cf, eval_capacity_factor=eval_cf)
+        else:
+            kwargs.update(capacity_factor=eval_cf)
         kwargs.update(
-            capacity_factor=float(moe.get("eval_capacity_factor", moe.get("capacity_factor", 1.0))),
             min_capacity=int(moe.get("min_capacity", 0)),
             second_expert_sampling=kwargs["top_k"] == 2,
             sample_at_eval=kwargs["top_k"] == 2,
@@ -290,13 +306,99 @@ def _load_vision_tower(src: Path, src_cfg: dict, state: dict[str, Tensor], overr
     return tower.config, dict(tower.state_dict())
 
 
-def _tokenizer(src: Path):
-    try:
-        from transformers import AutoTokenizer
+ASPECT_RATIOS = ("pad", "square")  # LLaVA's image_aspect_ratio values that a processor setting reproduces
 
-        return AutoTokenizer.from_pretrained(src)
-    except Exception:  # no tokenizer, or a remote-code one (Qwen-1): the caller must give image_token_id
-        return None
+
+def _tokenizer(src: Path, tokenizer_path: str | Path | None, trust_remote_code: bool):
+    """The checkpoint's tokenizer (or ``tokenizer_path``'s), loaded offline; ValueError naming what to pass
+    or install when it cannot be."""
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer_path) if tokenizer_path is not None else src
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    remote = (cfg.get("auto_map") or {}).get("AutoTokenizer")
+    remote = next((r for r in remote if r), None) if isinstance(remote, list) else remote
+    offline_route = (
+        "or pass --tokenizer <folder of a fast tokenizer with the same vocabulary> (Qwen-1: Qwen1.5's, e.g. "
+        "Qwen/Qwen1.5-1.8B, which keeps Qwen-1's BPE ranks and special-token ids)"
+    )
+    if not cfg_file.is_file() and not (path / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{path} holds no tokenizer (no tokenizer_config.json / tokenizer.json), and every converted "
+            "checkpoint needs one for its processor; pass --tokenizer <the backbone's tokenizer folder>."
+        )
+    if remote and not trust_remote_code:
+        raise ValueError(
+            f"the tokenizer in {path} is remote code ({remote}); pass --trust-remote-code to run it "
+            f"(Qwen-1's needs `pip install tiktoken`), {offline_route}."
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(remote) and trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - any failure: the message below names the way out
+        what = f"remote-code tokenizer {remote}" if remote else "tokenizer"
+        raise ValueError(
+            f"the {what} in {path} does not load offline ({type(err).__name__}: {_one_line(err)}); install "
+            f"what it imports (Qwen-1: `pip install tiktoken`) {offline_route}."
+        ) from None
+    if remote:
+        # the converted checkpoint must load without remote code (the lmms-eval adapter, AutoProcessor):
+        # a fast tokenizer keeps its tokenizers-library object, a slow (Python) one has nothing to keep
+        if not tok.is_fast:
+            raise ValueError(
+                f"the remote-code tokenizer {remote} in {path} loads, but it is a slow (Python) tokenizer "
+                "that the converted checkpoint could only load by running that code; "
+                f"{offline_route.removeprefix('or ')}."
+            )
+        tok = _plain_fast(tok)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        try:
+            tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        except Exception as err:  # noqa: BLE001 - e.g. QWenTokenizer refuses tokens outside its list
+            raise ValueError(
+                f"the tokenizer in {path} ({type(tok).__name__}) cannot add the {IMAGE_TOKEN!r} token "
+                f"({_one_line(err)}); {offline_route.removeprefix('or ')}."
+            ) from None
+    if tok.pad_token is None:  # MoE-LLaVA's training and evaluation pad with the unknown token
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def _plain_fast(tok):
+    """A ``PreTrainedTokenizerFast`` holding a remote-code fast tokenizer's vocabulary, merges, normaliser
+    and special tokens (its tokenizers-library object), saved and loaded without the remote code."""
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {k: v for k, v in tok.special_tokens_map.items() if k != "additional_special_tokens"}
+    extra = [
+        t for t in tok.special_tokens_map.get("additional_special_tokens", []) if t not in specials.values()
+    ]
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, **specials)
+    if extra:
+        plain.add_special_tokens({"additional_special_tokens": extra})
+    plain.padding_side = tok.padding_side
+    return plain
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _aspect_ratio(src: Path, src_cfg: dict, override: str | None) -> str:
+    """The image preprocessing of the source (``image_aspect_ratio``: "pad" or "square")."""
+    ratio = override or src_cfg.get("image_aspect_ratio")
+    if ratio is None:
+        raise ValueError(
+            f"{src}/config.json has no image_aspect_ratio, so the image preprocessing of this checkpoint is "
+            "unknown; pass --image-aspect-ratio pad (MoE-LLaVA's released models) or square."
+        )
+    if ratio not in ASPECT_RATIOS:
+        raise ValueError(
+            f"image_aspect_ratio={ratio!r} is not supported; valid: {', '.join(ASPECT_RATIOS)} (pad: "
+            "expand2square with the image mean, square: resize and centre crop)."
+        )
+    return ratio
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -309,15 +411,24 @@ def convert_moe_llava(
     vision_tower_path: str | Path | None = None,
     image_token_id: int | None = None,
     reproduce_moellava_routing: bool = False,
+    tokenizer_path: str | Path | None = None,
+    trust_remote_code: bool = False,
+    image_aspect_ratio: str | None = None,
+    chat_template: str | None = None,
     max_shard_size: str = "5GB",
 ) -> Path:
-    """Convert a MoE-LLaVA checkpoint folder into a folder ``AutoModelForImageTextToText`` loads.
+    """Convert a MoE-LLaVA checkpoint folder into a folder ``AutoModelForImageTextToText`` loads, with the
+    processor that evaluates it the way MoE-LLaVA does (module docstring).
 
-    image_token_id: the vocabulary row the ``<image>`` placeholder uses (MoE-LLaVA splices images at the
-        sentinel id -200, which has no row). Default: ``<image>`` added to the checkpoint's tokenizer (its
-        first free row; the embedding matrices of these models have spare rows).
-    reproduce_moellava_routing: MoE-LLaVA's evaluation routing (capacity eval_capacity_factor, Gumbel 2nd
-        expert, padding routed); off by default: deterministic routing, padding masked (docs/method.md 1).
+    image_token_id: the vocabulary row ``<image>`` must get (a check; MoE-LLaVA splices images at the
+        sentinel id -200, which has no row). ``<image>`` is added to the tokenizer: its first free row (the
+        embedding matrices of these models have spare rows).
+    reproduce_moellava_routing: MoE-LLaVA's routing (DeepSpeed's capacity factors, Gumbel 2nd expert,
+        padding routed); off by default: deterministic routing, padding masked (docs/method.md 1).
+    tokenizer_path: a tokenizer folder to use instead of the checkpoint's own (same vocabulary).
+    trust_remote_code: run a remote-code tokenizer of the source folder (Qwen-1's).
+    image_aspect_ratio: "pad" / "square", overriding (or standing in for) the source config's value.
+    chat_template: a ``stgc.data.chat_templates`` name overriding the backbone's MoE-LLaVA template.
     """
     from transformers import GenerationConfig, LlavaConfig
 
@@ -339,25 +450,30 @@ def convert_moe_llava(
         raise ValueError(
             f"mm_projector_type={projector!r} is not supported; only 'mlp2x_gelu' (LLaVA-1.5) is."
         )
+    # the processor's parts first: a missing setting fails before the weights are read
+    aspect_ratio = _aspect_ratio(src, src_cfg, image_aspect_ratio)
+    template = get_template(chat_template or FOR_MODEL_TYPE[mtype])
+    tok = _tokenizer(src, tokenizer_path, trust_remote_code)
+    check_eos(tok, template, f"tokenizer of {tokenizer_path or src}")
+    tok.chat_template = template.jinja()
+    text_kwargs = _text_config_kwargs(src_cfg, backbone)
+    text_cfg = get_backbone(backbone).config_class(**text_kwargs)
+    got_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_token_id is not None and image_token_id != got_id:
+        raise ValueError(
+            f"image_token_id={image_token_id}, but the tokenizer puts {IMAGE_TOKEN} at row {got_id}; drop "
+            "--image-token-id or use a tokenizer whose <image> token has that id."
+        )
+    image_token_id = got_id
+    if not 0 <= image_token_id < text_cfg.vocab_size or len(tok) > text_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer with {IMAGE_TOKEN} has {len(tok)} tokens ({IMAGE_TOKEN} at row "
+            f"{image_token_id}), more than the embedding's {text_cfg.vocab_size} rows; use the checkpoint's "
+            "own tokenizer."
+        )
 
     state = load_state_dict(src)
     vision_cfg, vision_state = _load_vision_tower(src, src_cfg, state, vision_tower_path)
-    tok = _tokenizer(src)
-    text_kwargs = _text_config_kwargs(src_cfg, backbone)
-    text_cfg = get_backbone(backbone).config_class(**text_kwargs)
-    if image_token_id is None:
-        if tok is None:
-            raise ValueError(
-                f"{src} has no tokenizer that loads without remote code; pass image_token_id= "
-                "(--image-token-id), an unused row of the embedding matrix."
-            )
-        if IMAGE_TOKEN not in tok.get_vocab():
-            tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if not 0 <= image_token_id < text_cfg.vocab_size:
-        raise ValueError(
-            f"image_token_id={image_token_id} is outside the vocabulary (size {text_cfg.vocab_size})."
-        )
     select = src_cfg.get("mm_vision_select_feature", "patch")
     llava_cfg = LlavaConfig(
         vision_config=vision_cfg,
@@ -369,7 +485,7 @@ def convert_moe_llava(
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
         tie_word_embeddings=text_cfg.tie_word_embeddings,
-        pad_token_id=src_cfg.get("pad_token_id", tok.pad_token_id if tok is not None else None),
+        pad_token_id=src_cfg.get("pad_token_id", tok.pad_token_id),
     )
     moe = _moe_config(src_cfg, text_cfg.num_hidden_layers, reproduce_moellava_routing)
     config = MoELlavaConfig.from_llava_config(llava_cfg, moe, {"name": "baseline"})
@@ -405,12 +521,14 @@ def convert_moe_llava(
     config.save_pretrained(out)
     GenerationConfig(
         bos_token_id=text_cfg.bos_token_id,
-        eos_token_id=text_cfg.eos_token_id,
+        eos_token_id=tok.eos_token_id,  # the template's sep2: where MoE-LLaVA's generation stops
         pad_token_id=llava_cfg.pad_token_id,
     ).save_pretrained(out)
     _save_safetensors(converted, out, max_shard_size)
-    if tok is not None:
-        build_processor(tok, vision_cfg.image_size, vision_cfg.patch_size).save_pretrained(out)
+    processor = build_processor(
+        tok, vision_cfg.image_size, vision_cfg.patch_size, pad_to_square=aspect_ratio == "pad"
+    )
+    processor.save_pretrained(out)
     (out / "conversion.json").write_text(
         json.dumps(
             {
@@ -420,7 +538,10 @@ def convert_moe_llava(
                 "vision_tower": str(
                     vision_tower_path or src_cfg.get("mm_image_tower") or src_cfg.get("image_tower")
                 ),
+                "tokenizer": str(Path(tokenizer_path or src).resolve()),
                 "image_token_id": image_token_id,
+                "chat_template": template.name,
+                "image_aspect_ratio": aspect_ratio,
                 "reproduce_moellava_routing": reproduce_moellava_routing,
                 "tensors": len(converted),
                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -466,6 +587,10 @@ def run(args: argparse.Namespace) -> int:
             vision_tower_path=args.vision_tower,
             image_token_id=args.image_token_id,
             reproduce_moellava_routing=args.reproduce_moellava_routing,
+            tokenizer_path=args.tokenizer,
+            trust_remote_code=args.trust_remote_code,
+            image_aspect_ratio=args.image_aspect_ratio,
+            chat_template=args.chat_template,
         )
     except ValueError as err:
         print(f"stgc convert: error: {err}", file=sys.stderr)

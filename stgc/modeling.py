@@ -28,9 +28,9 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
-    CLIPImageProcessorPil,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
     LlavaProcessor,
     PreTrainedTokenizerBase,
 )
@@ -81,6 +81,15 @@ class MoELlavaConfig(LlavaConfig):
         # Fail at construction, not at the first forward: unknown backbone or MoE layer out of range.
         backbone_for_text_config(self.text_config)
         self.moe_config.resolve_layers(self.text_config.num_hidden_layers)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save, with an ``auto_map`` to a loader module written next to config.json, so that loading
+        without ``import stgc`` says what to import (``stgc.autoload``)."""
+        from stgc.autoload import AUTO_MAP, write_module
+
+        self.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_module(save_directory)
 
     @property
     def moe_config(self) -> MoEConfig:
@@ -387,9 +396,16 @@ def build_model(
     return model
 
 
-def build_processor(tokenizer: PreTrainedTokenizerBase, image_size: int, patch_size: int) -> LlavaProcessor:
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase, image_size: int, patch_size: int, *, pad_to_square: bool = False
+) -> LlavaProcessor:
     """A LLaVA processor for a CLIP tower of ``image_size`` / ``patch_size`` (CLIP's resize / crop /
     normalisation; the PIL image processor: torchvision is not a dependency).
+
+    pad_to_square: pad each image to a square filled with the image mean before the resize (LLaVA's
+        ``image_aspect_ratio="pad"``, MoE-LLaVA's ``expand2square``: transformers' LLaVA image processor does
+        exactly this with ``do_pad``); saved in the processor config, so training, ``stgc eval``, lmms-eval
+        and routing capture all process images the same way. Off: resize the shortest edge, centre crop.
 
     The processor expands each ``<image>`` into (image_size // patch_size)^2 tokens, the count the model's
     "default" feature strategy produces (CLS dropped: num_additional_image_tokens=1). Save it into the
@@ -402,11 +418,12 @@ def build_processor(tokenizer: PreTrainedTokenizerBase, image_size: int, patch_s
         )
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}.")
-    image_processor = CLIPImageProcessorPil(
+    image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
         do_convert_rgb=True,
+        do_pad=pad_to_square,
     )
     return LlavaProcessor(
         image_processor=image_processor,

@@ -107,14 +107,26 @@ class ModelConfig(ConfigBase):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(ConfigBase):
-    """train: a ``save_to_disk`` folder of LLaVA conversations (split "train"; ``stgc data`` writes one).
+    """train: a ``save_to_disk`` folder of LLaVA conversations (split "train"; ``stgc data`` writes one), or a
+    LLaVA JSON file as LLaVA-mix-665K is distributed (``llava_v1_5_mix665k.json``; ``stgc.data.llava_json``).
     tokenizer: a tokenizer folder with an ``<image>`` token. max_length: tokens per sample after the image
-    expansion (longer samples are truncated). max_samples: use the first N conversations (None: all)."""
+    expansion (longer samples are truncated). max_samples: use the first N conversations (None: all).
+    image_folder: the images of a LLaVA JSON file (None: the JSON file's folder).
+    chat_template: a MoE-LLaVA conversation template (``stgc.data.chat_templates``, e.g. ``moellava_phi``)
+        set on the tokenizer and saved with every checkpoint; None keeps the tokenizer's own.
+    image_aspect_ratio: ``square`` (resize, centre crop) or ``pad`` (pad to a square with the image mean
+        first, MoE-LLaVA's setting); saved in the checkpoint's processor.
+    group_by_modality_length: LLaVA's sampler: batches of image rows or of text-only rows, similar lengths
+        (``stgc.data.sampling``)."""
 
     train: str = "data/mini/train"
     tokenizer: str = "data/mini/tokenizer"
     max_length: int = 512
     max_samples: int | None = None
+    image_folder: str | None = None
+    chat_template: str | None = None
+    image_aspect_ratio: str = "square"
+    group_by_modality_length: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -124,6 +136,18 @@ class DataConfig(ConfigBase):
         _check(
             self.max_samples is None or self.max_samples >= 1,
             f"data.max_samples={self.max_samples!r} is invalid; use None (all) or a positive integer.",
+        )
+        from stgc.data.chat_templates import TEMPLATES
+
+        _check(
+            self.chat_template is None or self.chat_template in TEMPLATES,
+            f"data.chat_template={self.chat_template!r} is unknown; use none (the tokenizer's own) or one of "
+            f"{sorted(TEMPLATES)}.",
+        )
+        _check(
+            self.image_aspect_ratio in ("square", "pad"),
+            f"data.image_aspect_ratio={self.image_aspect_ratio!r} is invalid; use 'square' (resize and "
+            "centre crop) or 'pad' (pad to a square with the image mean, MoE-LLaVA).",
         )
 
 
@@ -367,24 +391,32 @@ def small() -> RunConfig:
     )
 
 
-def _moe_llava(name: str, backbone: str) -> RunConfig:
+def _moe_llava(name: str, backbone: str, template: str) -> RunConfig:
     """MoE-LLaVA stage III (scripts/v1/*/finetune_moe.sh): 4 experts, top-2, every other layer, alpha 0.01,
-    capacity factor 1.5 at training, lr 2e-5 cosine, warmup 0.03, weight decay 0, 1 epoch, max length 2048,
-    bf16, ZeRO-2, global batch 128 (8 GPUs x 4 x grad_accum 4), experts + routers + projector trained.
-    ``model.init`` must point at a stage-2 (dense) LLaVA checkpoint folder of this backbone; ``data`` at
-    LLaVA-mix-665K converted to the conversation format and the backbone's tokenizer with ``<image>``.
-    ``stgc.moe`` applies the capacity factor at evaluation too (DeepSpeed has a separate evaluation factor):
-    set ``model.moe.capacity_factor=none`` for dropless routing throughout."""
+    capacity factor 1.5 at training and 2.0 at evaluation (DeepSpeed's ``eval_capacity_factor``), lr 2e-5
+    cosine, warmup 0.03, weight decay 0, 1 epoch, max length 2048, bf16, ZeRO-2, global batch 128 (8 GPUs
+    x 4 x grad_accum 4), experts + routers + projector trained. ``model.init`` must point at a stage-2
+    (dense) LLaVA checkpoint folder of this backbone; ``data`` at LLaVA-mix-665K as distributed (the JSON
+    file, images in its folder or ``data.image_folder``) and the backbone's tokenizer with ``<image>``;
+    MoE-LLaVA's conversation template of the backbone, images padded to a square, batches grouped by
+    modality (its ``--version``, ``--image_aspect_ratio pad``, ``--group_by_modality_length True``).
+    Set ``model.moe.capacity_factor=none model.moe.eval_capacity_factor=none`` for dropless routing
+    throughout."""
     return RunConfig(
         name=name,
         model=ModelConfig(
             backbone=backbone,
             size="full",
-            moe=MoEConfig(capacity_factor=1.5),
+            moe=MoEConfig(capacity_factor=1.5, eval_capacity_factor=2.0),
             init=f"checkpoints/{name}-stage2",
         ),
         data=DataConfig(
-            train="data/llava_mix665k/train", tokenizer=f"checkpoints/{name}-stage2", max_length=2048
+            train="data/llava_mix665k/llava_v1_5_mix665k.json",
+            tokenizer=f"checkpoints/{name}-stage2",
+            max_length=2048,
+            chat_template=template,
+            image_aspect_ratio="pad",
+            group_by_modality_length=True,
         ),
         training=TrainingConfig(
             lr=2e-5,
@@ -405,17 +437,17 @@ def _moe_llava(name: str, backbone: str) -> RunConfig:
 
 def moe_llava_stablelm_1_6b() -> RunConfig:
     """MoE-LLaVA-StableLM-2-1.6B stage III (4 experts, top-2), upcycled from a stage-2 checkpoint."""
-    return _moe_llava("moe_llava_stablelm_1_6b", "stablelm")
+    return _moe_llava("moe_llava_stablelm_1_6b", "stablelm", "moellava_stablelm")
 
 
 def moe_llava_qwen_1_8b() -> RunConfig:
     """MoE-LLaVA-Qwen-1.8B stage III (4 experts, top-2), upcycled from a stage-2 checkpoint."""
-    return _moe_llava("moe_llava_qwen_1_8b", "qwen2")
+    return _moe_llava("moe_llava_qwen_1_8b", "qwen2", "moellava_qwen")
 
 
 def moe_llava_phi2_2_7b() -> RunConfig:
     """MoE-LLaVA-Phi-2-2.7B stage III (4 experts, top-2), upcycled from a stage-2 checkpoint."""
-    return _moe_llava("moe_llava_phi2_2_7b", "phi")
+    return _moe_llava("moe_llava_phi2_2_7b", "phi", "moellava_phi")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -88,7 +88,9 @@ def build_components(config: RunConfig) -> RunComponents:
     from datasets import load_from_disk
     from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
 
+    from stgc.data.chat_templates import apply_template
     from stgc.data.collate import LlavaCollator
+    from stgc.data.llava_json import is_llava_json, load_llava_json
     from stgc.modeling import (
         MoELlavaConfig,
         MoELlavaForConditionalGeneration,
@@ -105,7 +107,20 @@ def build_components(config: RunConfig) -> RunComponents:
                 f"{what}={path!r} does not exist; generate the mini suite with `stgc data --out data/mini` "
                 f"or point {what} at your data."
             )
+    # the training rows first: a malformed row stops the run before any model is built
+    if is_llava_json(data.train):
+        dataset = load_llava_json(data.train, data.image_folder)
+    else:
+        dataset = load_from_disk(data.train)
+        if hasattr(dataset, "keys"):  # a DatasetDict
+            if "train" not in dataset:
+                raise ValueError(f"data.train={data.train!r} has splits {list(dataset)}, no 'train'.")
+            dataset = dataset["train"]
+    if data.max_samples is not None:
+        dataset = dataset.select(range(min(data.max_samples, len(dataset))))
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
+    if data.chat_template is not None:
+        apply_template(tokenizer, data.chat_template)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     mc = config.model
     routing_method = None if mc.dense else json_form(config.method.to_dict())
@@ -140,14 +155,9 @@ def build_components(config: RunConfig) -> RunComponents:
                 else MoELlavaForConditionalGeneration.from_dense(dense, mc.moe, routing_method)
             )
     vision = model.config.vision_config
-    processor = build_processor(tokenizer, vision.image_size, vision.patch_size)
-    dataset = load_from_disk(data.train)
-    if hasattr(dataset, "keys"):  # a DatasetDict
-        if "train" not in dataset:
-            raise ValueError(f"data.train={data.train!r} has splits {list(dataset)}, no 'train'.")
-        dataset = dataset["train"]
-    if data.max_samples is not None:
-        dataset = dataset.select(range(min(data.max_samples, len(dataset))))
+    processor = build_processor(
+        tokenizer, vision.image_size, vision.patch_size, pad_to_square=data.image_aspect_ratio == "pad"
+    )
     return RunComponents(model, dataset, LlavaCollator(processor, max_length=data.max_length), processor)
 
 
@@ -220,12 +230,24 @@ def training_arguments(config: RunConfig, **extra: Any) -> TrainingArguments:
         # non-reentrant: the backward keeps the original autograd nodes (and the MoE block's gradient
         # observer on them); the reentrant form would recompute outside the routing context
         **_checkpointing_args(t.gradient_checkpointing),
+        **_length_grouping_args(config.data.group_by_modality_length),
         dataloader_pin_memory=torch.cuda.is_available(),
         deepspeed=deepspeed,
         disable_tqdm=False,
     )
     kwargs.update(extra)
     return TrainingArguments(**kwargs)
+
+
+def _length_grouping_args(enabled: bool) -> dict[str, Any]:
+    """transformers' length-grouping switch (``train_sampling_strategy`` in 5.24, ``group_by_length``
+    before); ``ModalityGroupedSampling`` then groups by modality too (``data.group_by_modality_length``)."""
+    if not enabled:
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:

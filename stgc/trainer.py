@@ -25,6 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from stgc.callbacks import StepBuffer, routing_stats
 from stgc.conflict import ConflictObserver
+from stgc.data.sampling import ModalityGroupedSampling
 from stgc.moe import ExpertBank, Router
 from stgc.objectives.set import STATE_NAME, ObjectiveSet
 
@@ -110,7 +111,7 @@ def set_trainable(model: nn.Module, trainable: str, groups: Sequence[str]) -> di
 # the trainer
 
 
-class MoETrainer(Trainer):
+class MoETrainer(ModalityGroupedSampling, Trainer):
     """``Trainer`` whose loss is the run's objectives' (``ObjectiveSet.step_loss``), plus the metrics.
 
     objectives: the run's objectives; ``None`` trains a dense model with its own loss (stage 2).

@@ -115,5 +115,9 @@ def test_bad_checkpoints(tmp_path, checkpoint):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match="holds a 'llava' model"):
         check_checkpoint(tmp_path)
-    with pytest.raises(ValueError, match="unknown model_args"):
+    from evals.lmms_model import AdapterInputError
+
+    with pytest.raises(AdapterInputError, match="unknown model_args"):
         StgcMoeLlava(pretrained=str(checkpoint), temperature=1)
+    with pytest.raises(AdapterInputError, match="holds a 'llava' model"):
+        StgcMoeLlava(pretrained=str(tmp_path))

@@ -30,10 +30,13 @@ def test_every_recipe_is_valid_and_round_trips(name):
     assert again == config
     assert str(config.run_dir).startswith("runs/")
     if name.endswith("_stgc"):
-        assert config.method == MethodConfig("stgc", (LoadBalanceConfig(), STGCConfig()))
-        assert config.replace(method=get_recipe(name.removesuffix("_stgc")).method) == get_recipe(
-            name.removesuffix("_stgc")
+        base = get_recipe(name.removesuffix("_stgc"))
+        # STGC on top of the base recipe's method: its objectives plus stgc, nothing else changed
+        assert config.method.objectives == (*base.method.objectives, STGCConfig())
+        assert config.method.name == (
+            "stgc" if base.method.name == "baseline" else f"{base.method.name}+stgc"
         )
+        assert config.replace(method=base.method) == base
 
 
 def test_moe_llava_recipes_use_the_published_stage3_settings():
@@ -54,6 +57,8 @@ def test_moe_llava_recipes_use_the_published_stage3_settings():
         )
         assert c.model.size == "full" and c.model.moe.num_experts == 4 and c.model.moe.top_k == 2
         assert c.model.moe.aux_loss_coef == 0.01 and c.data.max_length == 2048
+        # DeepSpeed's capacity factors in MoE-LLaVA's scripts: 1.5 in training, 2.0 at evaluation
+        assert c.model.moe.capacity(training=True) == 1.5 and c.model.moe.capacity(training=False) == 2.0
         assert t.trainable_groups() == ("experts", "router", "projector")
 
 

@@ -91,6 +91,8 @@ _ALL = [
     TaskInfo("stgc_mme", "mme", "mme", LMMS_EVAL, "mme_perception_score", "perception score"),
     TaskInfo("stgc_mmbench_en_dev_static", "mmbench", "mmbench_en_dev_static", LMMS_EVAL, "gpt_eval_score",
              "circular accuracy x100, rule-based extraction"),
+    TaskInfo("stgc_mmbench_en_dev_moellava", "mmbench", "mmbench_en_dev_static", MOE_LLAVA, "gpt_eval_score",
+             "MoE-LLaVA's prompt (hint/question/A-D lines), circular accuracy x100, rule-based extraction"),
 ]
 TASKS: dict[str, TaskInfo] = {t.name: t for t in _ALL}
 PROTOCOLS: dict[str, str] = {name: t.protocol for name, t in TASKS.items()}
@@ -106,7 +108,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     MOE_LLAVA: (
         "stgc_vqav2_val", "stgc_gqa", "stgc_vizwiz_vqa_val", "stgc_scienceqa_img_moellava",
         "stgc_textvqa_val_ocr", "stgc_chartqa", "stgc_docvqa_val", "stgc_pope_moellava", "stgc_mme",
-        "stgc_mmbench_en_dev_static",
+        "stgc_mmbench_en_dev_moellava",
     ),
 }
 # fmt: on

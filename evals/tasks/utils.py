@@ -1,6 +1,7 @@
-"""The few task functions lmms-eval does not have: POPE category selection, and MoE-LLaVA's answer parsing
-for POPE and ScienceQA. Each parser only maps the reply to the answer string MoE-LLaVA's scripts would have
-scored; the scoring itself is lmms-eval's own function, called unchanged (docs/benchmarks.md).
+"""The few task functions lmms-eval does not have: POPE category selection, MoE-LLaVA's answer parsing
+for POPE and ScienceQA, and MoE-LLaVA's MMBench prompt. Each parser only maps the reply to the answer string
+MoE-LLaVA's scripts would have scored; the scoring itself is lmms-eval's own function, called unchanged
+(docs/benchmarks.md).
 
 Referenced from the task YAMLs by module path (`!function evals.tasks.utils.<name>`).
 """
@@ -88,3 +89,31 @@ def sqa_moellava_parse(reply: str) -> str:
 def sqa_moellava_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """lmms-eval's sqa_process_results on the letter MoE-LLaVA's parsing extracts from the reply."""
     return sqa_process_results(doc, [sqa_moellava_parse(results[0])])
+
+
+# moellava/eval/model_vqa_mmbench.py: options A-D only, read up to the first missing one
+_MMBENCH_OPTIONS = ("A", "B", "C", "D")
+
+
+def _mmbench_missing(value: Any) -> bool:
+    """MoE-LLaVA's ``is_none``: None, NaN, or the strings "nan" / "none" in any case."""
+    if value is None or (isinstance(value, float) and value != value):
+        return True
+    return isinstance(value, str) and value.lower() in ("nan", "none")
+
+
+def mmbench_moellava_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> str:
+    """MoE-LLaVA's MMBench question (model_vqa_mmbench.py with --single-pred-prompt): the hint (when there
+    is one) and the question on their own lines, one "<letter>. <option>" line per option A-D up to the
+    first missing one, then the post prompt ("\nAnswer with the option's letter from the given choices
+    directly."). lmms-eval's own prompt joins hint, question and a "There are several options:" block with
+    spaces instead."""
+    kwargs = lmms_eval_specific_kwargs or {}
+    text = doc["question"]
+    if not _mmbench_missing(doc.get("hint")):
+        text = f"{doc['hint']}\n{text}"
+    for letter in _MMBENCH_OPTIONS:
+        if _mmbench_missing(doc.get(letter)):
+            break
+        text += f"\n{letter}. {doc[letter]}"
+    return f"{kwargs.get('pre_prompt', '')}{text}{kwargs.get('post_prompt', '')}"

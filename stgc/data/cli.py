@@ -51,6 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"subset to generate (default: all): {', '.join(BENCHMARK_NAMES)}",
     )
+    parser.add_argument(
+        "--llava-replica",
+        default=None,
+        metavar="DIR",
+        help="instead of the suite, write a small replica of LLaVA-mix-665K (llava_v1_5_mix665k.json + its "
+        "image folders) to DIR, for data.train / data.image_folder",
+    )
+    parser.add_argument(
+        "--replica-rows", type=int, default=24, help="rows of the replica (default: %(default)s)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing suite in --out")
     parser.add_argument("--quiet", action="store_true", help="print only the final line")
 
@@ -59,6 +69,18 @@ def run(args: argparse.Namespace) -> int:
     from stgc.data.suite import generate_suite  # heavy imports (datasets, tokenizers) only when running
 
     t0 = time.perf_counter()
+    if args.llava_replica is not None:
+        from stgc.data.llava_json import write_replica
+
+        if not 1 <= args.replica_rows <= 100_000:
+            print(
+                f"stgc data: error: --replica-rows {args.replica_rows} is not in [1, 100000]",
+                file=sys.stderr,
+            )
+            return 2
+        path = write_replica(args.llava_replica, rows=args.replica_rows, seed=args.seed)
+        print(f"stgc data: wrote a {args.replica_rows}-row LLaVA-mix-665K replica to {path}")
+        return 0
     try:
         info = generate_suite(
             args.out,

@@ -4,7 +4,9 @@ Shapes (legend: docs/architecture.md, Conventions): B batch, T tokens (after ima
 C channels, H/W pixels.
 
 Labels are -100 everywhere except the assistant answers and their closing ``</s>`` (LLaVA's masking: the
-model learns to answer, not to ask). The answer spans are found on the chat template's own rendering:
+model learns to answer, not to ask). A row without image (LLaVA-665K's text-only conversations) has no
+``<image>`` placeholder; ``pixel_values`` holds the images of the other rows, in row order, and is left out
+of a batch without images. The answer spans are found on the chat template's own rendering:
 rendering the conversation up to each assistant turn with ``add_generation_prompt=True`` gives where the
 answer starts, rendering it through that turn gives where it ends; token offsets from the processor map
 those character spans to tokens, so no template string is duplicated here. Padding is on the right.
@@ -88,20 +90,18 @@ class LlavaCollator:
         tok = self.processor.tokenizer
         texts, spans, images = [], [], []
         for row in rows:
-            if row.get("image") is None:
-                raise ValueError(
-                    f"row {row.get('id', '?')!r} has no image; the collator handles image rows only"
-                )
             text, row_spans = answer_spans(tok, to_messages(row["conversations"]))
-            if text.count(self.image_token) != 1:
+            expected = 0 if row.get("image") is None else 1
+            if text.count(self.image_token) != expected:
                 raise ValueError(
-                    f"row {row.get('id', '?')!r} must hold exactly one {self.image_token!r} in its "
-                    f"conversation (found {text.count(self.image_token)})"
+                    f"row {row.get('id', '?')!r} has {expected} image(s) and must hold {expected} "
+                    f"{self.image_token!r} in its conversation (found {text.count(self.image_token)})"
                 )
             texts.append(text)
             spans.append(row_spans)
-            images.append(row["image"].convert("RGB"))
-        enc = self.processor(text=texts, images=images, return_offsets_mapping=True)
+            if expected:
+                images.append(row["image"].convert("RGB"))
+        enc = self.processor(text=texts, images=images or None, return_offsets_mapping=True)
 
         ids_list, labels_list = [], []
         for b, (text, row_spans) in enumerate(zip(texts, spans)):
@@ -113,7 +113,7 @@ class LlavaCollator:
                 if end > start and any(start < b_end and end > b_start for b_start, b_end in moved):
                     labels[i] = ids[i]
             if len(ids) > self.max_length:
-                last_image = max(i for i, t in enumerate(ids) if t == self.image_token_id)
+                last_image = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1)
                 if last_image >= self.max_length:
                     raise ValueError(
                         f"max_length={self.max_length} would cut the image tokens of row {b} (they end at "
@@ -132,10 +132,7 @@ class LlavaCollator:
             input_ids_BT[b, : len(ids)] = torch.tensor(ids)
             attention_mask_BT[b, : len(ids)] = 1
             labels_BT[b, : len(labels)] = torch.tensor(labels)
-        pixel_values_BCHW = torch.from_numpy(np.stack([np.asarray(p) for p in enc["pixel_values"]]))
-        return {
-            "input_ids": input_ids_BT,
-            "attention_mask": attention_mask_BT,
-            "pixel_values": pixel_values_BCHW,
-            "labels": labels_BT,
-        }
+        batch = {"input_ids": input_ids_BT, "attention_mask": attention_mask_BT, "labels": labels_BT}
+        if images:
+            batch["pixel_values"] = torch.from_numpy(np.stack([np.asarray(p) for p in enc["pixel_values"]]))
+        return batch
