@@ -112,6 +112,50 @@ class FFNExpertsConfig(ExpertsConfig):
     name: str = "ffn"
 
 
+# --------------------------------------------------------------------------------------------------------
+# peer methods II (issue 15): LLaVA-MoLE's router and LoRA expert bank
+
+
+@register_router_config
+@dataclasses.dataclass(frozen=True)
+class MoLERouterConfig(RouterConfig):
+    """LLaVA-MoLE's router (``stgc.moe.routers.mole``): logits = W x + b (a bias, as the released
+    ``nn.Linear`` router has), p = softmax, top-k of p, and combine weights the probabilities themselves
+    (not renormalised over the chosen experts). With top_k = 1 the chosen LoRA delta is scaled by its
+    probability (Switch-style), so the router learns from the LM loss; with top_k = num_experts it is the
+    released code's dense soft mixture sum_i p_i dW_i x."""
+
+    name: str = "mole"
+    bias: bool = True
+
+
+@register_experts_config
+@dataclasses.dataclass(frozen=True)
+class LoRAExpertsConfig(ExpertsConfig):
+    """LLaVA-MoLE's experts (``stgc.moe.experts.lora``): the dense FFN frozen, each expert a LoRA delta
+    (rank ``rank``, scale ``alpha / rank``, ``dropout`` on the delta's input) on every projection of it
+    (gate / up / down, or fc1 / fc2). Defaults: the released checkpoint's name (r16, a32, 3 experts) and
+    the released code's dropout 0.05."""
+
+    name: str = "lora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(
+                f"moe.experts.rank={self.rank!r} is invalid; use a positive integer no larger than the "
+                "model's hidden and FFN sizes (LLaVA-MoLE: 16)."
+            )
+        if not self.alpha > 0:
+            raise ValueError(f"moe.experts.alpha={self.alpha} is invalid; use alpha > 0 (LLaVA-MoLE: 32).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"moe.experts.dropout={self.dropout} is invalid; use 0 <= dropout < 1.")
+
+
+# --------------------------------------------------------------------------------------------------------
+
 IMPLEMENTATIONS = ("auto", "eager")
 
 
@@ -121,7 +165,8 @@ class MoEConfig(ConfigBase):
 
     num_experts: E experts per MoE layer (each upcycled from the dense FFN).
     top_k: K experts per token; combine weights are renormalised over the K chosen (DeepSpeed's top-2 gate).
-    layers: decoder layer indices whose MLP is a MoE block; ``None`` means every other layer (0, 2, 4, ...).
+    layers: decoder layer indices whose MLP is a MoE block; ``None`` means every ``layer_every``-th layer
+        from 0 (MoE-LLaVA: every other layer, 0, 2, 4, ...; LLaVA-MoLE: every layer, ``layer_every=1``).
     aux_loss_coef: alpha, the coefficient of the ``load_balance`` objective (MoE-LLaVA: 0.01).
     capacity_factor: ``None`` (default) routes every token; a number reproduces DeepSpeed's capacity
         ceil(cf * K * T / E) (at least ``min_capacity``) with token dropping, top-1 assignments first, in
@@ -141,6 +186,7 @@ class MoEConfig(ConfigBase):
     num_experts: int = 4
     top_k: int = 2
     layers: tuple[int, ...] | None = None
+    layer_every: int = 2
     aux_loss_coef: float = 0.01
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
@@ -186,6 +232,11 @@ class MoEConfig(ConfigBase):
             raise ValueError(
                 f"moe.second_expert_sampling needs top_k=2 (DeepSpeed's top-2 gate); got top_k={self.top_k}."
             )
+        if not isinstance(self.layer_every, int) or self.layer_every < 1:
+            raise ValueError(
+                f"moe.layer_every={self.layer_every!r} is invalid; use an integer >= 1 (2: every other "
+                "layer)."
+            )
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError(f"moe.layers={self.layers} has duplicates; list each layer index once.")
         if self.implementation not in IMPLEMENTATIONS:
@@ -201,7 +252,8 @@ class MoEConfig(ConfigBase):
 
     def resolve_layers(self, num_hidden_layers: int) -> tuple[int, ...]:
         """The MoE layer indices for a model with ``num_hidden_layers`` decoder layers (validated)."""
-        layers = self.layers if self.layers is not None else tuple(range(0, num_hidden_layers, 2))
+        every = self.layer_every
+        layers = self.layers if self.layers is not None else tuple(range(0, num_hidden_layers, every))
         bad = [i for i in layers if not 0 <= i < num_hidden_layers]
         if bad:
             raise ValueError(

@@ -466,10 +466,10 @@ def reference_token_grads(
     for r in records:
         bank = blocks[r.layer_idx].experts
         T, K = r.topk_idx_TK.shape
-        dt = bank.w_in.dtype
+        weight = next(bank.parameters())  # (any bank: the experts' dtype and device)
         biases[r.layer_idx] = (
-            torch.zeros(T, K, bank.intermediate_size, dtype=dt, device=bank.w_in.device),
-            torch.zeros(T, K, bank.hidden_size, dtype=dt, device=bank.w_in.device),
+            torch.zeros(T, K, bank.intermediate_size, dtype=weight.dtype, device=weight.device),
+            torch.zeros(T, K, bank.hidden_size, dtype=weight.dtype, device=weight.device),
         )
 
     grads = torch.func.grad(loss_fn)(biases)

@@ -166,10 +166,18 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """Save with tensors under their in-memory names (``state_dict()`` keys, e.g.
         ``model.language_model.layers.0.mlp.experts.w_in``). transformers would otherwise rename keys to
         the legacy LLaVA layout, and differently for a freshly built and a reloaded model (5.23 writes
-        ``model.language_model.model.layers...`` for the former); one layout is easier to read and convert."""
-        return super().save_pretrained(
+        ``model.language_model.model.layers...`` for the former); one layout is easier to read and convert.
+        A model whose MoE banks are adapters on a frozen FFN (LoRA experts) saves them in their own file
+        (``stgc.moe_adapters``); ``from_pretrained`` still loads the whole model."""
+        from stgc.moe_adapters import adapter_keys, split_adapters
+
+        out = super().save_pretrained(
             save_directory, *args, save_original_format=save_original_format, **kwargs
         )
+        keys = adapter_keys(self)
+        if keys and kwargs.get("is_main_process", True) and kwargs.get("safe_serialization", True):
+            split_adapters(save_directory, keys)
+        return out
 
     # ----------------------------------------------------------------------------------------------------
     @property

@@ -456,13 +456,22 @@ def moe_llava_phi2_2_7b() -> RunConfig:
 
 def with_method(config: RunConfig, name: str, **params: Any) -> RunConfig:
     """``config`` trained with the method preset ``name`` (``stgc.objectives.config.METHODS``): its
-    objectives, each parameter given to the objective that has it, and the changes it makes to the MoE
-    layers (a peer's router)."""
+    objectives, each parameter given to the objective that has it, the changes it makes to the MoE
+    layers (a peer's router) and to training, and for a post-training stage (RoMA) the base recipe's
+    final checkpoint as ``model.init``."""
     method = method_preset(name, **params)
     preset = METHODS[name]
     model, training = config.model, config.training
     if preset.moe:
         model = model.replace(moe=MoEConfig.from_dict({**model.moe.to_dict(), **preset.moe}))
+    if preset.post_training:
+        # a stage on the base recipe's trained MoE model (RoMA): its final checkpoint, trained if missing
+        _check(
+            config.name in RECIPES and not config.model.dense,
+            f"method {name!r} post-trains a MoE checkpoint of recipe {config.name!r}, which is not a MoE "
+            "recipe; start from a MoE recipe (e.g. tiny) or set model.init to a MoE checkpoint folder.",
+        )
+        model = model.replace(init=f"{INIT_RECIPE_PREFIX}{config.name}")
     if preset.training:
         training = training.replace(**preset.training)
     return config.replace(method=method, model=model, training=training)

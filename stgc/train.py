@@ -40,6 +40,7 @@ from stgc.callbacks import (
     StepBuffer,
 )
 from stgc.moe import MoEBlock
+from stgc.objectives.base import TrainingData
 from stgc.objectives.set import ObjectiveSet
 from stgc.recipes import INIT_RECIPE_PREFIX, PARAM_GROUPS, RunConfig, get_recipe
 from stgc.trainer import (
@@ -454,7 +455,17 @@ def train(
     buffer = StepBuffer()
     method_name = "dense" if objectives is None else config.method_tag
     hooks = (
-        [] if objectives is None else [ObjectivesCallback(objectives, moe_layers, config.training.seed, last)]
+        []
+        if objectives is None
+        else [
+            ObjectivesCallback(
+                objectives,
+                moe_layers,
+                config.training.seed,
+                last,
+                TrainingData(model, parts.train_dataset, parts.data_collator),
+            )
+        ]
     )
     trainer = MoETrainer(
         model=model,

@@ -13,6 +13,7 @@ accumulation as without it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from stgc.callbacks import StepBuffer, routing_stats
 from stgc.conflict import ConflictObserver
 from stgc.data.sampling import ModalityGroupedSampling
 from stgc.moe import ExpertBank, Router
+from stgc.objectives.base import TrainingData
 from stgc.objectives.set import STATE_NAME, ObjectiveSet
 
 
@@ -45,7 +47,8 @@ class CheckpointError(ValueError):
 def parameter_groups(model: nn.Module) -> dict[str, str]:
     """Parameter name -> group (``stgc.recipes.PARAM_GROUPS`` or "other").
 
-    MoE parameters are found by module type (``ExpertBank``, ``Router``); the rest by the
+    MoE parameters are found by module type (``ExpertBank``, whose ``parameter_group`` names the group of
+    each of its parameters: a LoRA bank's frozen dense FFN is "mlp"; ``Router``); the rest by the
     module path of transformers' LLaVA (``multi_modal_projector``, ``vision_tower``, ``embed_tokens``,
     ``lm_head``, ``self_attn``, ``mlp``) and norm modules by class name, so every backbone of the registry
     maps the same way without naming a model."""
@@ -55,8 +58,8 @@ def parameter_groups(model: nn.Module) -> dict[str, str]:
             for p in module.parameters():
                 owner[id(p)] = "router"
         if isinstance(module, ExpertBank):
-            for p in module.parameters():
-                owner[id(p)] = "experts"
+            for p_name, p in module.named_parameters():
+                owner[id(p)] = module.parameter_group(p_name)
     groups: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
@@ -193,11 +196,17 @@ class MoETrainer(ModalityGroupedSampling, Trainer):
 
 
 class ObjectivesCallback(TrainerCallback):
-    """The objectives' preparation (once the number of steps is known), per-step hook, and their state in
-    every checkpoint (``objectives_state.pt``), restored when the run resumes from ``resume_from``."""
+    """The objectives' preparation (once the number of steps is known), per-epoch hook (with the model and
+    the training data: ``Objective.before_epoch``), per-step hook, and their state in every checkpoint
+    (``objectives_state.pt``), restored when the run resumes from ``resume_from``."""
 
     def __init__(
-        self, objectives: ObjectiveSet, moe_layers: tuple[int, ...], seed: int, resume_from: str | None
+        self,
+        objectives: ObjectiveSet,
+        moe_layers: tuple[int, ...],
+        seed: int,
+        resume_from: str | None,
+        data: TrainingData | None = None,
     ):
         self.objectives, self.moe_layers, self.seed, self.resume_from = (
             objectives,
@@ -205,11 +214,17 @@ class ObjectivesCallback(TrainerCallback):
             seed,
             resume_from,
         )
+        self.data = data
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.objectives.prepare(max_steps=state.max_steps, moe_layers=self.moe_layers, seed=self.seed)
         if self.resume_from is not None:
             load_objectives_state(self.objectives, Path(self.resume_from))
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.data is not None:
+            # state.epoch is the (fractional) progress: a resumed run continues inside its epoch
+            self.objectives.before_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)), self.data)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.objectives.after_step(state.global_step)

@@ -38,9 +38,11 @@ class MoEBlock(nn.Module):
         self.use_triton = True
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        ctx = self.routing_ctx
+        if ctx is not None and ctx.input_hook is not None:
+            hidden_states = ctx.input_hook(self.layer_idx, hidden_states, ctx)
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
-        ctx = self.routing_ctx
         token_mask_T = self._token_mask(ctx, x_TD)
         injected = (
             None if ctx is None or ctx.injected_biases is None else ctx.injected_biases.get(self.layer_idx)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from torch import Tensor, nn
@@ -143,6 +143,9 @@ class RoutingContext:
     injected_biases: {layer_idx: (bias1_TKF, bias2_TKD)} explicit per-(token, slot) zero biases whose
         gradients are the token-level bias gradients (the `reference` STGC mode); the layers named run the
         eager bank.
+    input_hook: ``f(layer_idx, hidden_states_BSD, ctx) -> hidden_states_BSD`` applied to every MoE block's
+        input before routing, e.g. an identity whose backward rescales the gradient per token (AGM's
+        modality modulation); ``None``: none.
     """
 
     token_mask_BT: Tensor | None = None
@@ -152,6 +155,7 @@ class RoutingContext:
     cluster_B: Tensor | None = None
     dense_layers: frozenset[int] | None = None
     injected_biases: dict[int, tuple[Tensor, Tensor]] | None = None
+    input_hook: Callable[[int, Tensor, RoutingContext], Tensor] | None = None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ _WHERE = {
     "OBJECTIVES": "stgc.objectives.set",
     "Objective": "stgc.objectives.base",
     "StepInputs": "stgc.objectives.base",
+    "TrainingData": "stgc.objectives.base",
     "register_objective": "stgc.objectives.base",
     "ObjectiveSet": "stgc.objectives.set",
     "STATE_NAME": "stgc.objectives.set",

@@ -24,8 +24,9 @@ from stgc.objectives.config import ObjectiveConfig
 @dataclasses.dataclass
 class StepInputs:
     """What a before-backward phase may use: the model, the forward's context and output, the main loss
-    (L_lm plus every forward term, scaled), the step, its coefficients, and ``rerun(ctx)``: the model's
-    forward on the same inputs in another routing context, returning that forward's main loss."""
+    (L_lm plus every forward term, scaled), the step, its coefficients, ``rerun(ctx)``: the model's
+    forward on the same inputs in another routing context, returning that forward's main loss, and
+    ``inputs``: the batch itself (input_ids, attention_mask, labels, ...)."""
 
     model: nn.Module
     ctx: RoutingContext
@@ -34,6 +35,17 @@ class StepInputs:
     step: int
     coefficients: dict[str, float]
     rerun: Callable[[RoutingContext], Tensor]
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What a stage-level hook (``Objective.before_epoch``) may use: the model being trained, the
+    training set (rows as the collator takes them) and the collator."""
+
+    model: nn.Module
+    dataset: Any
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None
 
 
 class Objective:
@@ -53,6 +65,15 @@ class Objective:
 
     def check(self, moe_layers: tuple[int, ...]) -> None:
         """Refuse settings that do not fit the model (one clear ValueError)."""
+
+    def before_epoch(self, epoch: int, data: TrainingData) -> None:
+        """Called at the start of every epoch (the first one too, and the one a resumed run continues),
+        after ``prepare`` and the restored state: work over the training set with the current model (RoMA
+        finds its correctly answered samples and refreshes its cache here)."""
+
+    def synthetic_setup(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """Stand-ins for what ``before_epoch`` computes from a real training set, built from one synthetic
+        batch (random weights and token ids): what a step benchmark calls instead of ``before_epoch``."""
 
     def terms(self, records: list[RoutingRecord], step: int) -> dict[str, Tensor]:
         """Unscaled loss terms of this forward, each summed over the MoE layers."""

@@ -124,12 +124,15 @@ class MethodPreset:
     """A named method: its objectives (names, in order) and the changes it makes to the run, applied by
     ``stgc.recipes.with_method``: ``moe`` (MoEConfig fields, e.g. a peer's router or bank) and ``training``
     (TrainingConfig fields, e.g. which parameter groups train). Every preset gets recipes
-    ``<base>_<name>`` and ``<base>_<name>_stgc`` for each base recipe (``stgc.recipes``)."""
+    ``<base>_<name>`` and ``<base>_<name>_stgc`` for each base recipe (``stgc.recipes``).
+    ``post_training``: a stage on a trained MoE checkpoint (RoMA): ``model.init`` becomes
+    ``recipe:<base recipe>``, that recipe's final checkpoint (trained first if missing)."""
 
     objectives: tuple[str, ...]
     moe: dict[str, Any] = dataclasses.field(default_factory=dict)
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     doc: str = ""
+    post_training: bool = False
 
 
 METHODS: dict[str, MethodPreset] = {
@@ -235,3 +238,115 @@ def _fmt(value: Any) -> str:
     if isinstance(value, tuple | list):
         return "_".join(str(v) for v in value)
     return str(value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# peer methods II (issue 15): LLaVA-MoLE, RoMA, AGM (docs/peers_training.md). Their settings, then their
+# presets; the router and expert bank settings of LLaVA-MoLE are in stgc.config.
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class MoLEBalanceConfig(ObjectiveConfig):
+    """LLaVA-MoLE's balance loss, coef * mean over samples of sum_e mean(p_e) * mean(1[argmax = e]), both
+    means pooled over the sample's real tokens in every MoE layer (no x E factor; BASELINES.md).
+    coef 0.01 [ours: the paper's value is not public; MoE-LLaVA's alpha]."""
+
+    name: str = "mole_balance"
+    coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not self.coef >= 0:
+            raise ValueError(f"mole_balance.coef={self.coef} is invalid; use a value >= 0 (ours: 0.01).")
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class RoMAConfig(ObjectiveConfig):
+    """RoMA's routing manifold regulariser, lam * sum_j W_ij ||r_i - r_j||^2 (stgc.objectives.roma).
+    lam: its weight [ours: 1.0; the paper leaves it open]. k: neighbours per sample (paper: 3).
+    last_layers: r concatenates the routing weights of the last this-many MoE layers (paper: 5; all of
+    them when the model has fewer). embedding_model: a sentence-transformers name or folder (None: the
+    bundled all-MiniLM-L6-v2, ``stgc.embeddings``). judge_batch_size / max_new_tokens: the greedy
+    generation that finds the correctly answered training samples at the start of the stage.
+    """
+
+    name: str = "roma"
+    lam: float = 1.0
+    k: int = 3
+    last_layers: int = 5
+    embedding_model: str | None = None
+    judge_batch_size: int = 32
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.lam >= 0:
+            raise ValueError(f"roma.lam={self.lam} is invalid; use a value >= 0 (ours: 1.0).")
+        for key in ("k", "last_layers", "judge_batch_size", "max_new_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"roma.{key}={value!r} is invalid; use an integer >= 1.")
+
+
+AGM_MODES = ("lite", "faithful")
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class AGMConfig(ObjectiveConfig):
+    """AGM's gradient modulation of two players, image and text tokens (stgc.objectives.agm).
+    alpha: kappa_m = exp(alpha * min(rbar_m - r_m, cap)) (AGM: alpha 1.0, cap 10).
+    mode: "lite" [ours, default]: kappa from no-grad mono-modal forwards, applied as a scale on the
+    gradients of image vs text hidden states entering the MoE layers; "faithful": the two mono-modal
+    forwards keep their graphs and kappa scales each player's Shapley logits (AGM's logit-level hooks).
+    """
+
+    name: str = "agm"
+    alpha: float = 1.0
+    cap: float = 10.0
+    mode: str = "lite"
+
+    def __post_init__(self) -> None:
+        if not self.alpha >= 0:
+            raise ValueError(f"agm.alpha={self.alpha} is invalid; use alpha >= 0 (AGM: 1.0; 0: off).")
+        if not self.cap > 0:
+            raise ValueError(f"agm.cap={self.cap} is invalid; use a value > 0 (AGM: 10).")
+        if self.mode not in AGM_MODES:
+            raise ValueError(f"agm.mode={self.mode!r} is not valid; choose one of {AGM_MODES}.")
+
+
+register_method(
+    "mole",
+    MethodPreset(
+        ("mole_balance",),
+        moe={
+            "num_experts": 3,
+            "top_k": 1,
+            "layer_every": 1,
+            # LLaVA-MoLE drops no token (a token over capacity would silently lose its expert)
+            "capacity_factor": None,
+            "eval_capacity_factor": None,
+            "router": {"name": "mole"},
+            "experts": {"name": "lora"},
+        },
+        training={"trainable": "experts,router"},
+        doc="LLaVA-MoLE: frozen dense FFN, 3 LoRA experts (r16, a32) per layer, top-1 scaled by p, "
+        "per-sample balance",
+    ),
+)
+register_method(
+    "roma",
+    MethodPreset(
+        ("roma",),
+        training={"trainable": "router"},
+        doc="RoMA: router-only post-training of a MoE checkpoint, L_lm + lambda * routing manifold alignment",
+        post_training=True,
+    ),
+)
+register_method(
+    "agm",
+    MethodPreset(
+        ("load_balance", "agm"),
+        doc="MoE-LLaVA + AGM's Shapley-based gradient modulation of image vs text tokens (AGM-lite)",
+    ),
+)

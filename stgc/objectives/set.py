@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from stgc.config import MoEConfig
 from stgc.moe.record import GradObserver, RoutingContext, RoutingRecord
-from stgc.objectives import load_balance, stgc, z_loss  # noqa: F401  (the built-in objectives register)
-from stgc.objectives.base import OBJECTIVES, Objective, StepInputs
+from stgc.objectives import agm, load_balance, mole_balance, roma, stgc, z_loss  # noqa: F401  (registration)
+from stgc.objectives.base import OBJECTIVES, Objective, StepInputs, TrainingData
 from stgc.objectives.config import MethodConfig, ObjectiveConfig
 
 STATE_NAME = "objectives_state.pt"  # in every checkpoint folder of a run with stateful objectives
@@ -101,6 +101,14 @@ class ObjectiveSet:
         for o in self.items:
             o.prepare(max_steps=max_steps, moe_layers=moe_layers, seed=seed)
 
+    def before_epoch(self, epoch: int, data: TrainingData) -> None:
+        for o in self.items:
+            o.before_epoch(epoch, data)
+
+    def synthetic_setup(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        for o in self.items:
+            o.synthetic_setup(model, inputs)
+
     def observer(self, step: int) -> GradObserver | None:
         return next((obs for obs in (o.observer(step) for o in self.items) if obs is not None), None)
 
@@ -157,7 +165,7 @@ class ObjectiveSet:
             return scaled_sum(o.loss, t, c)
 
         late: dict[str, Tensor] = {}
-        step_inputs = StepInputs(model, ctx, out, main, step, coefs, rerun)
+        step_inputs = StepInputs(model, ctx, out, main, step, coefs, rerun, inputs)
         for o in self.items:
             late.update(o.before_backward(step_inputs, observer))
         loss = scaled_sum(main, late, coefs)

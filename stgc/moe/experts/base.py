@@ -20,6 +20,7 @@ class ExpertBank(nn.Module):
     ``biases``: explicit per-(token, slot) first and output biases (STGC's `reference` mode).
     ``dense(x_TD) -> DenseOutputs``: every expert on every token (a competition step).
     ``ffn``: the FFN kind ("swiglu" / "gelu"), which defines where the first bias sits.
+    ``parameter_group(name)``: which training group each parameter belongs to (``stgc.train``).
     """
 
     name: ClassVar[str] = ""
@@ -36,6 +37,12 @@ class ExpertBank(nn.Module):
         biases: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def parameter_group(self, name: str) -> str:
+        """The training group (``stgc.recipes.PARAM_GROUPS``) of the bank's parameter ``name``: "experts"
+        for every parameter of a bank of full experts; a bank that keeps a frozen dense FFN (LoRA experts)
+        puts it in "mlp", so that ``training.trainable`` leaves it frozen."""
+        return "experts"
 
 
 EXPERT_BANKS: dict[str, type[ExpertBank]] = {}
