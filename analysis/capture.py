@@ -1,6 +1,6 @@
 """Routing traces of a checkpoint on benchmark prompts: the expensive extraction, done once per checkpoint
-(OLMoE's dump-once / analyse-many split, STYLE.md 10); `analysis.metrics` then reads the Parquet file many
-times.
+(OLMoE's dump-once / analyse-many split; docs/architecture.md, Conventions); `analysis.metrics` then
+reads the Parquet file many times.
 
     capture_routing("runs/tiny-stgc-seed0/checkpoint-200", ["stgc_scienceqa_img", "stgc_textvqa_val"],
                     "results/<sweep>/routing/stgc-seed0.parquet", limit=100)
@@ -24,7 +24,7 @@ Per sample, exactly what the evaluation feeds the model, then one teacher-forced
 Modalities: "image" = the expanded image placeholder tokens, "text" = every other prompt token (BOS and
 chat-template words included), "answer" = the generated tokens (the EOS that ended generation included).
 E, K, the MoE layers and the image-token count come from the routing records and the config, never from
-names (STYLE.md 13). Trace columns and metadata: `analysis.schema`.
+names (docs/architecture.md, Conventions). Trace columns and metadata: `analysis.schema`.
 
 Shape legend: B batch, S sequence length, N new (generated) tokens, K top-k, E experts, L MoE layers.
 """
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis import DEFAULT_MAX_NEW_TOKENS
 from analysis.schema import (
     META_KEY,
     REQUIRED_META_KEYS,
@@ -54,7 +55,6 @@ from analysis.schema import (
     validate_traces,
 )
 
-DEFAULT_MAX_NEW_TOKENS = 16
 RUN_CONFIG_NAME = "run_config.json"  # stgc.callbacks.RUN_CONFIG_NAME (not imported: it loads torch)
 
 

@@ -21,13 +21,14 @@ the failed one is kept, with its traceback, in reports/ for reading). The CLI pr
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from analysis.results import ResultsError, open_results
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = (
@@ -50,6 +51,16 @@ def _kernel_manager_class():
     from jupyter_client.manager import KernelManager
 
     class ThisPythonKernelManager(KernelManager):
+        # IPC sockets next to the connection file instead of TCP on localhost: no other local user can
+        # reach the kernel, and ipykernel has no "running over TCP without encryption" warning to print
+        transport = "ipc"
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            # socket files in the temporary folder (the default "kernel-ipc" is relative to the kernel's
+            # working directory, the notebooks folder); removed when the kernel shuts down
+            self.ip = os.path.join(tempfile.gettempdir(), f"stgc-kernel-{uuid.uuid4().hex[:12]}")
+
         @property
         def kernel_spec(self) -> KernelSpec:
             if self._kernel_spec is None:
@@ -127,6 +138,8 @@ def build_report(
 ) -> Path:
     """Execute the notebooks on `results_dir` (default: the newest results folder) and write
     <results_dir>/reports/ (see the module docstring); return that folder."""
+    from analysis.results import open_results  # pandas: imported here so that --help stays instant
+
     say = log or (lambda _msg: None)
     folder = open_results(results_dir, runs_dir)  # before the slow imports: a bad folder fails at once
 
@@ -207,6 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from analysis.results import ResultsError
+
     notebooks = None
     if args.notebooks:
         notebooks = []

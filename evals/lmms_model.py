@@ -50,6 +50,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from evals.checkpoint import check_checkpoint  # noqa: E402
+from stgc.logs import verbose  # noqa: E402
 
 
 class AdapterExit(SystemExit):
@@ -232,7 +233,10 @@ class StgcMoeLlava(lmms):
         )
         replies: list[str] = []
         failures: dict[str, list[str]] = {}
-        pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="stgc_moe_llava generate")
+        # the sweep's and the demo's evaluation bar counts tasks; this per-call bar shows with --verbose
+        pbar = tqdm(
+            total=len(requests), disable=self.rank != 0 or not verbose(), desc="stgc_moe_llava generate"
+        )
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             try:
                 replies.extend(self._answer(chunk))

@@ -253,7 +253,7 @@ def training_arguments(config: RunConfig, **extra: Any) -> TrainingArguments:
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        report_to="none",
+        report_to=t.report_targets() or "none",  # metrics.jsonl is always written (MetricsCallback)
         remove_unused_columns=False,  # the collator needs the raw image and conversations
         dataloader_num_workers=t.dataloader_workers,
         # non-reentrant: the backward keeps the original autograd nodes (and the MoE block's gradient

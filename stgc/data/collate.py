@@ -1,6 +1,7 @@
 """Training collation: LLaVA conversations -> input_ids, attention_mask, pixel_values, labels.
 
-Shapes (STYLE.md legend): B batch, T tokens (after image expansion and padding), C channels, H/W pixels.
+Shapes (legend: docs/architecture.md, Conventions): B batch, T tokens (after image expansion and padding),
+C channels, H/W pixels.
 
 Labels are -100 everywhere except the assistant answers and their closing ``</s>`` (LLaVA's masking: the
 model learns to answer, not to ask). A row without image (LLaVA-665K's text-only conversations) has no
