@@ -1,6 +1,6 @@
 """Routing traces of a checkpoint on benchmark prompts: the expensive extraction, done once per checkpoint
-(OLMoE's dump-once / analyse-many split, STYLE.md 10); `analysis.metrics` then reads the Parquet file many
-times.
+(OLMoE's dump-once / analyse-many split; docs/architecture.md, Conventions); `analysis.metrics` then
+reads the Parquet file many times.
 
     capture_routing("runs/tiny-stgc-seed0/checkpoint-200", ["stgc_scienceqa_img", "stgc_textvqa_val"],
                     "results/<sweep>/routing/stgc-seed0.parquet", limit=100)
@@ -24,7 +24,7 @@ Per sample, exactly what the evaluation feeds the model, then one teacher-forced
 Modalities: "image" = the expanded image placeholder tokens, "text" = every other prompt token (BOS and
 chat-template words included), "answer" = the generated tokens (the EOS that ended generation included).
 E, K, the MoE layers and the image-token count come from the routing records and the config, never from
-names (STYLE.md 13). Trace columns and metadata: `analysis.schema`.
+names (docs/architecture.md, Conventions). Trace columns and metadata: `analysis.schema`.
 
 Shape legend: B batch, S sequence length, N new (generated) tokens, K top-k, E experts, L MoE layers.
 """
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis import DEFAULT_MAX_NEW_TOKENS
 from analysis.schema import (
     META_KEY,
     REQUIRED_META_KEYS,
@@ -54,7 +55,6 @@ from analysis.schema import (
     validate_traces,
 )
 
-DEFAULT_MAX_NEW_TOKENS = 16
 RUN_CONFIG_NAME = "run_config.json"  # stgc.callbacks.RUN_CONFIG_NAME (not imported: it loads torch)
 
 
@@ -93,7 +93,10 @@ def checkpoint_meta(checkpoint: str | os.PathLike, config: Any, seed: int | None
         "method": str((config.routing_method or {}).get("name", "baseline")),
         "routing_method": dict(config.routing_method or {}),
         "seed": int(seed) if seed is not None else None,
-        "num_experts": int(moe.num_experts),
+        # the router's width: the bank's experts plus any null experts (AdaMoE), whose columns the traces
+        # hold too; bank_experts: the experts that compute
+        "num_experts": int(moe.router.width(moe.num_experts)),
+        "bank_experts": int(moe.num_experts),
         "top_k": int(moe.top_k),
         "moe_layers": [int(i) for i in config.moe_layers],
     }
@@ -355,9 +358,20 @@ def capture_routing(
         out, num_experts=meta["num_experts"], top_k=meta["top_k"], moe_layers=meta["moe_layers"]
     )
     samples_per_task: dict[str, int] = {}
+    clusters: dict[str, dict[str, int]] = {}  # task -> sample id -> instruction cluster (MoCLE-style)
     try:
         _capture_tasks(
-            lm, names, source, root, limit, batch_size, max_new_tokens, writer, samples_per_task, say
+            lm,
+            names,
+            source,
+            root,
+            limit,
+            batch_size,
+            max_new_tokens,
+            writer,
+            samples_per_task,
+            say,
+            clusters,
         )
     except BaseException:
         writer.abort()
@@ -377,13 +391,17 @@ def capture_routing(
         git_revision=git_revision(),
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
+    if clusters:  # the cluster id each prompt was routed with (analysis.peers joins it for NMI)
+        meta["instruction_clusters"] = clusters
     writer.close(meta, overwrite)
     layers = len(meta["moe_layers"])
     say(f"wrote {writer.rows} trace rows ({writer.rows // max(layers, 1)} tokens x {layers} layers) to {out}")
     return out
 
 
-def _capture_tasks(lm, names, source, root, limit, batch_size, max_new_tokens, writer, samples_per_task, say):
+def _capture_tasks(
+    lm, names, source, root, limit, batch_size, max_new_tokens, writer, samples_per_task, say, clusters=None
+):
     """Generate and record every document of every task (see the module docstring) into `writer`."""
     import torch
     from lmms_eval.tasks import TaskManager, get_task_dict
@@ -409,7 +427,11 @@ def _capture_tasks(lm, names, source, root, limit, batch_size, max_new_tokens, w
                 docs = [lm._doc(t, s, d) for t, s, d in zip(task_names, splits, doc_ids)]
                 visuals = [list(doc_to_visual[0](doc)) for doc in docs]
                 prompts = [lm._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-                inputs = lm._inputs(prompts, visuals)  # left-padded, as the evaluation's batches
+                # left-padded, as the evaluation's batches (+ instruction clusters where a router reads them)
+                inputs = lm._with_clusters(lm._inputs(prompts, visuals), list(contexts))
+                if clusters is not None and "cluster_ids" in inputs:
+                    ids = inputs["cluster_ids"].tolist()
+                    clusters.setdefault(name, {}).update({str(d): int(c) for d, c in zip(doc_ids, ids)})
                 with torch.inference_mode():
                     new_BN = _generate(model, tokenizer, inputs, dict(gen_kwargs[0]), max_new_tokens)
                     lengths = _generation_lengths(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis.capture import DEFAULT_MAX_NEW_TOKENS
+from analysis import DEFAULT_MAX_NEW_TOKENS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,8 @@
     stgc analyze conflict runs/tiny-stgc-seed0/checkpoint-200 --data data/mini/train \
         --out results/<sweep>/conflict/stgc-seed0.parquet
 
-The training curves (`metrics.jsonl`) hold only per-layer means; the cosine distribution of STGC.md section
-6 needs every (token, expert) score. This runs the same measurement as training (`stgc.conflict.
+The training curves (`metrics.jsonl`) hold only per-layer means; the cosine distribution of docs/method.md
+section 6 needs every (token, expert) score. This runs the same measurement as training (`stgc.conflict.
 ConflictObserver` inside each MoE layer's backward, as the `stgc` objective wires it) on a fixed,
 seeded selection of rows, so checkpoints of different methods are scored on the same tokens. The model is
 in eval mode (deterministic top-k routing, no second-expert sampling) and nothing is updated. The loss
@@ -22,7 +22,7 @@ Score file (Parquet), one row per routed (token, expert) assignment of a real (n
     modality     string  "image", "text" (prompt) or "answer" (a token with a training label)
     layer        int16   decoder-layer index of the MoE layer
     expert       int16   the expert of the assignment
-    score        float32 cosine of the token's gradient with its expert's mean gradient (STGC.md section 3)
+    score        float32 cosine of the token's gradient with its expert's mean gradient (docs/method.md 3)
     considered   bool    entered the conflict test (both gradients and the expert mean non-zero)
     conflict     bool    considered and score < tau
 File metadata b"stgc_conflict_meta": JSON with checkpoint, method, seed, num_experts, top_k, moe_layers,

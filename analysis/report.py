@@ -3,12 +3,12 @@
     build_report("results/tiny")            -> results/tiny/reports/
     stgc report results/tiny [--runs-dir runs/tiny]
 
-For each notebook (01_benchmarks, 02_expert_loading, 03_pathways, 04_gradient_conflict) papermill injects
-the parameters (`results_dir`, and `runs_dir` where the notebook declares it) and runs it in a fresh
+For each notebook (01_benchmarks, 02_expert_loading, 03_pathways, 04_gradient_conflict, 05_peers) papermill
+injects the parameters (`results_dir`, and `runs_dir` where the notebook declares it) and runs it in a fresh
 kernel; the executed notebook is written to reports/<name>.ipynb and rendered to reports/<name>.html. The
 section functions the notebooks call (`analysis.sections`) write the figures to reports/figures/*.png and
 their tables to reports/tables/*.csv; reports/README.md maps each figure to the function and data that
-make it (`analysis.sections.FIGURES`).
+make it (`analysis.sections.FIGURES`, and `analysis.peers.FIGURES` for 05).
 
 The kernel is this interpreter (`sys.executable -m ipykernel_launcher`), whatever "python3" kernelspec
 Jupyter would otherwise find first (a user-level one may point at another Python without this project).
@@ -33,11 +33,11 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-from analysis.results import REPORTS_ENV, ResultsError, open_results
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = (
@@ -45,6 +45,7 @@ NOTEBOOKS = (
     "02_expert_loading.ipynb",
     "03_pathways.ipynb",
     "04_gradient_conflict.ipynb",
+    "05_peers.ipynb",
 )
 KERNEL_NAME = "python3"
 DEFAULT_RESULTS = Path("results") / "demo"  # what `stgc demo` writes; `stgc report` without a folder
@@ -61,6 +62,16 @@ def _kernel_manager_class():
     from jupyter_client.manager import KernelManager
 
     class ThisPythonKernelManager(KernelManager):
+        # IPC sockets next to the connection file instead of TCP on localhost: no other local user can
+        # reach the kernel, and ipykernel has no "running over TCP without encryption" warning to print
+        transport = "ipc"
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            # socket files in the temporary folder (the default "kernel-ipc" is relative to the kernel's
+            # working directory, the notebooks folder); removed when the kernel shuts down
+            self.ip = os.path.join(tempfile.gettempdir(), f"stgc-kernel-{uuid.uuid4().hex[:12]}")
+
         @property
         def kernel_spec(self) -> KernelSpec:
             if self._kernel_spec is None:
@@ -87,7 +98,10 @@ def _html(notebook_path: Path) -> Path:
 
 
 def _readme(reports: Path, executed: list[Path], failures: list[str]) -> Path:
+    from analysis import peers
     from analysis.sections import FIGURES, TABLES
+
+    FIGURES, TABLES = {**FIGURES, **peers.FIGURES}, {**TABLES, **peers.TABLES}  # noqa: N806
 
     lines = [
         "# Reports",
@@ -135,6 +149,8 @@ def build_report(
 ) -> Path:
     """Execute the notebooks on `results_dir` (default: the newest results folder) and write
     <results_dir>/reports/ (see the module docstring); return that folder."""
+    from analysis.results import open_results  # pandas: imported here so that --help stays instant
+
     say = log or (lambda _msg: None)
     folder = open_results(results_dir, runs_dir)  # before the slow imports: a bad folder fails at once
     paths = [Path(p) for p in notebooks] if notebooks is not None else [NOTEBOOKS_DIR / n for n in NOTEBOOKS]
@@ -177,6 +193,8 @@ def build_report(
 @contextlib.contextmanager
 def _rendering_into(reports: Path) -> Iterator[None]:
     """The notebooks' kernels (started with this process's environment) write into ``reports``."""
+    from analysis.results import REPORTS_ENV
+
     before = os.environ.get(REPORTS_ENV)
     os.environ[REPORTS_ENV] = str(reports)
     try:
@@ -259,6 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from analysis.results import ResultsError
+
     notebooks = None
     if args.notebooks:
         notebooks = []

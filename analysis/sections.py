@@ -10,7 +10,7 @@ draws figures with `analysis.figures`, writes them (PNG under <results>/reports/
 <results>/reports/tables/) and returns a `Section`, which the notebook displays with `.show()`. A missing
 input becomes a visible "missing input" note, never an empty cell; a results folder without scores.csv is
 an error (`analysis.results.ResultsError`). `FIGURES` maps every figure to the function and data that make
-it (STYLE.md 10); `stgc report` writes it into reports/README.md.
+it (docs/architecture.md, Conventions); `stgc report` writes it into reports/README.md.
 
 Expert ids are arbitrary per training run (every expert is upcycled from the same dense FFN; only the
 router's random init tells them apart), so per-expert figures show one checkpoint (one seed per method),

@@ -1,4 +1,4 @@
-"""lmms-eval integration and comparison tables (DESIGN.md, "evals/").
+"""lmms-eval integration and comparison tables (docs/architecture.md, "evals/").
 
 - `evals.tasks`: the task YAML templates (`stgc_*`: ten benchmarks, lmms-eval and MoE-LLaVA protocols),
   `write_task_dir(out, source, mini_root)` (the mini / hub switch), `TASKS`, `PROTOCOLS`, `HEADLINE`, `SUITES`

@@ -50,6 +50,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from evals.checkpoint import check_checkpoint  # noqa: E402
+from stgc.logs import verbose  # noqa: E402
 
 
 class AdapterExit(SystemExit):
@@ -69,6 +70,24 @@ class RequestsFailed(AdapterExit):
 def _one_line(err: BaseException) -> str:
     text = " ".join(f"{type(err).__name__}: {err}".split())
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _checkpoint_clusters(model: Any, path: Any) -> Any:
+    """The instruction clusters a checkpoint routes on (MoCLE-style routers), loaded with the model from
+    its ``instruction_clusters.json``; an error when its router needs them and the folder has none."""
+    from stgc.clusters import CLUSTERS_NAME, uses_instruction_clusters
+
+    if not uses_instruction_clusters(model.config.moe_config):
+        return None
+    clusters = getattr(model, "instruction_clusters", None)
+    if clusters is None:
+        raise ValueError(
+            f"{path} routes on instruction clusters (router {model.config.moe_config.router.name!r}) but has "
+            f"no {CLUSTERS_NAME}; copy it from the run's training checkpoint."
+        )
+    clusters.check(model.config.moe_config.router.num_clusters)
+    clusters.check_embedder()
+    return clusters
 
 
 def _cut_at(text: str, until: list[str]) -> str:
@@ -136,6 +155,10 @@ class StgcMoeLlava(lmms):
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation continues every row at the same position
         self.pretrained = str(path)
+        try:
+            self.clusters = _checkpoint_clusters(self._model, path)
+        except ValueError as err:
+            raise AdapterInputError(f"{MODEL_NAME}: {err}") from None
 
     def clean(self) -> None:
         """lmms-eval calls this at the end of every evaluate() and its default deletes every nn.Module
@@ -179,6 +202,16 @@ class StgcMoeLlava(lmms):
         eos = self.tokenizer.eos_token or ""
         return text[: -len(eos)] if eos and text.endswith(eos) else text
 
+    def _with_clusters(
+        self, inputs: dict[str, torch.Tensor], instructions: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """``inputs`` plus each prompt's instruction cluster (``cluster_ids``, from the task's contexts) when
+        the checkpoint routes on instruction clusters (MoCLE-style; ``stgc.clusters``)."""
+        if self.clusters is not None:
+            ids = torch.from_numpy(self.clusters.predict(instructions))
+            inputs["cluster_ids"] = ids.to(inputs["input_ids"].device)
+        return inputs
+
     def _inputs(self, prompts: list[str], visuals: list[list[Any]]) -> dict[str, torch.Tensor]:
         images = [im for per_request in visuals for im in per_request]
         inputs = self.processor(
@@ -200,7 +233,10 @@ class StgcMoeLlava(lmms):
         )
         replies: list[str] = []
         failures: dict[str, list[str]] = {}
-        pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="stgc_moe_llava generate")
+        # the sweep's and the demo's evaluation bar counts tasks; this per-call bar shows with --verbose
+        pbar = tqdm(
+            total=len(requests), disable=self.rank != 0 or not verbose(), desc="stgc_moe_llava generate"
+        )
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             try:
                 replies.extend(self._answer(chunk))
@@ -226,7 +262,7 @@ class StgcMoeLlava(lmms):
         gen_kwargs = dict(all_gen_kwargs[0])
         visuals = [list(doc_to_visual[0](self._doc(t, s, d))) for t, s, d in zip(tasks, splits, doc_ids)]
         prompts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
-        inputs = self._inputs(prompts, visuals)
+        inputs = self._with_clusters(self._inputs(prompts, visuals), list(contexts))
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         return self._generate(inputs, gen_kwargs, until)
@@ -292,7 +328,7 @@ class StgcMoeLlava(lmms):
             prompt = self._prompt(context, len(visuals[0]))
             full = self._prompt(context, len(visuals[0]), continuation=continuation)
             prompt_ids = self._inputs([prompt], visuals)["input_ids"][0]
-            inputs = self._inputs([full], visuals)
+            inputs = self._with_clusters(self._inputs([full], visuals), [context])
             ids = inputs["input_ids"][0]
             n = prompt_ids.shape[0]
             if ids.shape[0] <= n or not torch.equal(ids[:n], prompt_ids):

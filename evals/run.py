@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ import pandas as pd
 
 from evals import tasks as T
 from evals.checkpoint import check_checkpoint
+from stgc.clusters import check_checkpoint_clusters
+from stgc.logs import quiet_output
+from stgc.paths import portable
 from stgc.provenance import git_revision
 
 MODEL_NAME = "stgc_moe_llava"  # evals.lmms_model.MODEL_NAME (not imported: it loads lmms-eval)
@@ -70,6 +75,7 @@ def check_inputs(
     Returns (checkpoint, expanded task names, source, mini root)."""
     try:
         path = check_checkpoint(checkpoint)
+        check_checkpoint_clusters(path)  # MoCLE-style routers: the saved clusters fit router and embedder
         names = T.expand_tasks(tasks)
         source, root = T.resolve_source(source, mini_root)
     except ValueError as err:
@@ -138,40 +144,109 @@ def evaluate(
     device: str | None = None,
     log_samples: bool = True,
 ) -> EvalResult | None:
-    """Evaluate `checkpoint` on `tasks` (task, group or suite names); see the module docstring. Returns
-    None on ranks other than 0. `model_args` go to the model (e.g. max_new_tokens, dtype);
-    `gen_kwargs` ("max_new_tokens=16,...") override every task's generation settings (recorded)."""
+    """Evaluate `checkpoint` on `tasks` (task, group or suite names) in one lmms-eval call; see the module
+    docstring. Returns None on ranks other than 0. `model_args` go to the model (e.g. max_new_tokens,
+    dtype); `gen_kwargs` ("max_new_tokens=16,...") override every task's generation settings (recorded)."""
     path, names, source, root = check_inputs(checkpoint, list(tasks), source, mini_root, limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    model = load_model(path, batch_size=batch_size, model_args=model_args, device=device)
+    settings = _Settings(path, source, root, limit, batch_size, gen_kwargs, log_samples)
+    return _evaluate_loaded(model, names, out, settings)
+
+
+def evaluate_each(
+    checkpoint: str | os.PathLike,
+    tasks: list[str] | tuple[str, ...],
+    *,
+    out_dir_of: Callable[[str], str | os.PathLike],
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    source: str | None = None,
+    mini_root: str | os.PathLike | None = None,
+    model_args: dict[str, Any] | None = None,
+    gen_kwargs: str | None = None,
+    device: str | None = None,
+    log_samples: bool = True,
+) -> Iterator[tuple[str, EvalResult | None | Exception]]:
+    """Evaluate `checkpoint` on each task in turn with ONE model load, yielding (task, result) as soon as
+    that task's results.json is in `out_dir_of(task)`: a sweep killed mid-way keeps every task finished
+    before it, and a failing task is yielded as (task, exception) while the others go on. Input errors
+    (EvalInputError) and a model that does not load raise before anything is yielded."""
+    path, names, source, root = check_inputs(checkpoint, list(tasks), source, mini_root, limit)
+    model = load_model(path, batch_size=batch_size, model_args=model_args, device=device)
+    settings = _Settings(path, source, root, limit, batch_size, gen_kwargs, log_samples)
+    for name in names:
+        try:
+            result: EvalResult | None | Exception = _evaluate_loaded(
+                model, [name], Path(out_dir_of(name)), settings
+            )
+        except Exception as err:  # one task's failure must not stop the others (KeyboardInterrupt does)
+            result = err
+        yield name, result
+
+
+def load_model(
+    checkpoint: Path,
+    *,
+    batch_size: int = 1,
+    model_args: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> Any:
+    """The lmms-eval model `stgc_moe_llava` on `checkpoint`, built the way lmms-eval builds it from
+    `--model_args` (so `accelerate launch` data parallelism works as in the lmms-eval CLI)."""
+    from lmms_eval import models
+
+    from evals.lmms_model import AdapterInputError
+
+    args = _model_args_string({"pretrained": str(checkpoint), **(model_args or {})})
+    extra = {"batch_size": batch_size, "max_batch_size": None, "device": device}
+    try:
+        return models.get_model(MODEL_NAME).create_from_arg_string(args, extra)
+    except AdapterInputError as bad:  # a SystemExit for lmms-eval's CLI; an ordinary input error here
+        raise EvalInputError(str(bad.code)) from None
+
+
+@dataclass(frozen=True)
+class _Settings:
+    checkpoint: Path
+    source: str
+    root: Path
+    limit: int | float | None
+    batch_size: int
+    gen_kwargs: str | None
+    log_samples: bool
+
+
+def _evaluate_loaded(model: Any, names: list[str], out: Path, settings: _Settings) -> EvalResult | None:
+    """One lmms-eval call of an already loaded model on `names`; writes `out` (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
-    task_dir = T.write_task_dir(out / "tasks", source=source, mini_root=root)
+    task_dir = T.write_task_dir(out / "tasks", source=settings.source, mini_root=settings.root)
 
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     from stgc.checkpoints import checkpoint_identity
 
-    identity = checkpoint_identity(path)  # before the evaluation: the weights it loads
+    identity = checkpoint_identity(settings.checkpoint)  # the weights loaded (hash cached per process)
 
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     from evals.lmms_model import AdapterInputError, RequestsFailed
 
     manager = TaskManager(include_path=str(task_dir), include_defaults=False, model_name=MODEL_NAME)
     try:
-        results = simple_evaluate(
-            model=MODEL_NAME,
-            model_args=_model_args_string({"pretrained": str(path), **(model_args or {})}),
-            tasks=names,
-            batch_size=batch_size,
-            device=device,
-            limit=limit,
-            task_manager=manager,
-            gen_kwargs=gen_kwargs,
-            log_samples=log_samples,
-            bootstrap_iters=0,
-            # lmms-eval hands this to aggregation functions that write files (MMBench): keep them in `out`.
-            cli_args=argparse.Namespace(output_path=str(out), process_with_media=False),
-        )
+        with quiet_output():
+            results = simple_evaluate(
+                model=model,
+                tasks=names,
+                batch_size=settings.batch_size,
+                limit=settings.limit,
+                task_manager=manager,
+                gen_kwargs=settings.gen_kwargs,
+                log_samples=settings.log_samples,
+                bootstrap_iters=0,
+                # lmms-eval hands this to aggregation functions that write files (MMBench): keep them in `out`
+                cli_args=argparse.Namespace(output_path=str(out), process_with_media=False),
+            )
     # the adapter's errors are SystemExits for lmms-eval's CLI; ordinary exceptions here
     except AdapterInputError as bad:
         raise EvalInputError(str(bad.code)) from None
@@ -184,24 +259,37 @@ def evaluate(
         raise RuntimeError(f"lmms-eval returned no results for task(s) {missing} of {names}")
     samples = results.pop("samples", None) or {}
     results["stgc"] = {
-        "checkpoint": str(path),
+        "checkpoint": portable(settings.checkpoint),
         **identity,  # step and content hash: a sweep uses only its run's final checkpoint's results
         "tasks": names,
-        "source": source,
-        "mini_root": str(root) if source == "mini" else None,
+        "source": settings.source,
+        "mini_root": portable(settings.root) if settings.source == "mini" else None,
+        "data": data_fingerprint(settings.source, settings.root),
         "protocols": {n: T.PROTOCOLS[n] for n in names},
         "headline": {n: T.HEADLINE[n] for n in names},
         "git_revision": git_revision(),
         "date": date,
-        "limit": limit,
-        "batch_size": batch_size,
-        "gen_kwargs": gen_kwargs,
+        "limit": settings.limit,
+        "batch_size": settings.batch_size,
+        "gen_kwargs": settings.gen_kwargs,
     }
     for task, rows in samples.items():
         lines = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
         _write_atomic(out / f"samples_{task}.jsonl", lines)
     _write_atomic(out / RESULTS_NAME, json.dumps(results, indent=2, default=_jsonable) + "\n")
     return EvalResult(out, json.loads(json.dumps(results, default=_jsonable)))
+
+
+def data_fingerprint(source: str, root: Path) -> str | None:
+    """What identifies the evaluated data independently of where it lies: for the mini suite, a hash of its
+    `_SUITE.json` (generator version, parameters, row counts: the suite is deterministic in them); None for
+    the hub (its datasets carry their own revisions)."""
+    if source != "mini":
+        return None
+    marker = Path(root) / "_SUITE.json"
+    if not marker.is_file():
+        return None
+    return hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
 
 
 def _model_args_string(args: dict[str, Any]) -> str:

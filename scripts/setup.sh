@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent set-up for a fresh machine: a virtual environment in .venv with this project installed.
 #
-# The traps it avoids (docs: ENVIRONMENT.md):
+# The traps it avoids (docs: README.md, set-up):
 # - an unpinned torch requirement makes pip fetch the newest CUDA torch (several GB). Every install below
 #   runs with a constraints file that pins the torch chosen first: the one the base Python already has
 #   (a user's CUDA build, seen through --system-site-packages), else the CPU build STGC_TORCH names.
@@ -29,7 +29,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
 fi
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# pip's notice for each configured package location that does not exist on this machine (one per package
+# and location, ~200 lines on a fresh set-up) says nothing about this project: drop it, keep the rest
+pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
 if [ -z "$torch_version" ]; then

@@ -1,4 +1,4 @@
-"""Registry of text backbones and model sizes (STGC.md section 1).
+"""Registry of text backbones and model sizes (docs/method.md section 1).
 
 A backbone is a transformers text-model family whose MLP the MoE block replaces; a size is a set of
 dimensions for its text config plus a CLIP vision tower. ``tiny`` runs on a CPU in seconds (tests, the
@@ -8,7 +8,8 @@ with CLIP ViT-L/14-336. ``full`` configs are meant for conversion and real train
 construct them (on the meta device to count parameters).
 
 Nothing here branches on a backbone name outside the registry: the model reads the FFN kind and the MLP
-parameter names from the ``Backbone`` entry of the text config's ``model_type`` (STYLE.md 13).
+parameter names from the ``Backbone`` entry of the text config's ``model_type`` (docs/architecture.md,
+Conventions).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Trainer callbacks and the per-step metrics they write (STYLE.md 3).
+"""Trainer callbacks and the per-step metrics they write (docs/architecture.md, Conventions).
 
 ``metrics.jsonl`` (rank 0, one JSON object per optimizer step, appended as the run goes) holds:
 - ``step`` (optimizer step, 1-based), ``epoch``, ``method``, ``lr`` (the rate used by this step)
@@ -15,7 +15,7 @@
   process's peak resident size so far)
 
 Under data parallelism the values are rank 0's micro-batches (a sample of the global batch; the conflict
-statistics use per-micro-batch expert means, STGC.md section 3). Keys are present only when measured:
+statistics use per-micro-batch expert means, docs/method.md section 3). Keys are present only when measured:
 a step without token gradients has no ``conflict/*`` keys (never a silent zero).
 ``analysis.metrics.read_metrics_jsonl`` reads the file.
 """

@@ -1,5 +1,8 @@
-"""The `stgc` command. Each subcommand lives in its own module and is imported only when used, so
-`stgc --help` is fast and a broken optional dependency cannot break unrelated subcommands."""
+"""The `stgc` command. Each subcommand lives in its own module and is imported only when used, and no
+subcommand module imports torch or transformers before its `run`, so `stgc --help` and every `stgc COMMAND
+--help` are instant (tests/test_cli_help.py) and a broken optional dependency cannot break unrelated
+subcommands. Every subcommand takes `-v/--verbose`: without it, libraries speak at warning level and long
+commands show one progress bar per phase (stgc.logs)."""
 
 from __future__ import annotations
 
@@ -11,13 +14,13 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("stgc.data.cli", "generate the mini benchmark suite, training mixture and tokenizer"),
     "train": ("stgc.train_cli", "train a recipe (baseline, STGC, ...) with key=value overrides"),
-    "convert": ("stgc.convert", "convert a MoE-LLaVA (DeepSpeed-MoE) checkpoint to this project's format"),
+    "convert": ("stgc.convert_cli", "convert a MoE-LLaVA (DeepSpeed-MoE) checkpoint to this format"),
     "eval": ("evals.cli_eval", "evaluate a checkpoint on benchmarks through lmms-eval"),
     "sweep": ("evals.cli_sweep", "run a sweep: methods x seeds x tasks, then write the tables"),
     "analyze": ("analysis.cli", "routing traces and routing / conflict statistics"),
     "report": ("analysis.report", "execute the notebook reports of a results folder"),
     "bench": ("stgc.bench.cli", "speed and memory benchmarks (writes results/bench/*.csv)"),
-    "demo": ("stgc.demo", "the embedded default end to end: data, tiny sweep, tables, reports"),
+    "demo": ("evals.demo", "the embedded default end to end: data, tiny sweep, tables, reports"),
 }
 
 
@@ -58,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"stgc {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show everything the libraries log and print"
+    )
     args = parser.parse_args(rest)
+    from stgc.logs import configure
+
+    configure(args.verbose or None)  # before the subcommand imports the libraries it quiets
     return int(module.run(args) or 0)
 
 

@@ -99,6 +99,10 @@ class RouterConfig(ConfigBase):
         """The router's output width R for a bank of ``num_experts`` experts."""
         return num_experts
 
+    def check(self, moe: MoEConfig) -> None:
+        """Refuse settings that do not fit the MoE layer ``moe`` (one clear ValueError); called by
+        ``MoEConfig`` once its own fields are valid."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpertsConfig(ConfigBase):
@@ -292,6 +296,7 @@ class MoEConfig(ConfigBase):
             raise ValueError(
                 f"moe.implementation={self.implementation!r} is not valid; choose one of {IMPLEMENTATIONS}."
             )
+        router.check(self)
 
     def capacity(self, training: bool) -> float | None:
         """The capacity factor in force (training or evaluation)."""
@@ -310,3 +315,136 @@ class MoEConfig(ConfigBase):
                 f"layers; valid indices are 0..{num_hidden_layers - 1}."
             )
         return tuple(sorted(layers))
+
+
+# --------------------------------------------------------------------------------------------------------
+# peer routing methods I (docs/peers_routing.md): the routers of CompeteSMoE, AdaMoE, MoMa and MoCLE-style
+# instruction clusters. Their objectives' settings are in ``stgc.objectives.config``.
+
+
+@register_router_config
+@dataclasses.dataclass(frozen=True)
+class CompeteSMoERouterConfig(SoftmaxTopKConfig):
+    """CompeteSMoE (v2)'s router: MoE-LLaVA's softmax top-k (``softmax_topk``'s settings) on ordinary steps
+    and always at evaluation; on a competition step (``RoutingContext.dense_layers``, scheduled by the
+    ``competesmoe`` objective) every expert runs and the winners are the top-k of the experts' neural
+    responses mean_d softplus(o_i)."""
+
+    name: str = "competesmoe"
+
+
+@register_router_config
+@dataclasses.dataclass(frozen=True)
+class AdaMoERouterConfig(RouterConfig):
+    """AdaMoE's router: ``null_experts`` zero-output, zero-cost experts beside the bank's, so that the
+    router's top-k (``moe.top_k``, raised above the baseline's: E=4, k=2 -> m=4, k=3) picks 0..k true
+    experts per token. Null columns are the router's last ``null_experts`` columns (>= E)."""
+
+    name: str = "adamoe"
+    null_experts: int = 4
+
+    def width(self, num_experts: int) -> int:
+        return num_experts + self.null_experts
+
+    def check(self, moe: MoEConfig) -> None:
+        if not isinstance(self.null_experts, int) or self.null_experts < 1:
+            raise ValueError(
+                f"moe.router.null_experts={self.null_experts!r} is invalid for AdaMoE; use an integer >= 1 "
+                "(AdaMoE's default for 4 experts: 4), or router softmax_topk for no null experts."
+            )
+        if moe.top_k < 2:
+            raise ValueError(
+                f"moe.top_k={moe.top_k} is too small for AdaMoE's null experts: with top_k=1 a chosen true "
+                "expert always gets combine weight 1 (renormalised over the true experts chosen), so the "
+                "language-model loss never reaches the router and it cannot learn when to pick a true "
+                "expert; use top_k >= 2 (AdaMoE: 3 for 4 experts + 4 null experts)."
+            )
+
+
+MOMA_IMAGE_ROUTING = ("token_choice", "expert_choice")
+
+
+@register_router_config
+@dataclasses.dataclass(frozen=True)
+class MoMaRouterConfig(RouterConfig):
+    """MoMa's modality groups: experts [0, image_experts) take image tokens only, the next
+    ``text_experts`` every other token; a token routes inside its own group (top ``moe.top_k`` of the
+    group's softmax). image_routing: ``token_choice`` (default; LTDR's variant) or ``expert_choice``
+    (MoMa's: each image expert picks its top tokens of each sample's image block by sigmoid score, at most
+    ``moe.top_k`` experts per token)."""
+
+    name: str = "moma"
+    image_experts: int = 2
+    text_experts: int = 2
+    image_routing: str = "token_choice"
+
+    def check(self, moe: MoEConfig) -> None:
+        groups = (self.image_experts, self.text_experts)
+        if not all(isinstance(g, int) and g >= 1 for g in groups) or sum(groups) != moe.num_experts:
+            raise ValueError(
+                f"moe.router.image_experts={self.image_experts!r} + text_experts={self.text_experts!r} must "
+                f"add up to moe.num_experts={moe.num_experts}, each >= 1; e.g. image_experts=2, "
+                "text_experts=2 for 4 experts."
+            )
+        if moe.top_k > min(groups):
+            raise ValueError(
+                f"moe.top_k={moe.top_k} is larger than a MoMa group (image {self.image_experts}, text "
+                f"{self.text_experts} experts): a token routes inside its group only; use top_k <= "
+                f"{min(groups)}."
+            )
+        if self.image_routing not in MOMA_IMAGE_ROUTING:
+            raise ValueError(
+                f"moe.router.image_routing={self.image_routing!r} is not valid; choose one of "
+                f"{MOMA_IMAGE_ROUTING}."
+            )
+        if moe.route_padding or moe.second_expert_sampling:
+            raise ValueError(
+                "moe.route_padding / moe.second_expert_sampling (MoE-LLaVA's DeepSpeed behaviours) are not "
+                "defined for MoMa's modality groups; turn them off."
+            )
+
+
+MOCLE_GATES = ("token", "sample_top1")
+
+
+@register_router_config
+@dataclasses.dataclass(frozen=True)
+class MoCLERouterConfig(RouterConfig):
+    """MoCLE-style instruction clusters: each sample's instruction cluster (K-means over sentence
+    embeddings of the training instructions, ``stgc.clusters``) indexes a learned embedding T[c]
+    (num_clusters x cluster_dim) that enters the router.
+
+    gate: ``token`` (default; LTDR's recipe): logits_t = W x_t + V T[c], softmax top-k per token.
+        ``sample_top1`` (MoCLE's): one gate per sample from T[c] alone, softmax(V T[c] / temperature
+        + N(0, noise_std^2) in training), top ``moe.top_k`` (MoCLE: 1) for every token of the sample.
+    num_clusters: K-means k (MoCLE ships 16 and 64; LTDR 128). embedding_model: the sentence-transformers
+    model of the instructions (a name or folder; ``None``: ``stgc.embeddings``' default, the bundled
+    all-MiniLM-L6-v2). cluster_seed: K-means' random_state.
+    """
+
+    uses_instruction_clusters: ClassVar[bool] = True  # (stgc.clusters: the collator and adapter add ids)
+
+    name: str = "mocle"
+    num_clusters: int = 64
+    cluster_dim: int = 384
+    gate: str = "token"
+    temperature: float = 0.05
+    noise_std: float = 0.1
+    embedding_model: str | None = None
+    cluster_seed: int = 0
+
+    def check(self, moe: MoEConfig) -> None:
+        if not isinstance(self.num_clusters, int) or self.num_clusters < 2:
+            raise ValueError(
+                f"moe.router.num_clusters={self.num_clusters!r} is invalid; use an integer >= 2 (MoCLE: 16 "
+                "or 64)."
+            )
+        if not isinstance(self.cluster_dim, int) or self.cluster_dim < 1:
+            raise ValueError(f"moe.router.cluster_dim={self.cluster_dim!r} is invalid; use an integer >= 1.")
+        if self.gate not in MOCLE_GATES:
+            raise ValueError(f"moe.router.gate={self.gate!r} is not valid; choose one of {MOCLE_GATES}.")
+        if not self.temperature > 0 or not self.noise_std >= 0:
+            raise ValueError(
+                f"moe.router.temperature={self.temperature} / noise_std={self.noise_std}: use "
+                "temperature > 0 and noise_std >= 0 (MoCLE: 0.05 and 0.1)."
+            )

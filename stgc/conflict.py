@@ -86,6 +86,12 @@ def conflict_scores(
         raise ValueError(f"score={score!r} is not valid; choose one of {SCORES}.")
     acc = torch.promote_types(g2_AD.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
     E = num_experts
+    if w_out_EDF is not None and w_out_EDF.shape[0] < E:
+        # a router wider than the bank (AdaMoE's null experts): null rows never run an expert, so they
+        # are never valid (``valid_A``); index them as the last expert only to keep the gathers in range
+        E = w_out_EDF.shape[0]
+        assert valid_A is not None, "null-expert rows must be marked invalid"
+        expert_A = expert_A.clamp_max(E - 1)
     member_EA = expert_membership(expert_A, E, valid_A, g2_AD.dtype)
     counts = member_EA.sum(1, dtype=acc)
     sums2 = (member_EA @ g2_AD).to(acc)

@@ -424,7 +424,7 @@ def convert_moe_llava(
         sentinel id -200, which has no row). ``<image>`` is added to the tokenizer: its first free row (the
         embedding matrices of these models have spare rows).
     reproduce_moellava_routing: MoE-LLaVA's routing (DeepSpeed's capacity factors, Gumbel 2nd expert,
-        padding routed); off by default: deterministic routing, padding masked (STGC.md section 1).
+        padding routed); off by default: deterministic routing, padding masked (docs/method.md 1).
     tokenizer_path: a tokenizer folder to use instead of the checkpoint's own (same vocabulary).
     trust_remote_code: run a remote-code tokenizer of the source folder (Qwen-1's).
     image_aspect_ratio: "pad" / "square", overriding (or standing in for) the source config's value.
@@ -577,39 +577,6 @@ def _save_safetensors(state: dict[str, Tensor], out: Path, max_shard_size: str) 
 
 # --------------------------------------------------------------------------------------------------------
 # CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help="MoE-LLaVA checkpoint folder (config.json with a 'moe' dict)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument(
-        "--vision-tower", type=Path, default=None, help="CLIP folder (overrides mm_image_tower)"
-    )
-    parser.add_argument(
-        "--image-token-id", type=int, default=None, help="check that <image> gets this vocabulary row"
-    )
-    parser.add_argument(
-        "--tokenizer", type=Path, default=None, help="tokenizer folder (default: the checkpoint's own)"
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the checkpoint's remote-code tokenizer (Qwen-1's needs `pip install tiktoken`)",
-    )
-    parser.add_argument(
-        "--image-aspect-ratio",
-        choices=ASPECT_RATIOS,
-        default=None,
-        help="image preprocessing when config.json has no image_aspect_ratio (or to override it)",
-    )
-    parser.add_argument(
-        "--chat-template", default=None, help="override the backbone's MoE-LLaVA chat template (by name)"
-    )
-    parser.add_argument(
-        "--reproduce-moellava-routing",
-        action="store_true",
-        help="keep MoE-LLaVA's evaluation routing (capacity, Gumbel 2nd expert, padding routed)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -161,6 +161,9 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         std = getattr(text_cfg, "initializer_range", 0.02)
         for block in self.moe_blocks.values():
             block.router.init_weights(std)
+        # MoCLE-style routers: the run's fitted instruction clusters (``stgc.clusters``), saved next to the
+        # weights and loaded back with them, so that evaluation assigns prompts as training did
+        self.instruction_clusters = None
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Save with tensors under their in-memory names (``state_dict()`` keys, e.g.
@@ -168,7 +171,8 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         the legacy LLaVA layout, and differently for a freshly built and a reloaded model (5.23 writes
         ``model.language_model.model.layers...`` for the former); one layout is easier to read and convert.
         A model whose MoE banks are adapters on a frozen FFN (LoRA experts) saves them in their own file
-        (``stgc.moe_adapters``); ``from_pretrained`` still loads the whole model."""
+        (``stgc.moe_adapters``); ``from_pretrained`` still loads the whole model. A model routing on
+        instruction clusters saves them too (``instruction_clusters.json``, ``stgc.clusters``)."""
         from stgc.moe_adapters import adapter_keys, split_adapters
 
         out = super().save_pretrained(
@@ -177,6 +181,19 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         keys = adapter_keys(self)
         if keys and kwargs.get("is_main_process", True) and kwargs.get("safe_serialization", True):
             split_adapters(save_directory, keys)
+        if self.instruction_clusters is not None and kwargs.get("is_main_process", True):
+            self.instruction_clusters.save(save_directory)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loading, plus the instruction clusters saved in the folder (if any)."""
+        from stgc.clusters import InstructionClusters
+
+        out = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out  # (model, info) with output_loading_info=True
+        if Path(str(pretrained_model_name_or_path)).is_dir():
+            model.instruction_clusters = InstructionClusters.load_if_present(pretrained_model_name_or_path)
         return out
 
     # ----------------------------------------------------------------------------------------------------
@@ -193,6 +210,7 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         attention_mask: Tensor | None,
         routing_ctx: RoutingContext | None,
         need_records: bool,
+        cluster_ids: Tensor | None = None,
     ) -> RoutingContext:
         """This forward's context: the caller's (never mutated) completed with the token mask of this
         forward's tokens, the modality codes and a records list where one is needed."""
@@ -204,6 +222,8 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if ctx.modality_BT is None and input_ids is not None:
             is_image_BS = input_ids[:, -seq_len:] == self.config.image_token_id
             changes["modality_BT"] = torch.where(is_image_BS, MODALITY_IMAGE, MODALITY_TEXT)
+        if ctx.cluster_B is None and cluster_ids is not None:
+            changes["cluster_B"] = cluster_ids
         if ctx.records is None and need_records:
             changes["records"] = []
         return dataclasses.replace(ctx, **changes) if changes else ctx
@@ -224,6 +244,7 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         image_sizes: torch.Tensor | None = None,
         output_routing: bool = False,
         routing_ctx: RoutingContext | None = None,
+        cluster_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> MoELlavaCausalLMOutputWithPast:
         """LLaVA's forward inside a routing context.
@@ -232,10 +253,12 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         routing_ctx: an externally built context (e.g. with a gradient observer); its records list, if any,
             receives this forward's records. Records are also collected in training so that ``aux_loss``
             is always there for the train step.
+        cluster_ids: each sample's instruction cluster (B,), for routers that read it (MoCLE-style:
+            ``RoutingContext.cluster_B``); the collator and the evaluation adapter add it.
         """
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         need_records = output_routing or self.training
-        ctx = self._routing_ctx(seq_len, input_ids, attention_mask, routing_ctx, need_records)
+        ctx = self._routing_ctx(seq_len, input_ids, attention_mask, routing_ctx, need_records, cluster_ids)
         first = len(ctx.records) if ctx.records is not None else 0
         with routing_context(self, ctx):
             out = super().forward(

@@ -1,4 +1,5 @@
-"""Provenance stamped on every result (STYLE.md 9): the source revision results were produced with."""
+"""Provenance stamped on every result (docs/architecture.md, Conventions): the source revision results were
+produced with."""
 
 from __future__ import annotations
 

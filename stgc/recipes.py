@@ -1,4 +1,5 @@
-"""Named experiments: Python functions returning a full, validated ``RunConfig`` (STYLE.md 7).
+"""Named experiments: Python functions returning a full, validated ``RunConfig`` (docs/architecture.md,
+Conventions).
 
 A run's config is four small dataclasses (model, data, training; the routing method's own config) plus the
 output folder. Recipes build them; variants derive in code (``with_method``, ``stgc_variant``,
@@ -13,8 +14,8 @@ Recipes
   missing, shared by every method and seed of a sweep), experts + routers + projector trained.
 - ``small``: the same two stages at ~100M parameters on one GPU (``small_dense`` then ``small``).
 - ``moe_llava_stablelm_1_6b``, ``moe_llava_qwen_1_8b``, ``moe_llava_phi2_2_7b``: MoE-LLaVA stage III at
-  the published sizes and hyper-parameters (STGC.md section 1), upcycled from a stage-2 LLaVA checkpoint
-  folder given by ``model.init`` (not shipped: point it at your converted checkpoint).
+  the published sizes and hyper-parameters (docs/method.md section 1), upcycled from a stage-2 LLaVA
+  checkpoint folder given by ``model.init`` (not shipped: point it at your converted checkpoint).
 Each ``<recipe>_stgc`` is ``stgc_variant(<recipe>())``.
 """
 
@@ -52,6 +53,9 @@ PARAM_GROUPS = (
     "lm_head",
 )
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+# training.report_to: loggers transformers' Trainer feeds besides metrics.jsonl (always written), and the
+# package each needs
+REPORT_TO = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 INIT_RECIPE_PREFIX = "recipe:"
 
 
@@ -181,8 +185,10 @@ class TrainingConfig(ConfigBase):
     gradient_checkpointing: bool = False
     dataloader_workers: int = 0
     cpu_threads: int | None = None
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
+        self.report_targets(check_installed=False)  # validates the names
         _check(self.lr > 0, f"training.lr={self.lr} must be > 0 (MoE-LLaVA stage III: 2e-5).")
         _check(
             self.lr_scheduler in LR_SCHEDULERS,
@@ -214,6 +220,28 @@ class TrainingConfig(ConfigBase):
             f"training.cpu_threads={self.cpu_threads} must be None (torch's default) or >= 1.",
         )
         self.trainable_groups()  # validates
+
+    def report_targets(self, check_installed: bool = True) -> list[str]:
+        """The Trainer's ``report_to`` list; ValueError for an unknown name or (check_installed) a logger
+        whose package is missing, naming the pip install that fixes it."""
+        import importlib.util
+
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        if names == ["none"]:
+            return []
+        bad = [n for n in names if n not in REPORT_TO]
+        _check(
+            bool(names) and not bad,
+            f"training.report_to={self.report_to!r} is not valid; use 'none' or a comma-separated subset of "
+            f"{sorted(REPORT_TO)}.",
+        )
+        for name in names if check_installed else ():
+            _check(
+                any(importlib.util.find_spec(m) is not None for m in REPORT_TO[name]),
+                f"training.report_to={self.report_to!r} needs the {name} package, which is not installed: "
+                f"pip install {REPORT_TO[name][0]} (or set training.report_to=none).",
+            )
+        return names
 
     def trainable_groups(self) -> tuple[str, ...]:
         names = tuple(g.strip() for g in self.trainable.split(",") if g.strip())

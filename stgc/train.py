@@ -56,6 +56,7 @@ from stgc.checkpoints import (
     resume_requirements,
     verify_checkpoint,
 )
+from stgc.clusters import uses_instruction_clusters
 from stgc.moe import MoEBlock
 from stgc.objectives.base import TrainingData
 from stgc.objectives.set import STATE_NAME, ObjectiveSet
@@ -179,7 +180,34 @@ def build_components(config: RunConfig) -> RunComponents:
     processor = build_processor(
         tokenizer, vision.image_size, vision.patch_size, pad_to_square=data.image_aspect_ratio == "pad"
     )
-    return RunComponents(model, dataset, LlavaCollator(processor, max_length=data.max_length), processor)
+    clusters = None
+    if not mc.dense and uses_instruction_clusters(mc.moe):
+        clusters = _instruction_clusters(config, model, dataset)
+    collator = LlavaCollator(processor, max_length=data.max_length, clusters=clusters)
+    return RunComponents(model, dataset, collator, processor)
+
+
+def _instruction_clusters(config: RunConfig, model: nn.Module, dataset: Any):
+    """The run's instruction clusters (MoCLE-style routers): those of a MoE checkpoint it continues from,
+    else fitted on the training set once (cached beside the run folders), and attached to the model so
+    that every checkpoint saves them (``stgc.clusters``)."""
+    from stgc.clusters import clusters_for_training, first_instruction
+
+    router = config.model.moe.router
+    clusters = getattr(model, "instruction_clusters", None)
+    if clusters is None:
+        if hasattr(dataset, "select_columns"):  # a datasets.Dataset: no image decoding
+            conversations = (row["conversations"] for row in dataset.select_columns(["conversations"]))
+        else:  # LLaVA JSON rows (stgc.data.llava_json)
+            conversations = (row["conversations"] for row in dataset.rows)
+        instructions = [first_instruction(c) for c in conversations]
+        cache = config.run_dir.parent / ".instruction_clusters"
+        with _file_lock(config.run_dir.parent / ".instruction_clusters.lock"):
+            clusters = clusters_for_training(instructions, router, cache)
+    clusters.check(router.num_clusters)
+    clusters.check_embedder()  # a cached or inherited cluster model must fit this run's embedding model
+    model.instruction_clusters = clusters
+    return clusters
 
 
 def _resolve_init(config: RunConfig) -> Path | None:
@@ -245,7 +273,7 @@ def training_arguments(config: RunConfig, **extra: Any) -> TrainingArguments:
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        report_to="none",
+        report_to=t.report_targets() or "none",  # metrics.jsonl is always written (MetricsCallback)
         remove_unused_columns=False,  # the collator needs the raw image and conversations
         dataloader_num_workers=t.dataloader_workers,
         # non-reentrant: the backward keeps the original autograd nodes (and the MoE block's gradient

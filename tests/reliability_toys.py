@@ -96,32 +96,37 @@ def toy_score(checkpoint: str | os.PathLike) -> float:
         return float(model(input_ids=ids, labels=ids).loss)
 
 
-def toy_evaluate(checkpoint, tasks, *, out_dir, limit, batch_size, source, mini_root, model_args, gen_kwargs):
-    """evals.run.evaluate's contract (results.json written last and atomically) with the toy score."""
+def toy_evaluate(
+    checkpoint, tasks, *, out_dir_of, limit, batch_size, source, mini_root, model_args, gen_kwargs
+):
+    """evals.run.evaluate_each's contract (one load, then each task's results.json written last and
+    atomically into out_dir_of(task) and yielded) with the toy score."""
+    from evals.run import data_fingerprint
     from stgc.checkpoints import atomic_write_text, checkpoint_identity
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    task = tasks[0]
-    metric = "exact_match" if task == "stgc_gqa" else "mme_perception_score"
-    results = {
-        "results": {task: {f"{metric},none": toy_score(checkpoint), "alias": task}},
-        "versions": {task: 1.0},
-        "n-samples": {task: {"original": 16, "effective": 16}},
-        "stgc": {
-            "checkpoint": str(checkpoint),
-            **checkpoint_identity(checkpoint),
-            "tasks": [task],
-            "source": source,
-            "mini_root": str(mini_root) if source == "mini" else None,
-            "limit": limit,
-            "gen_kwargs": gen_kwargs,
-            "git_revision": "toy",
-            "date": "2026-01-01T00:00:00Z",
-        },
-    }
-    atomic_write_text(out / "results.json", json.dumps(results))
-    return EvalResult(out, results)
+    score = toy_score(checkpoint)
+    for task in tasks:
+        out = Path(out_dir_of(task))
+        out.mkdir(parents=True, exist_ok=True)
+        metric = "exact_match" if task == "stgc_gqa" else "mme_perception_score"
+        results = {
+            "results": {task: {f"{metric},none": score, "alias": task}},
+            "versions": {task: 1.0},
+            "n-samples": {task: {"original": 16, "effective": 16}},
+            "stgc": {
+                "checkpoint": str(checkpoint),
+                **checkpoint_identity(checkpoint),
+                "tasks": [task],
+                "source": source,
+                "data": data_fingerprint(source, mini_root),
+                "limit": limit,
+                "gen_kwargs": gen_kwargs,
+                "git_revision": "toy",
+                "date": "2026-01-01T00:00:00Z",
+            },
+        }
+        atomic_write_text(out / "results.json", json.dumps(results))
+        yield task, EvalResult(out, results)
 
 
 def toy_sweep(runs_root: str | os.PathLike, seeds: Sequence[int] = (0, 1)):
@@ -493,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 
     S.SWEEPS["toy"] = lambda: toy_sweep(args.runs_root, [int(s) for s in args.seeds.split(",")])
     S._default_train = toy_train
-    evals.run.evaluate = toy_evaluate
+    evals.run.evaluate_each = toy_evaluate
     print("READY", flush=True)
     while args.wait_for and not Path(args.wait_for).exists():
         time.sleep(0.001)

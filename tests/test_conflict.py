@@ -1,4 +1,5 @@
-"""Token gradients, conflict scores and the conflict elimination loss (stgc.conflict; STGC.md sections 2-5).
+"""Token gradients, conflict scores and the conflict elimination loss (stgc.conflict; docs/method.md
+sections 2-5).
 
 A toy float64 model (tests/toy_moe.py: embedding -> residual MoE blocks -> head -> CE) carries the checks
 that need a full backward; the pure functions are checked on hand-made tensors.

@@ -1,6 +1,6 @@
 """The `moe-llava` suite sends MoE-LLaVA's prompts: for one document of each benchmark, the prompt the
 lmms-eval adapter hands to the processor equals the string MoE-LLaVA's evaluation scripts build (golden
-strings, written out by hand from moellava/conversation.py and moellava/eval/*.py; BENCHMARKS.md).
+strings, written out by hand from moellava/conversation.py and moellava/eval/*.py; docs/benchmarks.md).
 
 How MoE-LLaVA builds each one: `conv_templates[conv_mode]` (system prompt, "USER: ", " ASSISTANT:") around
 "<image>\\n" + the question text. The question text is the line of LLaVA's question file (VQAv2, GQA, VizWiz,

@@ -59,38 +59,45 @@ class StubTrainer:
 
 
 class FakeEvaluate:
-    """evals.run.evaluate's contract (results.json written last into out_dir) with made-up scores."""
+    """evals.run.evaluate_each's contract (one "load" per call, then each task's results.json written
+    last into out_dir_of(task) and yielded) with made-up scores."""
 
     def __init__(self, interrupt_at: int | None = None, fail: tuple[str, str] | None = None):
-        self.calls, self.interrupt_at, self.fail = [], interrupt_at, fail
+        self.calls, self.loads, self.interrupt_at, self.fail = [], 0, interrupt_at, fail
 
     def __call__(
-        self, checkpoint, tasks, *, out_dir, limit, batch_size, source, mini_root, model_args, gen_kwargs
+        self, checkpoint, tasks, *, out_dir_of, limit, batch_size, source, mini_root, model_args, gen_kwargs
     ):
-        self.calls.append((Path(checkpoint).parent.name, tasks[0]))
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples_partial.jsonl").write_text("{}\n")  # what a killed run leaves behind
-        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
-            raise KeyboardInterrupt
-        if self.fail == (Path(checkpoint).parent.name, tasks[0]):
-            raise RuntimeError("lmms-eval blew up\non two lines")
-        task = tasks[0]
+        from evals.run import data_fingerprint
         from stgc.checkpoints import checkpoint_identity
 
-        value = zlib.crc32(f"{checkpoint}{task}".encode()) % 1000 / 1000
-        metric = S.T.HEADLINE[task]
-        results = {
-            "results": {task: {f"{metric},none": value, f"{metric}_stderr,none": "N/A", "alias": task}},
-            "versions": {task: 1.0},
-            "n-samples": {task: {"original": 4, "effective": 4}},
-            "stgc": {"checkpoint": str(checkpoint), **checkpoint_identity(checkpoint), "tasks": [task],
-                     "source": source,
-                     "mini_root": str(mini_root), "limit": limit, "gen_kwargs": gen_kwargs,
-                     "git_revision": "abc", "date": "2026-01-01"},
-        }  # fmt: skip
-        (out / "results.json").write_text(json.dumps(results))
-        return EvalResult(out, results)
+        self.loads += 1
+        for task in tasks:
+            self.calls.append((Path(checkpoint).parent.name, task))
+            out = Path(out_dir_of(task))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "samples_partial.jsonl").write_text("{}\n")  # what a killed run leaves behind
+            if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+                raise KeyboardInterrupt
+            if self.fail == (Path(checkpoint).parent.name, task):
+                try:  # raised and caught, as evaluate_each does: the exception carries its traceback
+                    raise RuntimeError("lmms-eval blew up\non two lines")
+                except RuntimeError as err:
+                    yield task, err
+                continue
+            value = zlib.crc32(f"{Path(checkpoint).parent.name}{task}".encode()) % 1000 / 1000
+            metric = S.T.HEADLINE[task]
+            results = {
+                "results": {task: {f"{metric},none": value, f"{metric}_stderr,none": "N/A", "alias": task}},
+                "versions": {task: 1.0},
+                "n-samples": {task: {"original": 4, "effective": 4}},
+                "stgc": {"checkpoint": str(checkpoint), **checkpoint_identity(checkpoint), "tasks": [task],
+                         "source": source,
+                         "data": data_fingerprint(source, mini_root), "limit": limit,
+                         "gen_kwargs": gen_kwargs, "git_revision": "abc", "date": "2026-01-01"},
+            }  # fmt: skip
+            (out / "results.json").write_text(json.dumps(results))
+            yield task, EvalResult(out, results)
 
 
 def _cells(scores: pd.DataFrame) -> set[tuple[str, int, str]]:
@@ -149,7 +156,7 @@ def test_failing_cells_are_named_and_the_others_finish(tmp_path, mini, monkeypat
     # the CLI exits non-zero and names the failures; a re-run only redoes the failed cells
     monkeypatch.setitem(S.SWEEPS, "t", lambda: sweep)
     monkeypatch.setattr(S, "_default_train", StubTrainer(fail={"baseline-seed1"}))
-    monkeypatch.setattr("evals.run.evaluate", FakeEvaluate())
+    monkeypatch.setattr("evals.run.evaluate_each", FakeEvaluate())
     from stgc.cli import main
 
     assert main(["sweep", "t", "--out", str(out), "--no-progress"]) == 1
@@ -189,3 +196,76 @@ def test_registry_and_definition_errors(tmp_path, mini):
     with pytest.raises(EvalInputError, match="does not exist"):
         S.run_sweep(_sweep(tmp_path, tmp_path / "nothing"), tmp_path / "r", train_fn=StubTrainer(),
                     evaluate_fn=FakeEvaluate(), progress=False)  # fmt: skip
+
+
+def test_a_killed_checkpoint_keeps_its_finished_tasks(tmp_path, mini):
+    sweep = _sweep(tmp_path, mini)
+    out = tmp_path / "results"
+    with pytest.raises(KeyboardInterrupt):  # killed during the 2nd task of baseline seed 1
+        S.run_sweep(
+            sweep, out, train_fn=StubTrainer(), evaluate_fn=FakeEvaluate(interrupt_at=4), progress=False
+        )
+    assert _cells(pd.read_csv(out / "scores.csv")) == {
+        ("baseline", 0, "stgc_gqa"), ("baseline", 0, "stgc_mme"), ("baseline", 1, "stgc_gqa"),
+    }  # fmt: skip
+    evaluate = FakeEvaluate()
+    S.run_sweep(sweep, out, train_fn=StubTrainer(), evaluate_fn=evaluate, progress=False)
+    assert evaluate.calls[0] == ("baseline-seed1", "stgc_mme") and len(evaluate.calls) == 5
+    assert evaluate.loads == 3  # one load per checkpoint with work left
+
+
+def test_a_moved_tree_is_not_evaluated_again(tmp_path):
+    """Fingerprints hold the data's content and relative paths: a tree copied elsewhere (suite, runs and
+    results together) resumes as finished."""
+    first = tmp_path / "a"
+    write_tiny_suite(first / "mini", n=4, names=["gqa", "mme"])
+
+    def sweep_in(root: Path) -> S.Sweep:
+        return dataclasses.replace(_sweep(root, root / "mini"), runs_root=str(root / "runs"))
+
+    S.run_sweep(sweep_in(first), first / "results", train_fn=StubTrainer(), evaluate_fn=FakeEvaluate(),
+                progress=False)  # fmt: skip
+    moved = tmp_path / "b"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    evaluate = FakeEvaluate()
+    again = S.run_sweep(sweep_in(moved), moved / "results", train_fn=StubTrainer(), evaluate_fn=evaluate,
+                        progress=False)  # fmt: skip
+    assert again.evaluated == [] and evaluate.loads == 0 and len(again.scores) == 8
+
+
+@pytest.mark.slow
+def test_two_checkpoints_by_ten_tasks_load_each_model_once(tmp_path, monkeypatch):
+    """The real evaluator (lmms-eval, the stgc_moe_llava model): 2 checkpoints x 10 tasks -> 2 loads, and
+    every task's results.json in its own folder."""
+    import evals.lmms_model as M
+
+    mini = write_tiny_suite(tmp_path / "mini", n=2)
+    loads = []
+    init = M.StgcMoeLlava.__init__
+
+    def counting_init(self, *args, **kwargs):
+        loads.append(kwargs.get("pretrained"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(M.StgcMoeLlava, "__init__", counting_init)
+    source = write_tiny_checkpoint(tmp_path / "ckpt")
+    from stgc.recipes import tiny
+
+    sweep = S.Sweep(
+        name="t",
+        methods={"baseline": tiny()},
+        seeds=(0, 1),
+        tasks=S.T.SUITES[S.T.MOE_LLAVA],
+        eval=S.EvalSettings(batch_size=4, mini_root=str(mini), limit=2, gen_kwargs="max_new_tokens=2"),
+        runs_root=str(tmp_path / "runs"),
+    )
+    result = S.run_sweep(sweep, tmp_path / "results", train_fn=StubTrainer(source=source), progress=False)
+    assert not result.failures, result.failures
+    assert len(loads) == 2 and len(result.evaluated) == 20
+    for seed in (0, 1):
+        for task in sweep.tasks:
+            path = (
+                tmp_path / "runs" / f"baseline-seed{seed}" / "eval" / "checkpoint-3" / task / "results.json"
+            )
+            assert json.loads(path.read_text())["stgc"]["tasks"] == [task]

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from evals.tables import LONG_COLUMNS, wide_table, write_wide_csv
+from evals.tables import LONG_COLUMNS, render_markdown, render_text, wide_table, write_wide_csv
 
 GOLDEN = Path(__file__).parent / "golden" / "evals_wide_table.csv"
+GOLDEN_MD = Path(__file__).parent / "golden" / "evals_table.md"
 
 # (method, seed) -> (gqa exact_match, pope f1, mme perception); moe-lite has one seed only.
 _VALUES = {
@@ -89,6 +90,23 @@ def test_golden_wide_csv(tmp_path):
     if os.environ.get("STGC_UPDATE_GOLDEN") == "1":  # regenerate deliberately, review the diff, commit
         GOLDEN.write_text(out.read_text())
     assert out.read_text() == GOLDEN.read_text()
+
+
+def test_golden_markdown_table():
+    """table.md from a fixed scores table: one row per method, each benchmark's headline on its stated scale,
+    mean ± std (+delta), a significance mark only where >= 3 paired seeds exist, a reference row."""
+    reference = {"constant answer": {"stgc_gqa": 0.135, "stgc_pope_moellava": 0.6667, "stgc_mme": 250.0}}
+    text = render_markdown(fixed_long(), baseline="baseline", reference=reference)
+    if os.environ.get("STGC_UPDATE_GOLDEN") == "1":
+        GOLDEN_MD.write_text(text)
+    assert text == GOLDEN_MD.read_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("| method | seeds | GQA acc. (%) | POPE F1 (%) | MME perception (points) |")
+    assert "| stgc | 0 1 2 | 54.0 ± 1.0 (+3.7) | 84.3 ± 1.5 (+3.3**) |" in text  # 3 paired seeds: tested
+    assert "| moe-lite | 0 | 40.0 (-10.3) |" in text  # 1 seed: no std, no mark
+    assert "| constant answer | – | 13.5 | 66.7 | 250 |" in text
+    terminal = render_text(fixed_long(), baseline="baseline", reference=reference)
+    assert max(len(line) for line in terminal.splitlines()[:6]) < 140 and "vs baseline" in terminal
 
 
 def test_values_and_paired_test():

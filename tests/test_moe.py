@@ -1,5 +1,6 @@
-"""The MoE block against its references (STYLE.md 4): the dense FFN (1 expert, top-1) and DeepSpeed's MoE
-layer, MoE-LLaVA's implementation, under matching settings; plus evaluation determinism and config errors."""
+"""The MoE block against its references (docs/architecture.md, Conventions): the dense FFN (1 expert, top-1)
+and DeepSpeed's MoE layer, MoE-LLaVA's implementation, under matching settings;
+plus evaluation determinism and config errors."""
 
 from __future__ import annotations
 

@@ -26,10 +26,10 @@ def _evaluate_elsewhere(checkpoint: Path, out_dir: Path, sweep: S.Sweep) -> None
     from evals.tasks import resolve_source
 
     source, root = resolve_source(sweep.eval.source, sweep.eval.mini_root)
-    FakeEvaluate()(
-        checkpoint, ["stgc_gqa"], out_dir=out_dir, limit=None, batch_size=2, source=source, mini_root=root,
-        model_args={}, gen_kwargs=None,
-    )  # fmt: skip
+    list(FakeEvaluate()(
+        checkpoint, ["stgc_gqa"], out_dir_of=lambda task: out_dir, limit=None, batch_size=2, source=source,
+        mini_root=root, model_args={}, gen_kwargs=None,
+    ))  # fmt: skip
 
 
 def test_results_of_another_checkpoint_are_ignored_reported_and_redone(tmp_path, mini, monkeypatch, capsys):
@@ -67,7 +67,7 @@ def test_results_of_another_checkpoint_are_ignored_reported_and_redone(tmp_path,
     cell.write_text(json.dumps(results))
     monkeypatch.setitem(S.SWEEPS, "t", lambda: sweep)
     monkeypatch.setattr(S, "_default_train", StubTrainer())
-    monkeypatch.setattr("evals.run.evaluate", FakeEvaluate())
+    monkeypatch.setattr("evals.run.evaluate_each", FakeEvaluate())
     from stgc.cli import main
 
     assert main(["sweep", "t", "--out", str(out), "--no-progress"]) == 0

@@ -136,6 +136,10 @@ def test_full_report(results_dir):
         assert executed.metadata["kernelspec"]["name"] == "python3"
         outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o.get("output_type") == "error"]
+        if (
+            name == "05_peers.ipynb"
+        ):  # no peer method in this folder (its figures: tests/test_peers_report.py)
+            continue
         assert any("image/png" in o.get("data", {}) for o in outputs), name
         injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert injected and str(results_dir) in injected[0].source

@@ -62,10 +62,24 @@ class ToyMoEModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:  # keep the modules' own initialisation
         pass
 
-    def forward(self, input_ids, labels=None, attention_mask=None, routing_ctx: RoutingContext | None = None):
+    def forward(
+        self,
+        input_ids,
+        labels=None,
+        attention_mask=None,
+        routing_ctx: RoutingContext | None = None,
+        modality=None,
+        cluster_ids=None,
+    ):
+        """``modality`` (B, S) codes and ``cluster_ids`` (B,) go into the routing context, as the real
+        model puts its image-token expansion and the collator's instruction clusters there."""
         ctx = routing_ctx if routing_ctx is not None else RoutingContext()
         if ctx.token_mask_BT is None and attention_mask is not None:
             ctx = dataclasses.replace(ctx, token_mask_BT=attention_mask.bool())
+        if modality is not None and ctx.modality_BT is None:
+            ctx = dataclasses.replace(ctx, modality_BT=modality)
+        if cluster_ids is not None and ctx.cluster_B is None:
+            ctx = dataclasses.replace(ctx, cluster_B=cluster_ids)
         with routing_context(self, ctx):
             h = self.embed_tokens(input_ids)
             for block in self.layers:

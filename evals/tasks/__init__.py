@@ -25,8 +25,7 @@ from typing import Any
 
 import yaml
 
-from stgc.data import BENCHMARKS
-from stgc.data.bench_scenes import POPE_CATEGORIES as _POPE_CATEGORIES
+from stgc.data import params as _params
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 SOURCES = ("mini", "hub")
@@ -36,7 +35,7 @@ DEFAULT_MINI_ROOT = "data/mini"
 MANIFEST_NAME = "stgc_tasks.json"
 
 # Protocol labels used in tables: "lmms-eval" = lmms-eval 0.7.3's task as is; "moe-llava" = the parsing /
-# prompt of MoE-LLaVA's own evaluation scripts where they differ (BENCHMARKS.md).
+# prompt of MoE-LLaVA's own evaluation scripts where they differ (docs/benchmarks.md).
 LMMS_EVAL = "lmms-eval"
 MOE_LLAVA = "moe-llava"
 
@@ -130,8 +129,8 @@ MINI_FOLDERS: dict[str, str] = {
 # Mini-suite folder -> the split its lmms-eval task reads (the real dataset's split name), and POPE's
 # negative-sampling categories (the `category` column; one task per category): both defined once, by the
 # mini suite's registry.
-MINI_SPLITS: dict[str, str] = {name: spec.split for name, spec in BENCHMARKS.items()}
-POPE_CATEGORIES = _POPE_CATEGORIES
+MINI_SPLITS: dict[str, str] = dict(_params.SPLITS)
+POPE_CATEGORIES = _params.POPE_CATEGORIES
 # Keys replaced when the mini suite is the source, per hub dataset. GQA's process_docs downloads the image
 # set and joins it onto the rows; the mini rows already hold `image`.
 MINI_OVERRIDES: dict[str, dict[str, Any]] = {"lmms-lab-encoder/GQA": {"process_docs": None}}

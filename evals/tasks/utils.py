@@ -1,7 +1,7 @@
 """The few task functions lmms-eval does not have: POPE category selection, MoE-LLaVA's answer parsing
 for POPE and ScienceQA, and MoE-LLaVA's MMBench prompt. Each parser only maps the reply to the answer string
 MoE-LLaVA's scripts would have scored; the scoring itself is lmms-eval's own function, called unchanged
-(BENCHMARKS.md).
+(docs/benchmarks.md).
 
 Referenced from the task YAMLs by module path (`!function evals.tasks.utils.<name>`).
 """

@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "moe": ("stgc.bench.moe", "MoE block vs DeepSpeed's MoE layer: forward+backward time and peak memory"),
     "stgc": ("stgc.bench.stgc", "training-step overhead of STGC (two_pass / fused) against the baseline"),
     "eval": ("evals.bench", "evaluation throughput through lmms-eval"),
+    "step": ("stgc.bench.step", "full training step of every method preset, alone and with STGC"),
 }
 
 

@@ -1,5 +1,5 @@
-"""The procedural mini benchmark suite (BENCHMARKS.md, "The mini suite"): ten benchmarks in the row schema
-of the real lmms-eval datasets, a disjoint LLaVA-style training mixture, a small tokenizer, and the
+"""The procedural mini benchmark suite (docs/benchmarks.md, "The mini suite"): ten benchmarks in the row
+schema of the real lmms-eval datasets, a disjoint LLaVA-style training mixture, a small tokenizer, and the
 training collator.
 
 Importing this package is cheap; the names below load their modules (datasets, PIL, torch) on first use.

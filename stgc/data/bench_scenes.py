@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from datasets import Features, Image, List, Value
 
+from stgc.data import params
 from stgc.data.common import Unit, annotator_answers
 from stgc.data.render import COLOR_NAMES, Scene, draw_scene, sample_scene
 from stgc.data.scenes import describe, pope_negative, sample_shapes
@@ -206,7 +207,7 @@ POPE_FEATURES = Features(
         "category": Value("string"),
     }
 )
-POPE_CATEGORIES = ("adversarial", "popular", "random")
+POPE_CATEGORIES = params.POPE_CATEGORIES
 
 
 def make_pope(rng: np.random.Generator, unit: int, size: int) -> Unit:

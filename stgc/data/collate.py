@@ -1,6 +1,7 @@
 """Training collation: LLaVA conversations -> input_ids, attention_mask, pixel_values, labels.
 
-Shapes (STYLE.md legend): B batch, T tokens (after image expansion and padding), C channels, H/W pixels.
+Shapes (legend: docs/architecture.md, Conventions): B batch, T tokens (after image expansion and padding),
+C channels, H/W pixels.
 
 Labels are -100 everywhere except the assistant answers and their closing ``</s>`` (LLaVA's masking: the
 model learns to answer, not to ask). A row without image (LLaVA-665K's text-only conversations) has no
@@ -71,10 +72,13 @@ class LlavaCollator:
     processor: a transformers ``LlavaProcessor`` (image processor + this project's tokenizer).
     max_length: longest sequence kept; longer ones are cut on the right. Cutting into the image tokens
         raises ValueError (the model would see a partial image), naming the length needed.
+    clusters: a fitted ``stgc.clusters.InstructionClusters`` for routers that read each sample's
+        instruction cluster (MoCLE-style); the batch then has ``cluster_ids`` (B,) too.
     """
 
     processor: Any
     max_length: int = 2048
+    clusters: Any = None
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -134,4 +138,9 @@ class LlavaCollator:
         batch = {"input_ids": input_ids_BT, "attention_mask": attention_mask_BT, "labels": labels_BT}
         if images:
             batch["pixel_values"] = torch.from_numpy(np.stack([np.asarray(p) for p in enc["pixel_values"]]))
+        if self.clusters is not None:
+            from stgc.clusters import first_instruction
+
+            ids = self.clusters.predict([first_instruction(row["conversations"]) for row in rows])
+            batch["cluster_ids"] = torch.from_numpy(ids)
         return batch

@@ -17,6 +17,14 @@ BENCHMARK_NAMES: tuple[str, ...] = (
     "mme",
     "mmbench",
 )
+# The test split each lmms-eval task reads (registry.BenchmarkSpec.split; here so that the evaluation side
+# can name them without importing the generators).
+SPLITS: dict[str, str] = {
+    "vqav2": "validation", "gqa": "testdev", "vizwiz": "val", "scienceqa_img": "test",
+    "textvqa": "validation", "chartqa": "test", "docvqa": "validation", "pope": "test", "mme": "test",
+    "mmbench": "dev",
+}  # fmt: skip
+POPE_CATEGORIES: tuple[str, ...] = ("adversarial", "popular", "random")
 DEFAULTS: dict[str, Any] = {"docs": 200, "train_size": 4000, "image_size": 224, "seed": 0, "vocab_size": 3000}
 LIMITS: dict[str, tuple[int, int]] = {
     "docs": (1, 100_000),

@@ -25,7 +25,7 @@ from stgc.data.bench_scenes import (
 )
 from stgc.data.bench_text import TEXTVQA_FEATURES, VIZWIZ_FEATURES, make_textvqa, make_vizwiz
 from stgc.data.common import Unit
-from stgc.data.params import BENCHMARK_NAMES
+from stgc.data.params import BENCHMARK_NAMES, SPLITS
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 
 
 assert tuple(BENCHMARKS) == BENCHMARK_NAMES, "params.BENCHMARK_NAMES must list the registry in order"
+assert {n: s.split for n, s in BENCHMARKS.items()} == SPLITS, "params.SPLITS must match the registry"
 
 
 def _unknown(name: str) -> ValueError:

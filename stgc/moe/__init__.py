@@ -23,6 +23,9 @@ from stgc.moe.record import (
     routing_context,
 )
 from stgc.moe.routers import ROUTERS, Router
+from stgc.moe.routers.fused_pairs import register_peer_pairs
+
+register_peer_pairs()  # (after the fused package: it imports the routers)
 
 __all__ = [
     "EXPERT_BANKS",

@@ -350,3 +350,104 @@ register_method(
         doc="MoE-LLaVA + AGM's Shapley-based gradient modulation of image vs text tokens (AGM-lite)",
     ),
 )
+
+
+# --------------------------------------------------------------------------------------------------------
+# peer routing methods I (docs/peers_routing.md): CompeteSMoE, AdaMoE, MoMa, MoCLE-style clusters. Their
+# routers' settings are in ``stgc.config``; each preset sets its router and lists its objectives.
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class CompeteSMoEConfig(ObjectiveConfig):
+    """CompeteSMoE (v2)'s competition: its schedule and its losses (docs/peers_routing.md).
+
+    warmup: share of the steps that are router-only at the start (5%). rate: probability that a layer
+    competes on a step after the warm-up (0.05). max_layers: at most this many layers compete in one step
+    (3; a step over the cap moves to the nearest earlier step with room, else the nearest later one).
+    distill_coef: router distillation MSE(p, sg softmax(s)) (0.01); hybrid / theta: plus theta *
+    MSE(p[S^C], sg softmax(s)[S^C]) on the winners (off; 0.1). diversity_coef: mean cosine between the
+    winners' outputs (0.01). The competition-side balance loss is the competing layer's record aux_loss,
+    weighted by the ``load_balance`` objective's alpha (0.01, CompeteSMoE's bal_comp_loss_coef).
+    """
+
+    name: str = "competesmoe"
+    warmup: float = 0.05
+    rate: float = 0.05
+    max_layers: int = 3
+    distill_coef: float = 0.01
+    hybrid: bool = False
+    theta: float = 0.1
+    diversity_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"competesmoe.warmup={self.warmup} must be in [0, 1) (a share of the steps).")
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"competesmoe.rate={self.rate} must be in [0, 1] (a probability per layer).")
+        if not isinstance(self.max_layers, int) or self.max_layers < 1:
+            raise ValueError(f"competesmoe.max_layers={self.max_layers!r} must be an integer >= 1.")
+        for key in ("distill_coef", "theta", "diversity_coef"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"competesmoe.{key}={getattr(self, key)} must be >= 0.")
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class AdaMoEConfig(ObjectiveConfig):
+    """AdaMoE's diagnostics: true experts per token (histogram, by modality) and expert FLOPs per token.
+    Its balance loss (null experts pooled) is the adamoe router's aux_loss, applied by ``load_balance``."""
+
+    name: str = "adamoe"
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class MoMaConfig(ObjectiveConfig):
+    """MoMa's diagnostics: the loading of each expert within its modality group."""
+
+    name: str = "moma"
+
+
+@register_objective_config
+@dataclasses.dataclass(frozen=True)
+class MoCLEConfig(ObjectiveConfig):
+    """MoCLE's diagnostics: normalised mutual information between the instruction cluster and the top-1
+    expert, per MoE layer, over the real tokens of each micro-batch (no loss: LTDR's recipe has no balance
+    loss)."""
+
+    name: str = "mocle"
+
+
+register_method(
+    "competesmoe",
+    MethodPreset(
+        ("load_balance", "z_loss", "competesmoe"),
+        moe={"router": {"name": "competesmoe"}},
+        doc="CompeteSMoE v2: scheduled competition steps (neural-response winners), router distillation",
+    ),
+)
+register_method(
+    "adamoe",
+    MethodPreset(
+        ("load_balance", "adamoe"),
+        moe={"router": {"name": "adamoe", "null_experts": 4}, "top_k": 3},
+        doc="AdaMoE: 4 null experts, top-3, 0..3 true experts per token",
+    ),
+)
+register_method(
+    "moma",
+    MethodPreset(
+        ("load_balance", "moma"),
+        moe={"router": {"name": "moma", "image_experts": 2, "text_experts": 2}, "top_k": 1},
+        doc="MoMa-style modality groups: 2 image + 2 text experts, top-1 in the token's group",
+    ),
+)
+register_method(
+    "mocle",
+    MethodPreset(
+        ("mocle",),
+        moe={"router": {"name": "mocle"}},
+        doc="MoCLE-style instruction clusters: a learned cluster embedding in the token router, no balance",
+    ),
+)

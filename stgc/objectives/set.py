@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from stgc.config import MoEConfig
 from stgc.moe.record import GradObserver, RoutingContext, RoutingRecord
-from stgc.objectives import agm, load_balance, mole_balance, roma, stgc, z_loss  # noqa: F401  (registration)
+
+# the built-in objectives register (competesmoe, peers: peer routing methods I)
+from stgc.objectives import agm, competesmoe, load_balance, mole_balance, peers, roma, stgc, z_loss  # noqa: F401
 from stgc.objectives.base import OBJECTIVES, Objective, StepInputs, TrainingData
 from stgc.objectives.config import MethodConfig, ObjectiveConfig
 
