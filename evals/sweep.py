@@ -141,7 +141,24 @@ def tiny_sweep() -> Sweep:
     )
 
 
-SWEEPS: dict[str, Callable[[], Sweep]] = {"tiny": tiny_sweep}
+def peers_sweep() -> Sweep:
+    """Every method preset (``stgc.objectives.config.METHODS``: the baseline, STGC and the peers, each with
+    STGC on top) on the tiny recipe, seeds 0 and 1, the ten mini benchmarks under the MoE-LLaVA protocol;
+    its runs share the tiny sweep's folder for the methods they have in common (``runs/tiny``)."""
+    from stgc.objectives.config import METHODS
+    from stgc.recipes import get_recipe
+
+    methods = {"baseline": get_recipe("tiny"), "stgc": get_recipe("tiny_stgc")}
+    for name in METHODS:
+        if name not in ("baseline", "stgc", "z_loss"):
+            methods[name] = get_recipe(f"tiny_{name}")
+            methods[f"{name}+stgc"] = get_recipe(f"tiny_{name}_stgc")
+    return Sweep(
+        name="peers", methods=methods, seeds=(0, 1), tasks=T.SUITES[T.MOE_LLAVA], runs_root="runs/tiny"
+    )
+
+
+SWEEPS: dict[str, Callable[[], Sweep]] = {"tiny": tiny_sweep, "peers": peers_sweep}
 
 
 def get_sweep(name: str) -> Sweep:
