@@ -9,11 +9,9 @@ resume requires) there, flushes them to disk, and renames the folder into place:
 the previous complete one until the rename, the new complete one after it. Everything else is the
 Trainer's own save.
 
-Verifying (``verify_checkpoint``): every file a resume reads is there and whole. The files required are
-``resume_requirements(...)``: trainer state, weights, optimizer and scheduler state, the RNG state of every
-rank, plus names the caller passes (``extra=``, e.g. an objective's ``objectives_state.pt``) and names the
-checkpoint's manifest declares. Checks are structural and cheap (no tensor is loaded): JSON parses, the
-safetensors header and data length, the zip directory of torch files, and the sizes the manifest recorded.
+Verifying (``verify_checkpoint``, in ``stgc.checkpoint_verify`` and importable from here): every file a
+resume reads is there and whole (``resume_requirements(...)`` and what the checkpoint's manifest declares),
+checked structurally and cheaply, without loading a tensor.
 
 Identity (``checkpoint_identity``): the step and a content hash (SHA-256 of the model's files: config and
 weights), which evaluation results record so that a sweep uses only its run's final checkpoint's results.
@@ -22,30 +20,36 @@ weights), which evaluation results record so that a sweep uses only its run's fi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
-import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from stgc.checkpoint_verify import (
+    DEEPSPEED_STATE,
+    MANIFEST_NAME,
+    OPTIMIZER,
+    RESETTABLE,
+    SCALER,
+    SCHEDULER,
+    TRAINER_STATE,
+    WEIGHTS,
+    Problem,
+    read_manifest,
+    resume_requirements,
+    safetensors_problem,
+    torch_file_problem,
+    verify_checkpoint,
+    weight_files,
+)
+
 FINAL_NAME = "final.json"  # written by stgc.train when a run has finished: {"checkpoint": name, ...}
 STAGING_NAME = ".checkpoint-staging"
-MANIFEST_NAME = "stgc_checkpoint.json"
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER = "optimizer.pt"
-SCHEDULER = "scheduler.pt"
-SCALER = "scaler.pt"
-# requirement tokens that stand for a set of files rather than one name
-WEIGHTS = "<weights>"
-DEEPSPEED_STATE = "<deepspeed engine and optimizer state>"
-# what --reset-optimizer rebuilds instead of loading (never the weights or the trainer state)
-RESETTABLE = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|<deepspeed .*>)$")
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -131,193 +135,8 @@ def write_manifest(folder: Path, step: int, required: Iterable[str] | None = Non
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(folder) / MANIFEST_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------------------
-# verification
-
-
-def resume_requirements(
-    *, world_size: int = 1, deepspeed: bool = False, fp16: bool = False, extra: Sequence[str] = ()
-) -> list[str]:
-    """The files a resume reads: trainer state, weights, optimizer (DeepSpeed: its engine folder), scheduler,
-    the RNG state of every rank (what the Trainer saves and loads), the fp16 scaler, and ``extra`` (files a
-    caller's own state needs, e.g. ``objectives_state.pt`` for stateful objectives)."""
-    required = [TRAINER_STATE, WEIGHTS, DEEPSPEED_STATE if deepspeed else OPTIMIZER, SCHEDULER]
-    if world_size > 1:
-        required += [f"rng_state_{r}.pth" for r in range(world_size)]
-    else:
-        required.append("rng_state.pth")
-    if fp16 and not deepspeed:
-        required.append(SCALER)
-    return list(dict.fromkeys([*required, *extra]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One required file that is missing or damaged."""
-
-    name: str
-    reason: str
-
-    @property
-    def resettable(self) -> bool:
-        return bool(RESETTABLE.match(self.name))
-
-    def __str__(self) -> str:
-        return f"{self.name} {self.reason}"
-
-
-def verify_checkpoint(
-    folder: str | os.PathLike, required: Sequence[str], *, world_size: int = 1
-) -> list[Problem]:
-    """The problems of ``folder`` as a checkpoint to resume: every name of ``required``
-    (``resume_requirements``) and of the manifest's ``required`` must be there and whole, and every file the
-    manifest lists must have the size it was written with. Empty when the checkpoint can be resumed."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    names = list(dict.fromkeys([*required, *((manifest or {}).get("required") or [])]))
-    problems: list[Problem] = []
-    for name in names:
-        if name == WEIGHTS:
-            problems += _check_weights(folder)
-        elif name == DEEPSPEED_STATE:
-            problems += _check_deepspeed(folder, world_size)
-        else:
-            problem = _check_file(folder, name)
-            if problem is not None:
-                problems.append(problem)
-    seen = {p.name for p in problems}
-    for rel, size in ((manifest or {}).get("files") or {}).items():
-        path = folder / rel
-        if rel in seen or not path.is_file():
-            continue  # missing files count only when required (above)
-        actual = path.stat().st_size
-        if actual != size:
-            problems.append(
-                Problem(rel, f"is truncated or changed ({actual} bytes; it was written with {size})")
-            )
-    return problems
-
-
-def _check_file(folder: Path, name: str) -> Problem | None:
-    path = folder / name
-    if not path.is_file():
-        return Problem(name, "is missing")
-    if path.suffix == ".json":
-        try:
-            json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            return Problem(name, f"is unreadable ({err})")
-        return None
-    if path.suffix in (".pt", ".pth", ".bin"):
-        reason = torch_file_problem(path)
-        return Problem(name, reason) if reason else None
-    if path.suffix == ".safetensors":
-        reason = safetensors_problem(path)
-        return Problem(name, reason) if reason else None
-    return None if path.stat().st_size > 0 else Problem(name, "is empty")
-
-
-def torch_file_problem(path: Path) -> str | None:
-    """Why a ``torch.save`` file is not whole, or None. torch writes a zip archive whose directory is at the
-    end, so a truncated file has none; every member must also lie inside the file."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # the legacy (pre-1.6) pickle format: only a full load can tell
-        try:
-            import torch
-
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure to read means a damaged file
-            return f"is corrupt or truncated ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
-        return None
-    try:
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if info.header_offset + info.compress_size > size:
-                    return f"is corrupt or truncated ({size} bytes; member {info.filename} ends beyond it)"
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        return f"is corrupt or truncated ({size} bytes: {err})"
-    return None
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is not whole, or None: its header parses and its data section is all there
-    (safetensors reads the data lazily, so a truncated file would load and fail later)."""
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return f"is corrupt or truncated ({size} bytes, no header)"
-            header_len = int.from_bytes(head, "little")
-            if 8 + header_len > size:
-                return f"is corrupt or truncated ({size} bytes; its header alone needs {8 + header_len})"
-            header = json.loads(fh.read(header_len))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return f"is corrupt or truncated ({type(err).__name__}: {err})"
-    needed = 8 + header_len + max(ends, default=0)
-    if needed > size:
-        return f"is corrupt or truncated ({size} bytes, its header needs {needed})"
-    return None
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a Hugging Face folder (a sharded index's shards, or the single file)."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
-                return [index]
-            return [index, *(folder / s for s in shards)]
-    return [p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.is_file()]
-
-
-def _check_weights(folder: Path) -> list[Problem]:
-    files = weight_files(folder)
-    if not files:
-        return [Problem("model.safetensors", "is missing (no model weights)")]
-    problems = []
-    for path in files:
-        problem = _check_file(folder, path.name)
-        if problem is not None:
-            problems.append(problem)
-    return problems
-
-
-def _check_deepspeed(folder: Path, world_size: int) -> list[Problem]:
-    """DeepSpeed's engine checkpoint: ``latest`` names the tag folder, which holds the model states and one
-    ZeRO optimizer partition per data-parallel rank."""
-    latest = folder / "latest"
-    if not latest.is_file():
-        return [Problem("latest", "is missing (DeepSpeed's engine and optimizer state)")]
-    tag = latest.read_text().strip()
-    engine = folder / tag
-    if not tag or not engine.is_dir():
-        return [Problem(f"{tag or 'latest'}/", "is missing (DeepSpeed's engine and optimizer state)")]
-    problems = []
-    model_states = sorted(engine.glob("*model_states.pt"))
-    if not model_states:
-        problems.append(Problem(f"{tag}/mp_rank_00_model_states.pt", "is missing"))
-    for rank in range(world_size):
-        parts = sorted(engine.glob(f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt"))
-        if not parts:
-            problems.append(Problem(f"{tag}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", "is missing"))
-    for path in [*model_states, *sorted(engine.glob("*optim_states.pt"))]:
-        reason = torch_file_problem(path)
-        if reason:
-            problems.append(Problem(f"{tag}/{path.name}", reason))
-    return problems
+# a run's checkpoints
 
 
 def checkpoint_step(folder: str | os.PathLike) -> int | None:
@@ -332,7 +151,7 @@ def checkpoint_step(folder: str | os.PathLike) -> int | None:
 
 def final_checkpoint_of(run_dir: str | os.PathLike) -> Path | None:
     """The final checkpoint a finished run names in its final.json, or None (not finished, or the file or
-    the folder it names is unreadable / missing: ``stgc.train.finished_checkpoint`` says which)."""
+    the folder it names is unreadable / missing: ``stgc.run_checks.finished_checkpoint`` says which)."""
     run_dir = Path(run_dir)
     try:
         path = run_dir / json.loads((run_dir / FINAL_NAME).read_text())["checkpoint"]
@@ -497,10 +316,17 @@ def _load_error(checkpoint: str, what: str, err: BaseException) -> CheckpointErr
 __all__ = [
     "AtomicCheckpointMixin",
     "CheckpointError",
+    "DEEPSPEED_STATE",
     "FINAL_NAME",
     "MANIFEST_NAME",
+    "OPTIMIZER",
     "Problem",
+    "RESETTABLE",
+    "SCALER",
+    "SCHEDULER",
     "STAGING_NAME",
+    "TRAINER_STATE",
+    "WEIGHTS",
     "atomic_write_text",
     "checkpoint_identity",
     "checkpoint_step",
@@ -509,9 +335,11 @@ __all__ = [
     "discard_staging",
     "final_checkpoint_of",
     "publish",
+    "read_manifest",
     "resume_requirements",
     "safetensors_problem",
     "torch_file_problem",
     "verify_checkpoint",
     "weight_files",
+    "write_manifest",
 ]
