@@ -6,7 +6,7 @@
 Its config (``MoELlavaConfig``, model_type ``stgc_moe_llava``) carries the MoE settings and the routing
 method, and both classes are registered with the Auto classes: after ``import stgc``,
 ``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)`` load a
-checkpoint folder.
+checkpoint folder. The config class is defined in ``stgc.moe_llava_config`` (importable from here).
 
 Routing leaves the model through a ``RoutingContext`` attached around each forward (``stgc.moe``); the
 output carries ``aux_loss`` (unscaled, summed over MoE layers) and, when asked, the ``routing_records``.
@@ -46,6 +46,7 @@ from stgc.backbones import (
 )
 from stgc.config import MoEConfig
 from stgc.moe import MoEBlock, RoutingContext, RoutingRecord, routing_context
+from stgc.moe_llava_config import MoELlavaConfig, json_form
 
 IMAGE_TOKEN = "<image>"
 # modality codes written into RoutingContext.modality_BT (analysis maps them to "text" / "image")
@@ -53,62 +54,6 @@ MODALITY_TEXT, MODALITY_IMAGE = 0, 1
 
 # Activations the MoE block's experts compute exactly (stgc.moe: SiLU-gated for swiglu, tanh-GELU for gelu).
 _FFN_ACTIVATIONS = {"swiglu": ("silu", "swish"), "gelu": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")}
-
-
-class MoELlavaConfig(LlavaConfig):
-    """A ``LlavaConfig`` plus the MoE settings and the routing method.
-
-    moe: ``MoEConfig.to_dict()`` (validated here, also against the text config's layer count).
-    routing_method: a plain dict naming the routing method and its objectives (``MethodConfig.to_dict()``,
-        e.g. ``{"name": "stgc", "objectives": [...]}``; older checkpoints hold the flat
-        ``{"name": "stgc", "beta": ...}``); stored and round-tripped as is, for provenance (evaluation
-        routes by the MoE config alone).
-    """
-
-    model_type = "stgc_moe_llava"
-
-    moe: dict | None = None
-    routing_method: dict | None = None
-
-    def __post_init__(self, **kwargs):
-        self.moe = json_form(MoEConfig.from_dict(self.moe).to_dict())
-        self.routing_method = dict(self.routing_method) if self.routing_method else {"name": "baseline"}
-        if "name" not in self.routing_method:
-            raise ValueError(
-                f"routing_method={self.routing_method!r} has no 'name'; give e.g. {{'name': 'baseline'}}."
-            )
-        super().__post_init__(**kwargs)
-        # Fail at construction, not at the first forward: unknown backbone or MoE layer out of range.
-        backbone_for_text_config(self.text_config)
-        self.moe_config.resolve_layers(self.text_config.num_hidden_layers)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save, with an ``auto_map`` to a loader module written next to config.json, so that loading
-        without ``import stgc`` says what to import (``stgc.autoload``)."""
-        from stgc.autoload import AUTO_MAP, write_module
-
-        self.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_module(save_directory)
-
-    @property
-    def moe_config(self) -> MoEConfig:
-        return MoEConfig.from_dict(self.moe)
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        """Decoder-layer indices whose MLP is a MoE block."""
-        return self.moe_config.resolve_layers(self.text_config.num_hidden_layers)
-
-    @classmethod
-    def from_llava_config(
-        cls, llava_config: LlavaConfig, moe: MoEConfig, routing_method: dict | None = None
-    ) -> MoELlavaConfig:
-        """The MoE config of a dense LLaVA config (every other field copied)."""
-        data = llava_config.to_dict()
-        for key in ("model_type", "architectures", "moe", "routing_method"):
-            data.pop(key, None)
-        return cls(**data, moe=moe.to_dict(), routing_method=routing_method)
 
 
 @dataclasses.dataclass
@@ -356,15 +301,6 @@ def _upcycle(mlp: nn.Module, moe_cfg: MoEConfig, layer_idx: int) -> MoEBlock:
     )
 
 
-def json_form(value: Any) -> Any:
-    """Tuples as lists, recursively (what config.json holds; the config classes turn lists back)."""
-    if isinstance(value, dict):
-        return {k: json_form(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [json_form(v) for v in value]
-    return value
-
-
 # --------------------------------------------------------------------------------------------------------
 # builders
 
@@ -514,3 +450,19 @@ def register() -> None:
 
 
 register()
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "MODALITY_IMAGE",
+    "MODALITY_TEXT",
+    "MoELlavaCausalLMOutputWithPast",
+    "MoELlavaConfig",
+    "MoELlavaForConditionalGeneration",
+    "build_llava_config",
+    "build_model",
+    "build_processor",
+    "json_form",
+    "register",
+    "save_random_checkpoint",
+]
