@@ -2,7 +2,8 @@
 
 A sweep is defined like a recipe: a Python function returning a `Sweep` (registry `SWEEPS`; `tiny` is the
 embedded default: baseline vs STGC on the tiny recipe, 2 seeds, the ten mini benchmarks). Variants derive
-in code (`dataclasses.replace`), never by copying a file.
+in code (`dataclasses.replace`), never by copying a file. `Sweep`, `EvalSettings` and the registry are in
+`evals.sweep_registry` (importable from here); this module runs a sweep.
 
 `run_sweep(sweep, out)` runs the grid of cells (method, seed, task) in two phases, each with one progress
 bar (stgc.logs):
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evals import tasks as T
+from evals.sweep_registry import SWEEPS, EvalSettings, Sweep, get_sweep, peers_sweep, tiny_sweep
 from stgc.paths import portable
 
 if TYPE_CHECKING:  # pandas is imported when a sweep runs, so that `stgc sweep --help` stays instant
@@ -52,56 +54,6 @@ if TYPE_CHECKING:  # pandas is imported when a sweep runs, so that `stgc sweep -
 SCORES_NAME, TABLE_NAME, SWEEP_NAME, FAILURES_NAME = "scores.csv", "table.csv", "sweep.json", "failures.json"
 PROVENANCE_COLUMNS = ("checkpoint_step", "checkpoint_hash")  # after LONG_COLUMNS in scores.csv
 TABLE_MD_NAME = "table.md"
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    """How every cell is evaluated (evals.run.evaluate's arguments). source / mini_root None: the
-    environment's (STGC_EVAL_SOURCE, STGC_MINI_ROOT), resolved when the sweep runs."""
-
-    batch_size: int = 8
-    limit: int | None = None
-    source: str | None = None
-    mini_root: str | None = None
-    gen_kwargs: str | None = None
-    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    """methods: label -> the method's training config (a stgc.recipes.RunConfig; its seed and output folder
-    are set per cell). baseline: the label deltas and paired tests are taken against."""
-
-    name: str
-    methods: dict[str, Any]
-    seeds: tuple[int, ...]
-    tasks: tuple[str, ...]
-    baseline: str = "baseline"
-    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
-    runs_root: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.methods or not self.seeds:
-            raise ValueError(f"sweep {self.name!r} needs at least one method and one seed")
-        if self.baseline not in self.methods:
-            raise ValueError(
-                f"sweep {self.name!r}: baseline {self.baseline!r} is not one of its methods "
-                f"{list(self.methods)}"
-            )
-        object.__setattr__(self, "tasks", tuple(T.expand_tasks(list(self.tasks))))
-        for label in self.methods:
-            if not label or "/" in label or label.startswith("."):
-                raise ValueError(f"method label {label!r} must be a plain folder name")
-
-    def run_dir(self, method: str, seed: int) -> Path:
-        return Path(self.runs_root or Path("runs") / self.name) / f"{method}-seed{seed}"
-
-    def run_config(self, method: str, seed: int) -> Any:
-        """The RunConfig of one (method, seed): the method's config with the seed and the run folder set."""
-        base = self.methods[method]
-        return base.replace(
-            training=base.training.replace(seed=seed), output_dir=str(self.run_dir(method, seed))
-        )
 
 
 @dataclasses.dataclass
@@ -123,48 +75,6 @@ class SweepResult:
     failures: list[Failure]
     evaluated: list[tuple[str, int, str]]  # cells evaluated by this call (the others were finished)
     ignored: list[str] = dataclasses.field(default_factory=list)  # results not from the final checkpoint
-
-
-# ------------------------------------------------------------------------------------------- registry
-
-
-def tiny_sweep() -> Sweep:
-    """Baseline vs STGC on the tiny recipe (CPU), seeds 0 and 1, the ten mini benchmarks under the
-    MoE-LLaVA protocol."""
-    from stgc.recipes import stgc_variant, tiny
-
-    return Sweep(
-        name="tiny",
-        methods={"baseline": tiny(), "stgc": stgc_variant(tiny())},
-        seeds=(0, 1),
-        tasks=T.SUITES[T.MOE_LLAVA],
-    )
-
-
-def peers_sweep() -> Sweep:
-    """Every method preset (``stgc.objectives.config.METHODS``: the baseline, STGC and the peers, each with
-    STGC on top) on the tiny recipe, seeds 0 and 1, the ten mini benchmarks under the MoE-LLaVA protocol;
-    its runs share the tiny sweep's folder for the methods they have in common (``runs/tiny``)."""
-    from stgc.objectives.config import METHODS
-    from stgc.recipes import get_recipe
-
-    methods = {"baseline": get_recipe("tiny"), "stgc": get_recipe("tiny_stgc")}
-    for name in METHODS:
-        if name not in ("baseline", "stgc", "z_loss"):
-            methods[name] = get_recipe(f"tiny_{name}")
-            methods[f"{name}+stgc"] = get_recipe(f"tiny_{name}_stgc")
-    return Sweep(
-        name="peers", methods=methods, seeds=(0, 1), tasks=T.SUITES[T.MOE_LLAVA], runs_root="runs/tiny"
-    )
-
-
-SWEEPS: dict[str, Callable[[], Sweep]] = {"tiny": tiny_sweep, "peers": peers_sweep}
-
-
-def get_sweep(name: str) -> Sweep:
-    if name not in SWEEPS:
-        raise ValueError(f"unknown sweep {name!r}; valid sweeps: {', '.join(sorted(SWEEPS))}")
-    return SWEEPS[name]()
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -531,3 +441,18 @@ def _log_failure(out: Path, method: str, seed: int, task: str, err: BaseExceptio
     logs.mkdir(exist_ok=True)
     trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     (logs / f"{method}-seed{seed}-{task}.log").write_text(trace)
+
+
+__all__ = [
+    "EvalSettings",
+    "Failure",
+    "PROVENANCE_COLUMNS",
+    "SWEEPS",
+    "Sweep",
+    "SweepResult",
+    "get_sweep",
+    "peers_sweep",
+    "planned_steps",
+    "run_sweep",
+    "tiny_sweep",
+]
