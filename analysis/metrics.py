@@ -1,7 +1,8 @@
 """Routing and gradient-conflict measurements: pure functions DataFrame -> tidy (long) DataFrame.
 
 Inputs are routing-trace tables (analysis.schema: one row per (sample, token, MoE layer)), training
-curves from a run's `metrics.jsonl`, or per-(token, expert) conflict-score tables. Nothing here knows a
+curves from a run's `metrics.jsonl`, or per-(token, expert) conflict-score tables; the conflict ones (the
+last two) are in `analysis.conflict_metrics`, importable from here. Nothing here knows a
 model size: E comes from an argument or the length of `probs`, K from the length of `topk_experts`,
 the MoE layers from the `layer` values, the image tokens from the `modality` column.
 
@@ -12,26 +13,23 @@ traces of several checkpoints with a `method` column); `layer` is always a group
 
 from __future__ import annotations
 
-import json
-import re
-import warnings
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import normalized_mutual_info_score
 
-from analysis.schema import infer_num_experts, list_column_matrix
+from analysis.conflict_metrics import (
+    conflict_curves,
+    conflict_summary,
+    cosine_histogram,
+    read_conflict_curves,
+    read_metrics_jsonl,
+)
+from analysis.schema import infer_num_experts, list_column_matrix, require_columns
 
 TOKEN_KEY = ("task", "sample_id", "position")
 ALIGN_KEY = ("task", "sample_id", "position", "layer")
-
-
-def _require_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}, which the table lacks; it has {list(df.columns)}")
 
 
 def _groups(df: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
@@ -65,7 +63,7 @@ def expert_loading(df: pd.DataFrame, num_experts: int, *, by: Sequence[str] = ("
     Uniform routing gives share_in_modality = 1/E.
     """
     by = list(by)
-    _require_columns(df, [*by, "layer", "modality", "topk_experts"], "expert_loading")
+    require_columns(df, [*by, "layer", "modality", "topk_experts"], "expert_loading")
     if num_experts < 1:
         raise ValueError(f"num_experts={num_experts} must be >= 1; read it from the trace metadata")
     topk_NK = list_column_matrix(df["topk_experts"]).astype(np.int64)
@@ -117,7 +115,7 @@ def token_paths(df: pd.DataFrame, *, by: Sequence[str] = ("task",)) -> pd.DataFr
     """
     by = list(by)
     token_key = list(dict.fromkeys([*by, *TOKEN_KEY]))
-    _require_columns(df, [*token_key, "layer", "modality", "topk_experts"], "token_paths")
+    require_columns(df, [*token_key, "layer", "modality", "topk_experts"], "token_paths")
     layers = np.sort(df["layer"].unique())
     num_layers = len(layers)
     table = df[[*token_key, "layer", "modality"]].copy()
@@ -229,7 +227,7 @@ def routing_stats(
         n_unused_experts         number of experts with c_e = 0
     """
     by = list(by)
-    _require_columns(df, [*by, "layer", "topk_experts", "probs", "entropy"], "routing_stats")
+    require_columns(df, [*by, "layer", "topk_experts", "probs", "entropy"], "routing_stats")
     e = infer_num_experts(df)
     if num_experts is not None and num_experts != e:
         raise ValueError(f"num_experts={num_experts} but probs lists have {e} entries; they must agree")
@@ -262,8 +260,8 @@ def _align(df_a: pd.DataFrame, df_b: pd.DataFrame, by: list[str], allow_partial:
     key = list(ALIGN_KEY)
     extra = [c for c in by if c not in key]
     for name, table in (("df_a", df_a), ("df_b", df_b)):
-        _require_columns(table, [*key, "modality", "topk_experts"], f"switch_overlap ({name})")
-    _require_columns(df_a, extra, "switch_overlap (df_a, `by` columns)")
+        require_columns(table, [*key, "modality", "topk_experts"], f"switch_overlap ({name})")
+    require_columns(df_a, extra, "switch_overlap (df_a, `by` columns)")
     left = df_a[list(dict.fromkeys([*key, *extra, "modality", "topk_experts"]))]
     right = df_b[[*key, "modality", "topk_experts"]]
     merged = left.merge(right, on=key, how="outer", suffixes=("_a", "_b"), indicator=True)
@@ -362,7 +360,7 @@ def nmi(df: pd.DataFrame, label_col: str, *, by: Sequence[str] = ()) -> pd.DataF
         raise ValueError(
             f"label_col={label_col!r} is also in by={by}; within one label value NMI is undefined"
         )
-    _require_columns(df, [*by, "layer", label_col, "topk_experts"], f"nmi against {label_col!r}")
+    require_columns(df, [*by, "layer", label_col, "topk_experts"], f"nmi against {label_col!r}")
     if df[label_col].isna().any():
         raise ValueError(f"label column {label_col!r} has {int(df[label_col].isna().sum())} missing labels")
     table = df[[*by, "layer", label_col]].copy()
@@ -375,170 +373,20 @@ def nmi(df: pd.DataFrame, label_col: str, *, by: Sequence[str] = ()) -> pd.DataF
     return pd.DataFrame(rows, columns=[*by, "layer", "n_tokens", "n_labels", "nmi"])
 
 
-# ------------------------------------------------------------------------------------ conflict curves
-
-
-def read_metrics_jsonl(
-    path: str | Path, *, run: str | None = None, method: str | None = None
-) -> pd.DataFrame:
-    """Read a run's metrics.jsonl (one JSON object per logged step) into a long table.
-
-    Columns: run, method, step, key, value (float). `run` defaults to the name of the file's folder;
-    `method` comes from each record's "method" key, else from the argument, else missing. Every record
-    needs an integer "step". Non-numeric values (and booleans) are not metrics and are left out. Blank
-    lines are ignored; an unreadable last line (a run killed while writing) is skipped with a warning,
-    an unreadable line elsewhere is an error.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(
-            f"metrics file {path} does not exist; training writes it as runs/<run>/metrics.jsonl"
-        )
-    run = run if run is not None else path.parent.name
-    lines = path.read_text().splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if i == last:
-                warnings.warn(f"{path}:{i + 1}: skipping truncated last line ({error})", stacklevel=2)
-                continue
-            raise ValueError(f"{path}:{i + 1} is not valid JSON ({error}); fix or remove the line") from error
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}:{i + 1} needs an object with an integer 'step'; got {line[:120]!r}")
-        record_method = record.get("method", method)
-        for key, value in record.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            rows.append((run, record_method, record["step"], key, float(value)))
-    return pd.DataFrame(rows, columns=["run", "method", "step", "key", "value"])
-
-
-_LAYER_TOKEN = re.compile(r"^(?:layers?[_-]?)?(\d+)$")
-
-
-def conflict_curves(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Select and parse the conflict metrics of a long metrics table (from `read_metrics_jsonl`).
-
-    Keys follow "conflict/<scope>/<stat>" with <scope> a layer ("layer3", "layer_3", "3") or another scope
-    ("all", "mean"), and <stat> anything, may contain "/" (e.g. "fraction", "mean_cos",
-    "expert2/fraction"); "conflict/<stat>" has no scope. Columns: run, method, step, layer (nullable int,
-    missing when the scope is not a layer), scope (raw text), stat, value.
-    """
-    _require_columns(metrics, ["run", "method", "step", "key", "value"], "conflict_curves")
-    table = metrics[metrics["key"].str.startswith("conflict/")].copy()
-    parts = table["key"].str.split("/")
-    has_scope = parts.str.len() >= 3
-    table["scope"] = np.where(has_scope, parts.str[1], "")
-    table["stat"] = np.where(has_scope, parts.str[2:].str.join("/"), parts.str[1:].str.join("/"))
-    layer = table["scope"].str.extract(_LAYER_TOKEN, expand=False)
-    table["layer"] = pd.to_numeric(layer, errors="coerce").astype("Int64")
-    columns = ["run", "method", "step", "layer", "scope", "stat", "value"]
-    return table[columns].sort_values(["run", "stat", "layer", "step"], ignore_index=True)
-
-
-def read_conflict_curves(
-    paths: Sequence[str | Path],
-    *,
-    runs: Sequence[str] | None = None,
-    methods: Sequence[str | None] | None = None,
-) -> pd.DataFrame:
-    """`conflict_curves` of several metrics.jsonl files concatenated (runs / methods name them if given)."""
-    if runs is not None and len(runs) != len(paths):
-        raise ValueError(f"got {len(runs)} run names for {len(paths)} metrics files; give one per file")
-    if methods is not None and len(methods) != len(paths):
-        raise ValueError(f"got {len(methods)} methods for {len(paths)} metrics files; give one per file")
-    tables = [
-        conflict_curves(
-            read_metrics_jsonl(
-                path,
-                run=runs[i] if runs is not None else None,
-                method=methods[i] if methods is not None else None,
-            )
-        )
-        for i, path in enumerate(paths)
-    ]
-    return pd.concat(tables, ignore_index=True)
-
-
-# ------------------------------------------------------------------------------------ conflict scores
-
-
-def _considered(scores: pd.DataFrame) -> pd.DataFrame:
-    """Rows that entered the conflict test: all, or those with considered == True when that column exists
-    (stgc.conflict keeps a `considered_A` mask: assignments of padding tokens or of experts with too few
-    tokens have a score but no conflict decision)."""
-    if "considered" not in scores.columns:
-        return scores
-    if scores["considered"].dtype != bool:
-        raise ValueError(f"`considered` must be a boolean column, got dtype {scores['considered'].dtype}")
-    return scores[scores["considered"]]
-
-
-def conflict_summary(scores: pd.DataFrame, *, by: Sequence[str] = ("layer",)) -> pd.DataFrame:
-    """Per-group summary of per-(token, expert) conflict scores (columns `score` (a cosine) and `conflict`).
-
-    conflict_fraction = mean of the boolean `conflict`; mean/std/median of `score`; n_scores = rows.
-    With a boolean `considered` column, only considered rows count.
-    """
-    by = list(by)
-    _require_columns(scores, [*by, "score", "conflict"], "conflict_summary")
-    scores = _considered(scores)
-    if scores["conflict"].dtype != bool:
-        raise ValueError(f"`conflict` must be a boolean column, got dtype {scores['conflict'].dtype}")
-    return (
-        scores.groupby(by, sort=True)
-        .agg(
-            n_scores=("score", "size"),
-            conflict_fraction=("conflict", "mean"),
-            mean_score=("score", "mean"),
-            std_score=("score", "std"),
-            median_score=("score", "median"),
-        )
-        .reset_index()
-    )
-
-
-def cosine_histogram(
-    scores: pd.DataFrame,
-    *,
-    by: Sequence[str] = ("layer",),
-    bins: int = 40,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-) -> pd.DataFrame:
-    """Histogram of `score` per group; columns *by, bin_left, bin_right, bin_center, count, fraction, density.
-
-    fraction = count / n (sums to 1 per group); density = fraction / bin width (integrates to 1). Scores
-    outside `value_range` by more than 1e-4 (float rounding of a cosine) are an error, not clipped. With a
-    boolean `considered` column, only considered rows count.
-    """
-    by = list(by)
-    _require_columns(scores, [*by, "score"], "cosine_histogram")
-    scores = _considered(scores)
-    if bins < 1:
-        raise ValueError(f"bins={bins} must be >= 1")
-    low, high = value_range
-    values = scores["score"].to_numpy(np.float64)
-    if values.size and (values.min() < low - 1e-4 or values.max() > high + 1e-4 or np.isnan(values).any()):
-        raise ValueError(
-            f"scores span [{np.nanmin(values)}, {np.nanmax(values)}] (NaN: {np.isnan(values).any()}), "
-            f"outside value_range={value_range}; pass a wider value_range or check the scores"
-        )
-    edges = np.linspace(low, high, bins + 1)
-    rows = []
-    for key, group in scores.groupby(by, sort=True) if by else [((), scores)]:
-        key = key if isinstance(key, tuple) else (key,)
-        counts, _ = np.histogram(np.clip(group["score"].to_numpy(np.float64), low, high), bins=edges)
-        fraction = counts / max(counts.sum(), 1)
-        for i in range(bins):
-            width = edges[i + 1] - edges[i]
-            center = (edges[i] + edges[i + 1]) / 2
-            rows.append(
-                (*key, edges[i], edges[i + 1], center, int(counts[i]), fraction[i], fraction[i] / width)
-            )
-    columns = [*by, "bin_left", "bin_right", "bin_center", "count", "fraction", "density"]
-    return pd.DataFrame(rows, columns=columns)
+__all__ = [
+    "ALIGN_KEY",
+    "TOKEN_KEY",
+    "conflict_curves",
+    "conflict_summary",
+    "cosine_histogram",
+    "expert_loading",
+    "nmi",
+    "pathways",
+    "read_conflict_curves",
+    "read_metrics_jsonl",
+    "routing_stats",
+    "switch_overlap",
+    "switch_transitions",
+    "token_paths",
+    "top_paths",
+]

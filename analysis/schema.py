@@ -39,7 +39,7 @@ b"stgc_trace_meta"            UTF-8 JSON object with at least
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,13 @@ TRACE_SCHEMA = pa.schema(
 TRACE_COLUMNS = tuple(TRACE_SCHEMA.names)
 
 _RECAPTURE_HINT = "re-run `stgc analyze capture` on the checkpoint to write a current trace"
+
+
+def require_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    """ValueError naming the ``columns`` that ``df`` lacks (``what`` names the function that needs them)."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs columns {missing}, which the table lacks; it has {list(df.columns)}")
 
 
 def list_column_matrix(column: pd.Series, name: str | None = None) -> np.ndarray:
