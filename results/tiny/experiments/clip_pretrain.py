@@ -51,8 +51,8 @@ sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, p
 g = torch.Generator().manual_seed(0)
 for step in range(steps):
     idx = torch.randint(n, (128,), generator=g)
-    out = model(input_ids=ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx], return_loss=True)
-    loss = out.loss
+    outputs = model(input_ids=ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx], return_loss=True)
+    loss = outputs.loss
     opt.zero_grad()
     loss.backward()
     opt.step()
