@@ -1,4 +1,5 @@
-"""Routing and gradient-conflict measurements: pure functions DataFrame -> tidy (long) DataFrame.
+"""Routing measurements (the gradient-conflict ones: analysis/conflict_metrics.py): pure functions
+DataFrame -> tidy (long) DataFrame.
 
 Inputs are routing-trace tables (analysis.schema: one row per (sample, token, MoE layer)), training
 curves from a run's `metrics.jsonl`, or per-(token, expert) conflict-score tables; the conflict ones (the

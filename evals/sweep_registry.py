@@ -77,8 +77,9 @@ def tiny_sweep() -> Sweep:
 
 
 def peers_sweep() -> Sweep:
-    """Every method preset (``stgc.objectives.config.METHODS``: the baseline, STGC and the peers, each with
-    STGC on top) on the tiny recipe, seeds 0 and 1, the ten mini benchmarks under the MoE-LLaVA protocol;
+    """The baseline, STGC and every peer method preset (``stgc.objectives.config.METHODS`` but ``z_loss``,
+    the worked example of docs/extending.md), each alone and with STGC on top, on the tiny recipe, seeds 0
+    and 1, the ten mini benchmarks under the MoE-LLaVA protocol;
     its runs share the tiny sweep's folder for the methods they have in common (``runs/tiny``)."""
     from stgc.objectives.config import METHODS
     from stgc.recipes import get_recipe

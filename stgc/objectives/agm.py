@@ -1,6 +1,6 @@
 """AGM: adaptive gradient modulation of two players of an LVLM, its image tokens and its text tokens (Li et
 al., ICCV 2023, "Boosting Multi-modal Model Performance with Adaptive Gradient Modulation"; code
-lihong2303/AGM_ICCV2023, ``model/*_net.py`` GradMod and ``run/*_main.py``; BASELINES.md "AGM").
+lihong2303/AGM_ICCV2023, ``model/*_net.py`` GradMod and ``run/*_main.py``; docs/baselines.md "AGM").
 
 Per batch (each micro-batch):
 - mono-modal responses by zero padding: f(I, T) the step's logits; f(0, T) with the image features zeroed

@@ -249,7 +249,7 @@ def _fmt(value: Any) -> str:
 @dataclasses.dataclass(frozen=True)
 class MoLEBalanceConfig(ObjectiveConfig):
     """LLaVA-MoLE's balance loss, coef * mean over samples of sum_e mean(p_e) * mean(1[argmax = e]), both
-    means pooled over the sample's real tokens in every MoE layer (no x E factor; BASELINES.md).
+    means pooled over the sample's real tokens in every MoE layer (no x E factor; docs/baselines.md).
     coef 0.01 [ours: the paper's value is not public; MoE-LLaVA's alpha]."""
 
     name: str = "mole_balance"

@@ -1,4 +1,4 @@
-"""LLaVA-MoLE's load-balancing loss (BASELINES.md, "LLaVA-MoLE"): per sample, pooled over every MoE layer
+"""LLaVA-MoLE's load-balancing loss (docs/baselines.md, "LLaVA-MoLE"): per sample, pooled over every MoE layer
 and the sample's real tokens, then averaged over samples."""
 
 from __future__ import annotations

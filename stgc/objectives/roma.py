@@ -1,6 +1,6 @@
 """RoMA: routing manifold alignment, a router-only post-training stage (Li, Li and Zhou, ICLR 2026,
 "Routing Manifold Alignment Improves Generalization of Mixture-of-Experts LLMs"; code not public, the
-paper is the specification; BASELINES.md "RoMA").
+paper is the specification; docs/baselines.md "RoMA").
 
     L = L_lm + lam * (1/B) sum_i sum_{j in N(i)} W_ij ||r_i - r_j||^2
 
@@ -16,7 +16,7 @@ paper is the specification; BASELINES.md "RoMA").
   exact match with the first answer after VQA answer normalisation [ours: the first turn of a multi-turn
   conversation].
 - W_ij = exp(-d_ij^2 / 2 sigma^2), normalised over N(i); sigma = the median of every neighbour distance
-  d_ij over the training set [ours, BASELINES.md].
+  d_ij over the training set [ours, docs/baselines.md].
 - The neighbours' r_j are cached without gradient (the model in eval mode, one pass over the correct
   samples) and refreshed at the start of every epoch; r_i comes from the step's own forward and carries
   the gradient. Batch mean over samples [ours].

@@ -1,6 +1,6 @@
 """A run's objectives together (``ObjectiveSet``): the routing context of a step, the total loss with every
 coefficient applied in one place (``scaled_sum``), the logs, and the state saved with checkpoints. The
-trainer (``stgc.train.MoETrainer``) uses only this; it has no branch for any one method."""
+trainer (``stgc.trainer.MoETrainer``) uses only this; it has no branch for any one method."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ class ExpertBank(nn.Module):
     ``biases``: explicit per-(token, slot) first and output biases (STGC's `reference` mode).
     ``dense(x_TD) -> DenseOutputs``: every expert on every token (a competition step).
     ``ffn``: the FFN kind ("swiglu" / "gelu"), which defines where the first bias sits.
-    ``parameter_group(name)``: which training group each parameter belongs to (``stgc.train``).
+    ``parameter_group(name)``: which training group each parameter belongs to
+    (``stgc.trainer.parameter_groups``).
     """
 
     name: ClassVar[str] = ""

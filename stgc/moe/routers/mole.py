@@ -6,8 +6,8 @@ Why not the ``softmax_topk`` router with ``bias=True``: that router renormalises
 the chosen experts (DeepSpeed's top-k gate), which at top-1 makes every weight exactly 1, so the LM loss
 sends no gradient to the router (the released sparse path has the same property: it does not scale the
 expert output at all, and its router learns from the balance loss alone). Here the weight is p itself
-(Switch Transformer's top-1 gate), the default this project chose [ours, BASELINES.md]. With top_k equal to
-the number of experts the weights are p over every expert: the released configuration's dense soft
+(Switch Transformer's top-1 gate), the default this project chose [ours, docs/baselines.md]. With top_k equal
+to the number of experts the weights are p over every expert: the released configuration's dense soft
 mixture sum_i p_i dW_i x (``model.moe.top_k=<num_experts>``).
 """
 
