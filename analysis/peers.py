@@ -261,7 +261,7 @@ def peers(results_dir: str | Path | None = None, runs_dir: str | Path | None = N
     traces = trace_files(folder.trace_files(), checkpoint_labels(folder)) if folder.trace_files() else []
     true_rows, loading_rows, nmi_rows = [], [], []
     for trace in traces:
-        model = _model_of(trace.meta["checkpoint"], trace.meta)
+        model = _model_of(folder.resolve(trace.meta["checkpoint"]), trace.meta)  # relative to the project
         router = model.router.get("name") if model else None
         if router not in ("adamoe", "moma") and "instruction_clusters" not in trace.meta:
             continue

@@ -45,7 +45,9 @@ def _runs(root: Path) -> Path:
     return runs
 
 
-def _trace(results: Path, root: Path, method: str, router: dict, K: int, R: int, extra_meta=None) -> None:
+def _trace(
+    results: Path, root: Path, method: str, router: dict, K: int, R: int, extra_meta=None, relative=False
+) -> None:
     rng = np.random.default_rng(1)
     ckpt = root / "ckpts" / method / "checkpoint-2"
     ckpt.mkdir(parents=True)
@@ -85,7 +87,8 @@ def _trace(results: Path, root: Path, method: str, router: dict, K: int, R: int,
         "bank_experts": 4,
         "top_k": K,
         "moe_layers": list(LAYERS),
-        "checkpoint": str(ckpt),
+        # a sweep's traces name the checkpoint relative to the project folder (portable results)
+        "checkpoint": str(ckpt.relative_to(root)) if relative else str(ckpt),
         "method": method,
         "seed": 0,
         **(extra_meta or {}),
@@ -128,6 +131,17 @@ def test_peers_section_tables_and_figures(folder):
     assert (true["true_experts_mean"] <= 3).all() and (true["gflops_per_token_mean"] > 0).all()
     nmi = pd.read_csv(results / "reports" / "tables" / "peers_cluster_nmi.csv")
     assert set(nmi["layer"]) == set(LAYERS) and nmi["nmi"].between(0, 1).all()
+
+
+def test_a_checkpoint_named_relative_to_the_project_is_found_from_any_cwd(tmp_path, monkeypatch):
+    # the report's kernel runs in notebooks/: the trace's relative checkpoint path is the project's
+    results = make_results_folder(tmp_path, traces=False, conflict=False, runs=False)
+    _trace(results, tmp_path, "adamoe", {"name": "adamoe", "null_experts": 4}, 3, 8, relative=True)
+    elsewhere = tmp_path / "notebooks"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    section = peers.peers(results, _runs(tmp_path))
+    assert "peers_true_experts_adamoe.png" in {p.name for p in section.figure_paths}
 
 
 def test_true_experts_counts_only_bank_experts_that_ran():
