@@ -50,6 +50,10 @@ def run_demo(
     sweep = get_sweep("tiny")
     result = run_sweep(sweep, out)
     constant = constant_answer_scores(data, out / CONSTANT_NAME)
+    tasks: list[str] = []
+    if result.table is not None:
+        tasks = [t for t in sweep.tasks if t in set(result.scores["task"])]
+        write_table_md(out, result.scores, sweep.baseline, tasks, constant)
 
     checkpoints = result.scores[["method", "seed", "checkpoint"]].drop_duplicates()
     jobs = []
@@ -70,7 +74,6 @@ def run_demo(
     if result.table is not None:
         from evals.tables import render_text
 
-        tasks = [t for t in sweep.tasks if t in set(result.scores["task"])]
         reference = {"constant answer": constant} if constant else None
         print(render_text(result.scores, baseline=sweep.baseline, tasks=tasks, reference=reference))
     status = 0
@@ -83,6 +86,19 @@ def run_demo(
         print(f"the reports failed: {report_error}")
         status = 1
     return status
+
+
+def write_table_md(
+    out: Path, scores: Any, baseline: str, tasks: list[str], constant: dict[str, float]
+) -> Path:
+    """<out>/table.md with the constant-answer row under the methods (the sweep writes it without)."""
+    from evals.sweep import TABLE_MD_NAME, _write_text_atomic
+    from evals.tables import render_markdown
+
+    reference = {"constant answer": constant} if constant else None
+    path = Path(out) / TABLE_MD_NAME
+    _write_text_atomic(path, render_markdown(scores, baseline=baseline, tasks=tasks, reference=reference))
+    return path
 
 
 def _generate_data(data: Path) -> None:
