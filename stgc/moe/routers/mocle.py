@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from stgc.config import MoEConfig
 from stgc.moe.record import RoutingContext, RoutingRecord
 from stgc.moe.routers.base import Router, register_router
-from stgc.moe.routers.softmax_topk import route
+from stgc.moe.routers.softmax_topk import routed_record
 
 
 def cluster_of_tokens(ctx: RoutingContext | None, num_tokens: int, device: torch.device) -> Tensor:
@@ -87,9 +87,6 @@ class MoCLERouter(Router):
         cluster_TE = torch.nn.functional.linear(emb_TC, self.cluster_weight.float())
         if r.gate == "token":
             logits_TE = self.logits(x_TD) + cluster_TE
-            probs, topk, weights, kept, tpe, aux = route(
-                logits_TE, self.moe, token_mask_T, training=self.training
-            )
         else:
             logits_TE = cluster_TE / r.temperature
             if self.training and r.noise_std > 0:
@@ -97,19 +94,8 @@ class MoCLERouter(Router):
                 B = ctx.cluster_B.numel()
                 noise_BE = torch.randn(B, self.width, device=x_TD.device) * r.noise_std
                 logits_TE = logits_TE + noise_BE.repeat_interleave(T // B, dim=0)
-            probs, topk, _, kept, tpe, aux = route(logits_TE, self.moe, token_mask_T, training=self.training)
-            weights = probs.gather(1, topk) * kept
-        return RoutingRecord(
-            layer_idx=self.layer_idx,
-            logits_TE=logits_TE,
-            probs_TE=probs,
-            topk_idx_TK=topk,
-            weights_TK=weights,
-            token_mask_T=token_mask_T,
-            kept_TK=kept,
-            tokens_per_expert_E=tpe,
-            aux_loss=aux,
-            extras={"cluster_T": cluster_T},
+        return routed_record(
+            self, logits_TE, token_mask_T, renormalise=r.gate == "token", extras={"cluster_T": cluster_T}
         )
 
     def extra_repr(self) -> str:

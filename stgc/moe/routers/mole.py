@@ -17,7 +17,7 @@ from torch import Tensor
 
 from stgc.moe.record import RoutingRecord
 from stgc.moe.routers.base import register_router
-from stgc.moe.routers.softmax_topk import SoftmaxTopKRouter, route
+from stgc.moe.routers.softmax_topk import SoftmaxTopKRouter, routed_record
 
 
 @register_router
@@ -31,16 +31,4 @@ class MoLERouter(SoftmaxTopKRouter):
     name = "mole"
 
     def record(self, logits_TE: Tensor, token_mask_T: Tensor) -> RoutingRecord:
-        probs, topk, _, kept, tpe, aux = route(logits_TE, self.moe, token_mask_T, training=self.training)
-        weights_TK = probs.gather(1, topk) * kept
-        return RoutingRecord(
-            layer_idx=self.layer_idx,
-            logits_TE=logits_TE,
-            probs_TE=probs,
-            topk_idx_TK=topk,
-            weights_TK=weights_TK,
-            token_mask_T=token_mask_T,
-            kept_TK=kept,
-            tokens_per_expert_E=tpe,
-            aux_loss=aux,
-        )
+        return routed_record(self, logits_TE, token_mask_T, renormalise=False)

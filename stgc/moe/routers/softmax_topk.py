@@ -44,23 +44,40 @@ class SoftmaxTopKRouter(Router):
         return self.record(logits_TR, token_mask_T)
 
     def record(self, logits_TE: Tensor, token_mask_T: Tensor) -> RoutingRecord:
-        probs, topk, weights, kept, tpe, aux = route(
-            logits_TE, self.moe, token_mask_T, training=self.training
-        )
-        return RoutingRecord(
-            layer_idx=self.layer_idx,
-            logits_TE=logits_TE,
-            probs_TE=probs,
-            topk_idx_TK=topk,
-            weights_TK=weights,
-            token_mask_T=token_mask_T,
-            kept_TK=kept,
-            tokens_per_expert_E=tpe,
-            aux_loss=aux,
-        )
+        return routed_record(self, logits_TE, token_mask_T)
 
     def extra_repr(self) -> str:
         return f"D={self.hidden_size}, E={self.width}, K={self.moe.top_k}, bias={self.bias is not None}"
+
+
+def routed_record(
+    router: Router,
+    logits_TE: Tensor,
+    token_mask_T: Tensor,
+    *,
+    renormalise: bool = True,
+    extras: dict[str, Tensor] | None = None,
+) -> RoutingRecord:
+    """The record of ``route`` over ``logits_TE`` for ``router`` (its MoE settings, layer and mode).
+    renormalise=False: the combine weights are p at the chosen experts (0 where an assignment does not
+    run), not renormalised over them (Switch Transformer's top-1 gate; MoLE, MoCLE's cluster gate)."""
+    probs, topk, weights, kept, tpe, aux = route(
+        logits_TE, router.moe, token_mask_T, training=router.training
+    )
+    if not renormalise:
+        weights = probs.gather(1, topk) * kept
+    return RoutingRecord(
+        layer_idx=router.layer_idx,
+        logits_TE=logits_TE,
+        probs_TE=probs,
+        topk_idx_TK=topk,
+        weights_TK=weights,
+        token_mask_T=token_mask_T,
+        kept_TK=kept,
+        tokens_per_expert_E=tpe,
+        aux_loss=aux,
+        extras=extras if extras is not None else {},
+    )
 
 
 def route(
