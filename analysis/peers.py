@@ -258,10 +258,10 @@ def peers(results_dir: str | Path | None = None, runs_dir: str | Path | None = N
             "peers_final", summary, "Each diagnostic over the last 20% of steps, mean/std over runs"
         )
 
-    traces = trace_files(folder.trace_files(), checkpoint_labels(folder)) if folder.trace_files() else []
+    traces = trace_files(folder.trace_files(), checkpoint_labels(folder), folder.resolve)
     true_rows, loading_rows, nmi_rows = [], [], []
     for trace in traces:
-        model = _model_of(folder.resolve(trace.meta["checkpoint"]), trace.meta)  # relative to the project
+        model = _model_of(trace.checkpoint, trace.meta)
         router = model.router.get("name") if model else None
         if router not in ("adamoe", "moma") and "instruction_clusters" not in trace.meta:
             continue

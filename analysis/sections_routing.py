@@ -6,7 +6,7 @@ them with the other sections."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,26 @@ class TraceFile:
     meta: dict[str, Any]
     method: str  # the sweep's label of the checkpoint when scores.csv names it, else the routing method
     seed: int | None
+    checkpoint: Path  # the traced checkpoint's folder, resolved
 
 
 def trace_files(
-    paths: Sequence[str | Path], labels: dict[str, tuple[str, int | None]] | None = None
+    paths: Sequence[str | Path],
+    labels: dict[str, tuple[str, int | None]] | None = None,
+    resolve: Callable[[str], Path] | None = None,
 ) -> list[TraceFile]:
-    """Trace files with their metadata (only the footer is read); `labels` maps checkpoint paths to the
-    sweep's (method, seed)."""
+    """Trace files with their metadata (only the footer is read); `labels` maps resolved checkpoint paths to
+    the sweep's (method, seed); `resolve` turns a trace's checkpoint path into one (a results folder's
+    ``resolve``: sweeps write paths relative to the project, and a report's kernel runs in notebooks/;
+    default: against the current folder)."""
+    resolve = resolve or (lambda p: Path(p).resolve())
     out = []
     for path in paths:
         meta = read_trace_meta(path)
-        method, seed = (labels or {}).get(
-            str(Path(meta["checkpoint"]).resolve()), (meta["method"], meta["seed"])
-        )
-        out.append(TraceFile(Path(path), meta, str(method), seed if seed is not None else meta["seed"]))
+        checkpoint = resolve(meta["checkpoint"])
+        method, seed = (labels or {}).get(str(checkpoint), (meta["method"], meta["seed"]))
+        seed = seed if seed is not None else meta["seed"]
+        out.append(TraceFile(Path(path), meta, str(method), seed, checkpoint))
     return out
 
 
@@ -154,7 +160,7 @@ def _open_traces(section: Section, what: str) -> list[TraceFile]:
             f"--out {folder.routing_dir}/<method>-seed<seed>.parquet`."
         )
         return []
-    traces = trace_files(paths, checkpoint_labels(folder))
+    traces = trace_files(paths, checkpoint_labels(folder), folder.resolve)
     listing = pd.DataFrame(
         [
             {

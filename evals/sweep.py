@@ -177,12 +177,13 @@ def run_sweep(
 
 def _run_sweep(
     sweep: Sweep,
-    out_dir: str | os.PathLike | None = None,
+    out: Path,
     *,
-    train_fn: Callable[[Any], Path] | None = None,
-    evaluate_fn: Callable[..., Any] | None = None,
-    progress: bool = True,
+    train_fn: Callable[[Any], Path] | None,
+    evaluate_fn: Callable[..., Any] | None,
+    progress: bool,
 ) -> SweepResult:
+    """run_sweep's body, under the results folder's lock."""
     import pandas as pd
 
     from evals.run import scores_from_results
@@ -192,7 +193,6 @@ def _run_sweep(
         from evals.run import evaluate_each as evaluate_fn
     default_trainer = train_fn is None
     train_fn = train_fn or _default_train
-    out = Path(out_dir) if out_dir is not None else Path("results") / sweep.name
     out.mkdir(parents=True, exist_ok=True)
     source, root = T.resolve_source(sweep.eval.source, sweep.eval.mini_root)
     if source == "mini":  # a missing or broken dataset folder would fail every cell: say so once, up front

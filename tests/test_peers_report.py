@@ -142,6 +142,14 @@ def test_a_checkpoint_named_relative_to_the_project_is_found_from_any_cwd(tmp_pa
     monkeypatch.chdir(elsewhere)
     section = peers.peers(results, _runs(tmp_path))
     assert "peers_true_experts_adamoe.png" in {p.name for p in section.figure_paths}
+    # the same resolution names the trace by the sweep's label (every report section reads traces this way)
+    from analysis.results import open_results
+    from analysis.sections_routing import trace_files
+
+    folder = open_results(results)
+    checkpoint = (tmp_path / "ckpts" / "adamoe" / "checkpoint-2").resolve()
+    (trace,) = trace_files(folder.trace_files(), {str(checkpoint): ("adamoe+stgc", 1)}, folder.resolve)
+    assert (trace.checkpoint, trace.method, trace.seed) == (checkpoint, "adamoe+stgc", 1)
 
 
 def test_true_experts_counts_only_bank_experts_that_ran():
