@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans
 
+from stgc.clusters import fit_kmeans
 from stgc.embeddings import embed_instructions as _embed
 from stgc.embeddings import load_embedding_model as _load
 
@@ -72,7 +72,7 @@ def cluster_instructions(
             )
         first_index = {text: i for i, text in reversed(list(enumerate(instructions)))}
         distinct_embeddings = embeddings[[first_index[text] for text in distinct]]
-    kmeans = KMeans(n_clusters=num_clusters, n_init=10, random_state=random_state).fit(distinct_embeddings)
+    kmeans = fit_kmeans(distinct_embeddings, num_clusters, random_state)
     distance = np.linalg.norm(distinct_embeddings - kmeans.cluster_centers_[kmeans.labels_], axis=1)
     per_distinct = pd.DataFrame(
         {"instruction": distinct, "cluster": kmeans.labels_.astype(np.int64), "distance": distance}

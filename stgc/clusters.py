@@ -30,6 +30,14 @@ FORMAT = "stgc-instruction-clusters"
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def fit_kmeans(points: np.ndarray, num_clusters: int, seed: int) -> Any:
+    """The project's one K-means (scikit-learn, k-means++ initialisation, n_init 10, fixed seed): the
+    routers' instruction clusters and the analysis's cluster labels fit alike."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit(points)
+
+
 def instruction_text(text: str) -> str:
     """An instruction as clustered: ``<image>`` removed, surrounding whitespace stripped."""
     return text.replace(IMAGE_PLACEHOLDER, "").strip()
@@ -89,8 +97,6 @@ class InstructionClusters:
         """K-means over the distinct instructions' embeddings (module docstring). ``model``: an already
         loaded embedder (anything with sentence-transformers' ``encode``; tests pass a small one) used
         instead of loading ``embedding_model``."""
-        from sklearn.cluster import KMeans
-
         distinct = list(dict.fromkeys(instruction_text(t) for t in instructions))
         if not 1 <= num_clusters <= len(distinct):
             raise ValueError(
@@ -99,7 +105,7 @@ class InstructionClusters:
                 f"{max(2, len(distinct) // 4)}) or train on more data."
             )
         X = _embed(distinct, embedding_model, model)
-        kmeans = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit(X)
+        kmeans = fit_kmeans(X, num_clusters, seed)
         fitted = cls(
             kmeans.cluster_centers_,
             embedding_model=embedding_model,
