@@ -6,7 +6,7 @@
 3. evaluate: every final checkpoint on the ten mini benchmarks through lmms-eval, one model load per
    checkpoint -> <out>/scores.csv, table.csv (for programs) and table.md (for people), plus
    constant_answer.csv: what a fixed answer scores on the same data (the mini suite's scoring check), the
-   floor every model must beat;
+   floor every model must beat, also a row of table.md (both written by the sweep);
 4. capture: routing traces (`stgc analyze capture`) and token-gradient conflict scores (`stgc analyze
    conflict`) of every final checkpoint -> <out>/routing/, <out>/conflict/;
 5. report: the notebook reports (`stgc report`) -> <out>/reports/.
@@ -26,7 +26,6 @@ from typing import Any
 
 DEFAULT_OUT = Path("results/demo")
 DEFAULT_DATA = Path("data/mini")
-CONSTANT_NAME = "constant_answer.csv"
 # The benchmarks whose routing the paper analyses (docs/method.md, "What the analysis measures").
 CAPTURE_TASKS = ("scienceqa_img", "textvqa", "mmbench")
 
@@ -49,11 +48,6 @@ def run_demo(
         _generate_data(data)
     sweep = get_sweep("tiny")
     result = run_sweep(sweep, out)
-    constant = constant_answer_scores(data, out / CONSTANT_NAME)
-    tasks: list[str] = []
-    if result.table is not None:
-        tasks = [t for t in sweep.tasks if t in set(result.scores["task"])]
-        write_table_md(out, result.scores, sweep.baseline, tasks, constant)
 
     checkpoints = result.scores[["method", "seed", "checkpoint"]].drop_duplicates()
     jobs = []
@@ -72,9 +66,11 @@ def run_demo(
         report_error = _report(out)
     print(f"\nstgc demo: {time.perf_counter() - t0:.0f} s; results in {out}/ (table.md, table.csv, reports/)")
     if result.table is not None:
+        from evals.constant_answer import REFERENCE_LABEL
         from evals.tables import render_text
 
-        reference = {"constant answer": constant} if constant else None
+        tasks = [t for t in sweep.tasks if t in set(result.scores["task"])]
+        reference = {REFERENCE_LABEL: result.constant} if result.constant else None
         print(render_text(result.scores, baseline=sweep.baseline, tasks=tasks, reference=reference))
     status = 0
     if result.failures:
@@ -86,19 +82,6 @@ def run_demo(
         print(f"the reports failed: {report_error}")
         status = 1
     return status
-
-
-def write_table_md(
-    out: Path, scores: Any, baseline: str, tasks: list[str], constant: dict[str, float]
-) -> Path:
-    """<out>/table.md with the constant-answer row under the methods (the sweep writes it without)."""
-    from evals.sweep import TABLE_MD_NAME, _write_text_atomic
-    from evals.tables import render_markdown
-
-    reference = {"constant answer": constant} if constant else None
-    path = Path(out) / TABLE_MD_NAME
-    _write_text_atomic(path, render_markdown(scores, baseline=baseline, tasks=tasks, reference=reference))
-    return path
 
 
 def _generate_data(data: Path) -> None:
@@ -141,41 +124,6 @@ def _report(out: Path) -> str | None:
         except ReportError as error:
             return str(error)
     return None
-
-
-def constant_answer_scores(data: Path, path: Path) -> dict[str, float]:
-    """The headline score of the scoring check's constant answer for each task of the tiny sweep, on the
-    suite in `data` (written to `path` as CSV: task, benchmark, metric, constant_answer, score)."""
-    import pandas as pd
-
-    from evals import tasks as T
-    from stgc.data.scoring_check import scoring_check
-    from stgc.logs import quiet_output
-
-    with quiet_output():
-        check = scoring_check(data)
-    # the check scores lmms-eval's metric names; a group's headline (POPE's mean F1 over its categories) is
-    # the check's mean over categories
-    aliases = {"pope_f1_score": "f1_mean_over_categories"}
-    rows = []
-    for task in T.SUITES[T.MOE_LLAVA]:
-        info = T.TASKS[task]
-        metric = aliases.get(info.headline, info.headline) if info.subtasks else info.headline
-        hit = check[(check["benchmark"] == info.benchmark) & (check["metric"] == metric)]
-        if len(hit):
-            rows.append(
-                {
-                    "task": task,
-                    "benchmark": info.benchmark,
-                    "metric": metric,
-                    "constant_answer": hit["constant_answer"].iloc[0],
-                    "score": float(hit["constant"].iloc[0]),
-                }
-            )
-    table = pd.DataFrame(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
-    return {r["task"]: r["score"] for r in rows}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

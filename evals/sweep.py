@@ -75,6 +75,7 @@ class SweepResult:
     failures: list[Failure]
     evaluated: list[tuple[str, int, str]]  # cells evaluated by this call (the others were finished)
     ignored: list[str] = dataclasses.field(default_factory=list)  # results not from the final checkpoint
+    constant: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> constant answer's score
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -297,15 +298,26 @@ def _run_sweep(
             bar.close()
 
     scores = write_scores()
-    table = None
+    table, constant = None, {}
     if len(scores) and sweep.baseline in set(scores["method"]):
         tasks_with_scores = [t for t in sweep.tasks if t in set(scores["task"])]
         table = wide_table(scores, baseline=sweep.baseline, tasks=tasks_with_scores)
         write_wide_csv(table, out / TABLE_NAME)
         from evals.tables import render_markdown
 
+        reference = None
+        from stgc.data.suite import MARKER
+
+        if (
+            source == "mini" and (root / MARKER).exists()
+        ):  # a generated suite: the floor every model must beat
+            from evals.constant_answer import CONSTANT_NAME, REFERENCE_LABEL, constant_answer_scores
+
+            constant = constant_answer_scores(root, tasks_with_scores, out / CONSTANT_NAME)
+            reference = {REFERENCE_LABEL: constant} if constant else None
         _write_text_atomic(
-            out / TABLE_MD_NAME, render_markdown(scores, baseline=sweep.baseline, tasks=tasks_with_scores)
+            out / TABLE_MD_NAME,
+            render_markdown(scores, baseline=sweep.baseline, tasks=tasks_with_scores, reference=reference),
         )
     failures_path = out / FAILURES_NAME
     if failures:
@@ -314,7 +326,7 @@ def _run_sweep(
         )
     elif failures_path.exists():
         failures_path.unlink()
-    return SweepResult(out, scores, table, failures, evaluated, ignored)
+    return SweepResult(out, scores, table, failures, evaluated, ignored, constant)
 
 
 def _eval_dir(sweep: Sweep, method: str, seed: int, task: str, checkpoint: Path) -> Path:

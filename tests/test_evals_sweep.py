@@ -125,6 +125,7 @@ def test_killed_sweep_resumes_without_redoing_finished_cells(tmp_path, mini):
     assert _cells(pd.read_csv(out / "scores.csv")) == all_cells and not result.failures
     table = pd.read_csv(out / "table.csv")
     assert list(table["method"]) == ["baseline", "stgc"] and "stgc_mme [lmms-eval]" in table.columns
+    assert not (out / "constant_answer.csv").exists()  # a hand-made folder, not a generated suite
     assert json.loads((out / "sweep.json").read_text())["seeds"] == [0, 1]
 
     again = S.run_sweep(sweep, out, train_fn=StubTrainer(), evaluate_fn=FakeEvaluate(), progress=False)
@@ -133,6 +134,22 @@ def test_killed_sweep_resumes_without_redoing_finished_cells(tmp_path, mini):
     changed = S.run_sweep(_sweep(tmp_path, mini, limit=2), out, train_fn=StubTrainer(),
                           evaluate_fn=FakeEvaluate(), progress=False)  # fmt: skip
     assert len(changed.evaluated) == 8
+
+
+def test_a_generated_suite_gives_the_constant_answer_row(tmp_path):
+    from stgc.data import generate_suite
+    from stgc.logs import quiet_output
+
+    with quiet_output():
+        generate_suite(tmp_path / "mini", docs=8, train_size=20, image_size=64, benchmarks=["gqa", "mme"])
+    sweep = _sweep(tmp_path, tmp_path / "mini")
+    out = tmp_path / "results"
+    result = S.run_sweep(sweep, out, train_fn=StubTrainer(), evaluate_fn=FakeEvaluate(), progress=False)
+    constant = pd.read_csv(out / "constant_answer.csv")  # lmms-eval's scores of a fixed answer, this suite
+    assert list(constant["task"]) == list(TASKS) and set(constant["constant_answer"]) == {"no", "yes"}
+    assert result.constant == dict(zip(constant["task"], constant["score"]))
+    row = (out / "table.md").read_text().splitlines()[4]
+    assert row.startswith("| constant answer | – |") and f"{result.constant['stgc_mme']:.0f}" in row
 
 
 def test_failing_cells_are_named_and_the_others_finish(tmp_path, mini, monkeypatch, capsys):

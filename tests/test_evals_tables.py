@@ -109,17 +109,6 @@ def test_golden_markdown_table():
     assert max(len(line) for line in terminal.splitlines()[:6]) < 140 and "vs baseline" in terminal
 
 
-def test_the_demo_writes_table_md_with_the_constant_answer_row(tmp_path):
-    from evals.demo import write_table_md
-
-    constant = {"stgc_gqa": 0.135, "stgc_pope_moellava": 0.6667, "stgc_mme": 250.0}
-    tasks = ["stgc_gqa", "stgc_pope_moellava", "stgc_mme"]
-    path = write_table_md(tmp_path, fixed_long(), "baseline", tasks, constant)
-    text = path.read_text()
-    assert path.name == "table.md" and "| constant answer | – | 13.5 | 66.7 | 250 |" in text
-    assert text.index("| baseline |") < text.index("| constant answer |")
-
-
 def test_values_and_paired_test():
     long = fixed_long()
     wide = wide_table(long, baseline="baseline").set_index("method")
