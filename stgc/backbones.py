@@ -70,14 +70,14 @@ class Backbone:
 # image_size / patch_size -> (image_size // patch_size)^2 patch tokens; the "default" feature strategy
 # drops CLS, so the LM sees exactly that many image tokens.
 VISION_SIZES: dict[str, dict[str, Any]] = {
-    # 32 px / patch 8 -> 16 image tokens
+    # 48 px / patch 16 -> 9 image tokens, one per cell of the mini suite's 3 x 3 scene grid
     "tiny": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
         num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
+        image_size=48,
+        patch_size=16,
     ),
     # ViT-S/16-like at 224 px -> 196 image tokens
     "small": dict(

@@ -385,20 +385,25 @@ def build_processor(
         )
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}.")
-    image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True,
-        do_convert_rgb=True,
-        do_pad=pad_to_square,
-    )
     return LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=build_image_processor(image_size, pad_to_square=pad_to_square),
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         image_token=IMAGE_TOKEN,
+    )
+
+
+def build_image_processor(image_size: int, *, pad_to_square: bool = False) -> LlavaImageProcessorPil:
+    """The image half of ``build_processor``: CLIP's resize (shortest edge), centre crop and normalisation
+    to ``image_size``, padded to a square first when ``pad_to_square``."""
+    return LlavaImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_convert_rgb=True,
+        do_pad=pad_to_square,
     )
 
 

@@ -34,6 +34,7 @@ LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # package each needs
 REPORT_TO = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 INIT_RECIPE_PREFIX = "recipe:"
+VISION_INITS = ("scratch", "patch_pretrain")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -53,6 +54,10 @@ class ModelConfig(ConfigBase):
     init: where the weights come from: ``scratch`` (random init), ``recipe:<name>`` (the final checkpoint of
         that recipe, trained first into ``<output_dir>/../<name>`` if missing), or a checkpoint folder. A
         dense checkpoint is upcycled (every expert a copy of the dense FFN); a MoE checkpoint is loaded.
+    vision_init: where the vision tower of a model built from scratch comes from: ``scratch`` (random
+        init), ``patch_pretrain`` (stage 0, ``stgc.vision_stage``: pretrained per patch on shape scenes into
+        ``<output_dir>/../vision-<size>`` if missing; the tiny model's, which has no CLIP to start from),
+        or a folder holding a CLIP vision model (``CLIPVisionModel.save_pretrained``) of the model's shape.
     """
 
     backbone: str = "llama"
@@ -60,6 +65,7 @@ class ModelConfig(ConfigBase):
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     dense: bool = False
     init: str = "scratch"
+    vision_init: str = "scratch"
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -73,6 +79,16 @@ class ModelConfig(ConfigBase):
         _check(
             isinstance(self.init, str) and bool(self.init),
             f"model.init={self.init!r} is invalid; use 'scratch', 'recipe:<name>' or a checkpoint folder.",
+        )
+        _check(
+            self.vision_init in VISION_INITS or Path(self.vision_init).is_dir(),
+            f"model.vision_init={self.vision_init!r} is neither {' nor '.join(VISION_INITS)} nor a folder; "
+            "use one of those or the folder of a CLIP vision model (CLIPVisionModel.save_pretrained).",
+        )
+        _check(
+            self.vision_init == "scratch" or self.init == "scratch",
+            f"model.vision_init={self.vision_init!r} applies to a model built from scratch, but model.init="
+            f"{self.init!r} loads every weight; set model.vision_init=scratch.",
         )
         if self.init.startswith(INIT_RECIPE_PREFIX):
             name = self.init[len(INIT_RECIPE_PREFIX) :]

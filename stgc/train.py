@@ -80,6 +80,7 @@ from stgc.trainer import (
     set_trainable,
 )
 from stgc.training_args import DEFAULT_DEEPSPEED_CONFIG, training_arguments
+from stgc.vision_stage import load_vision_tower, pretrain_vision
 
 # --------------------------------------------------------------------------------------------------------
 # building a run
@@ -150,6 +151,8 @@ def build_components(config: RunConfig) -> RunComponents:
             model = LlavaForConditionalGeneration(build_llava_config(mc.backbone, mc.size, **kwargs))
         else:
             model = build_model(mc.backbone, mc.size, moe=mc.moe, routing_method=routing_method, **kwargs)
+        if mc.vision_init != "scratch":
+            load_vision_tower(model, _resolve_vision_init(config))
     else:
         kind = AutoConfig.from_pretrained(init).model_type
         if kind == MoELlavaConfig.model_type:
@@ -203,6 +206,16 @@ def _instruction_clusters(config: RunConfig, model: nn.Module, dataset: Any):
     clusters.check_embedder()  # a cached or inherited cluster model must fit this run's embedding model
     model.instruction_clusters = clusters
     return clusters
+
+
+def _resolve_vision_init(config: RunConfig) -> Path:
+    """The CLIP vision folder ``model.vision_init`` names (running stage 0 first for ``patch_pretrain``)."""
+    mc = config.model
+    if mc.vision_init != "patch_pretrain":
+        return Path(mc.vision_init)
+    out = config.run_dir.parent / f"vision-{mc.size}"
+    with _file_lock(config.run_dir.parent / f".vision-{mc.size}.lock"):  # runs of a sweep share it
+        return pretrain_vision(mc.size, out)
 
 
 def _resolve_init(config: RunConfig) -> Path | None:

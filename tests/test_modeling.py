@@ -121,14 +121,15 @@ def test_processor_saved_with_checkpoint(tmp_path):
 
     tok = make_tokenizer()
     model = tiny_model("llama")
-    proc = build_processor(tok, image_size=32, patch_size=8)
+    vision = model.config.vision_config  # tiny: 48 px, patch 16 -> 9 image tokens
+    proc = build_processor(tok, image_size=vision.image_size, patch_size=vision.patch_size)
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     image = Image.new("RGB", (40, 50), (200, 10, 10))
     inputs = loaded(images=[image], text=["<image> what color is the square ?"], return_tensors="pt")
-    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
-    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16
+    assert inputs["pixel_values"].shape == (1, 3, 48, 48)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 9
     with torch.no_grad():
         out = model(**inputs, output_routing=True)
     assert out.logits.shape[:2] == inputs["input_ids"].shape

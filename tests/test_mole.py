@@ -88,7 +88,9 @@ def test_only_lora_and_routers_receive_gradients():
         method.step_loss(model, batch, step).loss.backward()
         with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
         expected = {n for n, g in by_name.items() if g in ("experts", "router")}
-        assert with_grad == expected and all("lora_" in n or ".router." in n for n in expected)
+        # every router learns; an expert's LoRA only when top-1 routing sent it a token in this batch
+        routers = {n for n in expected if ".router." in n}
+        assert routers <= with_grad <= expected and all("lora_" in n or ".router." in n for n in expected)
         grads = dict(model.named_parameters())
         assert any(grads[n].grad.abs().sum() > 0 for n in expected if "lora_B" in n)
         assert any(grads[n].grad.abs().sum() > 0 for n in expected if ".router." in n)

@@ -46,7 +46,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     suite = tmp / "mini"
     generate_suite(suite, docs=1, train_size=16, image_size=64, vocab_size=400, benchmarks=["scienceqa_img"])
     out = {"suite": suite, "eval_root": write_tiny_suite(tmp / "eval", n=2, names=["scienceqa_img"])}
-    out["dense"] = train(_tiny("tiny_dense", suite, tmp / "dense"))
+    out["dense"] = train(_tiny("tiny_dense", suite, tmp / "dense", "model.vision_init=scratch"))
     out["mole"] = train(_tiny("tiny_mole", suite, tmp / "mole", f"model.init={out['dense']}"))
     out["agm"] = train(_tiny("tiny_agm", suite, tmp / "agm", f"model.init={out['dense']}"))
     out["tiny"] = train(_tiny("tiny", suite, tmp / "tiny", f"model.init={out['dense']}"))

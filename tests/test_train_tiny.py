@@ -43,7 +43,7 @@ def _tiny(recipe: str, suite: Path, out: Path, *overrides: str):
 
 
 def test_dense_stage_then_upcycled_stage3_checkpoints_load(suite, tmp_path):
-    dense = train(_tiny("tiny_dense", suite, tmp_path / "dense"))
+    dense = train(_tiny("tiny_dense", suite, tmp_path / "dense", "model.vision_init=scratch"))
     assert json.loads((dense / "config.json").read_text())["model_type"] == "llava"
     config = _tiny("tiny_stgc", suite, tmp_path / "stgc", f"model.init={dense}", "training.grad_accum=2")
     final = train(config)
@@ -101,7 +101,7 @@ def test_parameter_groups_of_the_tiny_model():
 def test_z_loss_run_logs_every_term_scaled_and_unscaled(suite, tmp_path):
     """The worked example of docs/extending.md: a tiny run with [load_balance, z_loss] logs both terms,
     unscaled and scaled by their coefficients, and the total is L_lm plus the scaled terms."""
-    dense = train(_tiny("tiny_dense", suite, tmp_path / "dense"))
+    dense = train(_tiny("tiny_dense", suite, tmp_path / "dense", "model.vision_init=scratch"))
     config = _tiny("tiny_z_loss", suite, tmp_path / "z", f"model.init={dense}", "method.z_loss.coef=0.01")
     assert [o.name for o in config.method.objectives] == ["load_balance", "z_loss"]
     train(config)

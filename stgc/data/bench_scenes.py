@@ -231,4 +231,4 @@ def make_pope(rng: np.random.Generator, unit: int, size: int) -> Unit:
         }
         for k, (shape, answer) in enumerate(pairs)
     ]
-    return Unit(image, rows, caption=_caption(scene))
+    return Unit(image, rows, caption=_caption(scene), extra={"present": list(shapes)})

@@ -19,6 +19,7 @@ from datasets import Dataset, Features, Image, List, Value
 from stgc.data.common import Unit
 from stgc.data.generate import iter_units
 from stgc.data.prompts import answer_format, doc_to_target, doc_to_text
+from stgc.data.render import SHAPES
 
 TRAIN_FEATURES = Features(
     {
@@ -36,6 +37,7 @@ CAPTION_PROMPTS = (
 )
 CAPTION_SHARE = 0.15  # of units that have a caption, one extra free-text conversation
 FULL_ANSWER_SHARE = 0.3  # of GQA units answered in full sentences with no post-prompt
+POPE_TRAIN_QUESTIONS = 6  # existence questions per POPE training image (half about present shapes)
 
 
 def _turns(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -46,12 +48,33 @@ def _turns(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
     return turns
 
 
+def _pope_extra_rows(unit: Unit, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """More existence questions about a POPE training image (its present shapes and absent ones, equally
+    many), so that one image teaches up to ``POPE_TRAIN_QUESTIONS`` answers rather than the 2 its
+    evaluation unit asks."""
+    present = list(unit.extra.get("present", []))
+    asked = {r["question"] for r in unit.rows}
+    absent = [s for s in SHAPES if s not in present]
+    half = POPE_TRAIN_QUESTIONS // 2
+    picks = [(str(s), "yes") for s in rng.permutation(present)[:half]]
+    picks += [(str(s), "no") for s in rng.permutation(absent)[:half]]
+    extra = []
+    for k in rng.permutation(len(picks)):
+        shape, answer = picks[int(k)]
+        question = f"Is there a {shape} in the image?"
+        if question not in asked:
+            extra.append({**unit.rows[0], "question": question, "answer": answer})
+    return extra[: POPE_TRAIN_QUESTIONS - len(unit.rows)]
+
+
 def unit_conversations(name: str, unit: Unit, rng: np.random.Generator) -> list[tuple[str, list[dict]]]:
     """(answer_format, conversation) pairs for one generated unit."""
     rows = unit.rows
     if name == "mmbench":  # the 4 rows are rotations of one question: train on one of them
         rows = [rows[int(rng.integers(len(rows)))]]
     out: list[tuple[str, list[dict]]] = []
+    if name == "pope":
+        rows = rows + _pope_extra_rows(unit, rng)
     if name == "gqa" and rng.random() < FULL_ANSWER_SHARE:
         out.append(("free_text", _turns([(r["question"], r["fullAnswer"]) for r in rows])))
     else:

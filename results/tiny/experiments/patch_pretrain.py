@@ -4,7 +4,7 @@ on a 2x2 or 3x3 grid), linear heads on the tokens LLaVA reads. Prints, on 500 he
 the shape and colour accuracy on object patches and the shape-presence AUC (max over patches); saves the
 tower's state dict.
 
-    python results/tiny/experiments/patch_pretrain.py OUT.pt STEPS [LR]
+    python results/tiny/experiments/patch_pretrain.py OUT.pt STEPS [LR] [IMAGE,PATCH,WIDTH,LAYERS]
 """
 
 import sys
@@ -26,6 +26,10 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 rng = np.random.default_rng(0)
 vision = vision_config("tiny")
+if len(sys.argv) > 4:  # IMAGE,PATCH,WIDTH,LAYERS: another tower geometry
+    img, patch, width, layers = (int(v) for v in sys.argv[4].split(","))
+    vision.image_size, vision.patch_size, vision.num_hidden_layers = img, patch, layers
+    vision.hidden_size, vision.intermediate_size = width, 2 * width
 side, cells, drawn = vision.image_size, vision.image_size // vision.patch_size, 224
 
 

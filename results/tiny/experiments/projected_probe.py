@@ -1,6 +1,6 @@
 """What the language model receives from the image: a trained dense checkpoint's projected image tokens
 (the LM's inputs) for 2,000 shape scenes; their spread across positions relative to their norm, and the
-held-out AUC of logistic regressions (1,400 / 600 scenes) for each colour's presence.
+held-out AUC of logistic regressions (1,400 / 600 scenes) for each colour's and each shape's presence.
 
     python results/tiny/experiments/projected_probe.py CHECKPOINT
 """
@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from stgc.data.render import COLOR_NAMES, draw_scene, sample_scene
+from stgc.data.render import COLOR_NAMES, SHAPES, draw_scene, sample_scene
 from stgc.data.scenes import sample_shapes
 
 torch.set_num_threads(1)
@@ -21,13 +21,14 @@ checkpoint = sys.argv[1]
 model = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
 processor = AutoProcessor.from_pretrained(checkpoint)
 rng = np.random.default_rng(1)
-images, present = [], []
+images, present, shape_present = [], [], []
 for _ in range(2000):
     shapes = sample_shapes(rng, int(rng.integers(3, 7)))
     colours = [COLOR_NAMES[int(i)] for i in rng.integers(len(COLOR_NAMES), size=len(shapes))]
     images.append(draw_scene(rng, sample_scene(rng, 224, shapes, colours), 224))
     present.append([c in colours for c in COLOR_NAMES])
-present = np.array(present)
+    shape_present.append([s in shapes for s in SHAPES])
+present, shape_present = np.array(present), np.array(shape_present)
 tokens = []
 with torch.no_grad():
     for i in range(0, len(images), 200):
@@ -47,5 +48,10 @@ aucs = []
 for j in range(len(COLOR_NAMES)):
     fit = LogisticRegression(max_iter=3000).fit(features[:1400], present[:1400, j])
     aucs.append(roc_auc_score(present[1400:, j], fit.decision_function(features[1400:])))
+shape_aucs = []
+for j in range(len(SHAPES)):
+    fit = LogisticRegression(max_iter=3000).fit(features[:1400], shape_present[:1400, j])
+    shape_aucs.append(roc_auc_score(shape_present[1400:, j], fit.decision_function(features[1400:])))
+colour_auc, shape_auc = float(np.mean(aucs)), float(np.mean(shape_aucs))
 print(f"{checkpoint}: {tuple(h.shape)} projected tokens, spread across positions / norm {spread:.3f}, "
-      f"colour-presence AUC {float(np.mean(aucs)):.3f}")  # fmt: skip
+      f"colour-presence AUC {colour_auc:.3f}, shape-presence AUC {shape_auc:.3f}")  # fmt: skip

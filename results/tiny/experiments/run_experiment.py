@@ -5,6 +5,8 @@ results/tiny/experiments/results.jsonl.
     python results/tiny/experiments/run_experiment.py '{"name": "c2", "vision_init": "clip.pt",
         "dense": {"epochs": 12.0}, "data": {...}, "tasks": ["stgc_pope_moellava", ...]}'
 
+lm: keyword overrides of the tiny llama text config (hidden_size, num_hidden_layers, ...).
+dense_init: a dense LLaVA checkpoint the dense stage starts from (align_pretrain.py writes one).
 vision_init: a state dict of a CLIPVisionModel (clip_pretrain.py writes one), loaded into every freshly
 built dense LLaVA; dense / moe / data: overrides of the tiny_dense / tiny recipes' sections.
 """
@@ -27,6 +29,11 @@ if spec.get("vision_init"):
 
     modeling_llava.LlavaForConditionalGeneration = PretrainedVision
 
+if spec.get("lm"):  # language-model size overrides of the tiny llama
+    from stgc.backbones import BACKBONES
+
+    BACKBONES["llama"].sizes["tiny"].update(spec["lm"])
+
 from evals import tasks as T  # noqa: E402
 from evals.run import evaluate  # noqa: E402
 from stgc.recipes import tiny, tiny_dense  # noqa: E402
@@ -37,6 +44,7 @@ dense = tiny_dense()
 dense = dense.replace(
     training=dense.training.replace(**spec.get("dense", {})),
     data=dense.data.replace(**spec.get("data", {})),
+    model=dense.model.replace(init=spec.get("dense_init", dense.model.init)),
     output_dir=str(root / "dense"),
 )
 t0 = time.time()
