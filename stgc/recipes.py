@@ -54,10 +54,11 @@ def tiny_dense() -> RunConfig:
     tokens that differ by ~2% across positions and the model never uses the image; frozen, the tokens keep
     their spread and VizWiz / VQAv2 answers depend on the image (results/tiny/experiments/README.md).
 
-    lr 1e-3 (not MoE-LLaVA's 2e-5: these weights start random), warmup 3%, cosine, 8 epochs of the default
-    4000 conversations at batch 16 (2000 steps; ~2 min on 2 idle CPU cores). Two CPU threads: a sweep
-    trains this stage alone, before its MoE runs (measured on 2 idle cores: 0.061 s per step with 2
-    threads, 0.074 s with 1; on a busy machine two threads wait on each other: 0.48 s vs 0.11 s).
+    lr 1e-3 (not MoE-LLaVA's 2e-5: these weights start random), warmup 3%, cosine, 6 epochs of the default
+    4000 conversations at batch 16 (1500 steps; 1.5-2.5 min on 2 CPU cores). Two CPU threads: a sweep
+    trains its runs one after another (measured, 200 steps: 0.061 / 0.107 s per step with 2 threads, 0.074
+    / 0.132 s with 1, at two moments of a shared machine; an earlier, busier one: 0.48 s with 2, 0.11 s
+    with 1).
     """
     return RunConfig(
         name="tiny_dense",
@@ -65,7 +66,7 @@ def tiny_dense() -> RunConfig:
         data=DataConfig(max_length=192),
         training=TrainingConfig(
             lr=1e-3,
-            epochs=8.0,
+            epochs=6.0,
             batch_size=16,
             save_steps=500,
             logging_steps=50,
@@ -79,8 +80,8 @@ def tiny_dense() -> RunConfig:
 def tiny() -> RunConfig:
     """Stage III of the tiny model: sparse upcycling of ``tiny_dense`` (4 experts, top-2, every other
     layer), experts + routers + projector trained for one epoch with MoE-LLaVA's recipe except the lr
-    (2e-4: 10x MoE-LLaVA's, because the tiny run is 250 steps rather than ~5000). 25-40 s per run on 2 CPU
-    cores (measured, baseline and STGC alike)."""
+    (2e-4: 10x MoE-LLaVA's, because the tiny run is 250 steps rather than ~5000). 25-45 s per run on 2 CPU
+    cores (measured, baseline and STGC alike), on two threads like ``tiny_dense``."""
     return RunConfig(
         name="tiny",
         model=ModelConfig(
@@ -94,7 +95,7 @@ def tiny() -> RunConfig:
             save_steps=125,
             logging_steps=10,
             measure_conflict_every=5,
-            cpu_threads=1,
+            cpu_threads=2,
         ),
     )
 

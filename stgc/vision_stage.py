@@ -2,7 +2,7 @@
 
 MoE-LLaVA starts from a pretrained CLIP tower and keeps it frozen; nothing the tiny model could download
 plays that part, and a tower trained from scratch through a randomly initialised language model never
-learns to pass on what is in the image (docs/benchmarks.md, "The tiny model"). So the tiny tower is
+learns to pass on what is in the image (results/tiny/experiments/README.md). So the tiny tower is
 pretrained first, with direct supervision: on freshly drawn shape scenes (1-6 objects on a 2 x 2 or 3 x 3
 grid, the mini suite's renderer), a linear head on every patch token LLaVA reads (the second-to-last
 layer) names the shape and the colour of the object whose centre lies in that patch ("none" elsewhere).
