@@ -105,6 +105,7 @@ def build_components(config: RunConfig) -> RunComponents:
     from stgc.data.chat_templates import apply_template
     from stgc.data.collate import LlavaCollator
     from stgc.data.llava_json import is_llava_json, load_llava_json
+    from stgc.data.suite import MARKER, read_suite_info
     from stgc.modeling import (
         MoELlavaConfig,
         MoELlavaForConditionalGeneration,
@@ -121,6 +122,9 @@ def build_components(config: RunConfig) -> RunComponents:
                 f"{what}={path!r} does not exist; generate the mini suite with `stgc data --out data/mini` "
                 f"or point {what} at your data."
             )
+    suite = Path(data.train).parent
+    if (suite / MARKER).exists():  # a generated mini suite: refused if another generator version wrote it
+        read_suite_info(suite)
     # the training rows first: a malformed row stops the run before any model is built
     if is_llava_json(data.train):
         dataset = load_llava_json(data.train, data.image_folder)

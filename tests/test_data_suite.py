@@ -238,6 +238,18 @@ def test_incomplete_folder_is_not_loadable(tmp_path: Path) -> None:
         load_benchmark(tmp_path / "half", "vqav2")
 
 
+def test_a_suite_of_another_generator_version_is_refused_with_the_fix(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    generate_suite(out, docs=3, train_size=10, image_size=64, benchmarks=["pope"])
+    assert read_suite_info(out)["generator_version"] == suite_mod.GENERATOR_VERSION
+    info = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps({**info, "generator_version": suite_mod.GENERATOR_VERSION - 1}))
+    for load in (lambda: load_train(out), lambda: load_benchmark(out, "pope")):
+        fix = r"generator version .*regenerate it: `stgc data --out .* --overwrite`"
+        with pytest.raises(ValueError, match=fix):
+            load()
+
+
 # -------------------------------------------------------------------------------------- schema check
 
 

@@ -175,6 +175,21 @@ def test_cli_bad_input_is_one_line_and_nonzero(capsys, tmp_path):
     assert not (tmp_path / "runs").exists()  # a refused run leaves no folder behind
 
 
+def test_cli_refuses_a_suite_of_another_generator_version_before_training(capsys, tmp_path):
+    from stgc.data.suite import GENERATOR_VERSION, MARKER
+
+    suite = tmp_path / "mini"
+    (suite / "train").mkdir(parents=True)
+    (suite / "tokenizer").mkdir()
+    (suite / MARKER).write_text(json.dumps({"generator_version": GENERATOR_VERSION - 1, "benchmarks": {}}))
+    run = tmp_path / "runs" / "x"
+    argv = ["train", "tiny_dense", "--output-dir", str(run), f"data.train={suite / 'train'}"]
+    assert stgc_main([*argv, f"data.tokenizer={suite / 'tokenizer'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "generator version" in err and "--overwrite" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cli_prints_the_resolved_config(capsys):
     assert stgc_main(["train", "tiny_stgc", "method.beta=0.05", "--print-config"]) == 0
     data = json.loads(capsys.readouterr().out)
