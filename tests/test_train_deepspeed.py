@@ -44,6 +44,9 @@ config = stgc_variant(
 if sys.argv[2] == "cut":
     print("PARTIAL", train(config, components=components, callbacks=[StopAtStepCallback(2)]))
 print("FINAL", train(config, components=components))
+# a gloo group left open at exit can abort the interpreter ("terminate called without an active exception")
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 

@@ -53,6 +53,7 @@ class MoEBlock(nn.Module):
             record, y_TD = fused.fused_forward(self, x_TD, token_mask_T, ctx)
         else:
             record, y_TD = self._eager_forward(x_TD, token_mask_T, ctx, injected)
+        record.batch_size = shape[0] if len(shape) == 3 else None
         if ctx is not None and ctx.records is not None:
             ctx.records.append(record)
         return y_TD.reshape(shape)

@@ -40,6 +40,8 @@ class RoutingRecord:
         router computes it inside its kernel; ``stgc.objectives.load_balance.balance_loss`` is the
         definition and a test holds them equal). ``None`` where the router has no such loss.
     extras: router-specific outputs its objectives read (e.g. a competition's neural responses).
+    batch_size: B, the samples of the forward (set by the block; ``None`` for a flat input), for terms
+        pooled per sample (LLaVA-MoLE's balance loss).
     """
 
     layer_idx: int
@@ -52,6 +54,7 @@ class RoutingRecord:
     tokens_per_expert_E: Tensor
     aux_loss: Tensor | None
     extras: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    batch_size: int | None = None
 
     @property
     def num_experts(self) -> int:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stgc.moe.record import RoutingRecord
-from stgc.objectives.base import Objective, StepInputs, register_objective
+from stgc.objectives.base import Objective, register_objective
 
 
 def mole_balance(records: list[RoutingRecord], batch_size: int) -> Tensor:
@@ -35,18 +35,20 @@ def mole_balance(records: list[RoutingRecord], batch_size: int) -> Tensor:
 
 @register_objective
 class MoLEBalance(Objective):
-    """coef * ``mole_balance`` (``method.mole_balance.coef``). The per-sample pooling needs the batch size,
-    which the routing records (flattened B*S tokens) do not carry: the term is computed after the forward,
-    from the batch (``StepInputs.inputs``)."""
+    """coef * ``mole_balance`` (``method.mole_balance.coef``): a forward term like the baseline's balance
+    loss (so STGC's two_pass and reference token gradients include its gradient, as the fused mode's do),
+    pooled per sample with the batch size the block records (``RoutingRecord.batch_size``)."""
 
     name = "mole_balance"
 
-    def before_backward(self, step_inputs: StepInputs, observer) -> dict[str, Tensor]:
-        inputs = step_inputs.inputs
-        ids = inputs.get("input_ids", inputs.get("attention_mask"))
-        if ids is None:
-            raise ValueError("mole_balance needs the batch's input_ids or attention_mask (its samples).")
-        return {"mole_bal": mole_balance(step_inputs.ctx.records, int(ids.shape[0]))}
+    def terms(self, records: list[RoutingRecord], step: int) -> dict[str, Tensor]:
+        sizes = {r.batch_size for r in records}
+        if not records or None in sizes or len(sizes) != 1:
+            raise ValueError(
+                "mole_balance pools per sample and needs the batch size of the forward: run the model on "
+                f"(batch, sequence, hidden) inputs (the records give batch sizes {sorted(sizes, key=str)})."
+            )
+        return {"mole_bal": mole_balance(records, sizes.pop())}
 
     def coefficients(self, step: int) -> dict[str, float]:
         return {"mole_bal": self.config.coef}
