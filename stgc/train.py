@@ -123,8 +123,8 @@ def build_components(config: RunConfig) -> RunComponents:
                 f"or point {what} at your data."
             )
     suite = Path(data.train).parent
-    if (suite / MARKER).exists():  # a generated mini suite: refused if another generator version wrote it
-        read_suite_info(suite)
+    if Path(data.train).name == "train" and (suite / MARKER).exists():
+        read_suite_info(suite)  # a generated suite's training set: refused if another generator wrote it
     # the training rows first: a malformed row stops the run before any model is built
     if is_llava_json(data.train):
         dataset = load_llava_json(data.train, data.image_folder)

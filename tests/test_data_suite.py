@@ -244,10 +244,19 @@ def test_a_suite_of_another_generator_version_is_refused_with_the_fix(tmp_path: 
     assert read_suite_info(out)["generator_version"] == suite_mod.GENERATOR_VERSION
     info = json.loads((out / MARKER).read_text())
     (out / MARKER).write_text(json.dumps({**info, "generator_version": suite_mod.GENERATOR_VERSION - 1}))
+    # the command that regenerates it keeps the suite's own parameters
+    fix = rf"generator version 1.*`stgc data --out {out} --docs 3 --train-size 10 --image-size 64 --seed 0 "
+    fix += r"--vocab-size \d+ --benchmarks pope --overwrite`"
     for load in (lambda: load_train(out), lambda: load_benchmark(out, "pope")):
-        fix = r"generator version .*regenerate it: `stgc data --out .* --overwrite`"
         with pytest.raises(ValueError, match=fix):
             load()
+    from evals.demo import _check_data
+    from evals.run import EvalInputError, check_mini_folder
+
+    with pytest.raises(EvalInputError, match=fix):  # stgc eval / a sweep, before lmms-eval starts
+        check_mini_folder(out, "pope")
+    with pytest.raises(ValueError, match=f"remove {out} and runs/tiny"):  # make demo, before training
+        _check_data(out)
 
 
 # -------------------------------------------------------------------------------------- schema check

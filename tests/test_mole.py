@@ -16,7 +16,7 @@ from stgc.modeling import MoELlavaForConditionalGeneration
 from stgc.moe import MoEBlock, RoutingContext, routing_context
 from stgc.moe.experts.lora import LoRAExperts, adapter_name
 from stgc.moe_adapters import ADAPTERS_NAME, BASE_NAME
-from stgc.objectives.config import STGCConfig
+from stgc.objectives.config import MethodConfig, MoLEBalanceConfig, STGCConfig
 from stgc.objectives.mole_balance import mole_balance
 from stgc.objectives.set import ObjectiveSet
 from stgc.recipes import get_recipe
@@ -200,6 +200,36 @@ def test_stgc_token_gradients_are_the_virtual_bias_gradients():
             assert got[key][0] == conflict and got[key][1] == pytest.approx(score, abs=1e-9), key
             n_conflicts += conflict
     assert n_conflicts > 0
+
+
+def test_stgc_two_pass_token_gradients_include_the_balance_term():
+    """mole_balance is a forward term, so two_pass's first backward (the one that finds the masks)
+    differentiates it, as the fused mode's single backward does: with a strong balance term and a negligible
+    beta the two modes score alike, and the term does reach the scores (the first MoE layer's outputs feed
+    the second layer's router)."""
+    moe = dict(
+        num_experts=3, top_k=1, router={"name": "mole"}, experts={"name": "lora", "rank": 4, "dropout": 0.0}
+    )
+    model = toy_model("swiglu", num_layers=2, **moe)
+    _random_deltas(model)
+    batch = toy_batch(batch=3, seq=8, pad=1)
+
+    def scores(mode: str, coef: float) -> dict[int, torch.Tensor]:
+        stgc = STGCConfig(beta=1e-9, mode=mode)
+        method = ObjectiveSet(
+            MethodConfig(name="mole+stgc", objectives=(MoLEBalanceConfig(coef=coef), stgc)), MoEConfig(**moe)
+        )
+        model.zero_grad(set_to_none=True)
+        result = method.step_loss(model, batch, 0)
+        result.loss.backward()
+        return {layer: lc.score_A.detach().clone() for layer, lc in result.observer.layers.items()}
+
+    fused, two_pass = scores("fused", 10.0), scores("two_pass", 10.0)
+    assert fused.keys() == two_pass.keys() and len(fused) == 2
+    for layer in fused:
+        torch.testing.assert_close(two_pass[layer], fused[layer], rtol=1e-4, atol=1e-6)
+    without = scores("two_pass", 0.0)
+    assert any(not torch.allclose(without[layer], two_pass[layer], atol=1e-4) for layer in two_pass)
 
 
 def test_checkpoint_keeps_experts_apart_and_loads_as_one_model(tmp_path):

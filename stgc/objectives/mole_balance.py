@@ -43,7 +43,7 @@ class MoLEBalance(Objective):
 
     def terms(self, records: list[RoutingRecord], step: int) -> dict[str, Tensor]:
         sizes = {r.batch_size for r in records}
-        if not records or None in sizes or len(sizes) != 1:
+        if None in sizes or len(sizes) != 1:
             raise ValueError(
                 "mole_balance pools per sample and needs the batch size of the forward: run the model on "
                 f"(batch, sequence, hidden) inputs (the records give batch sizes {sorted(sizes, key=str)})."

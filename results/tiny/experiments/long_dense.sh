@@ -6,9 +6,15 @@
 # tiny_dense on it for STEPS steps (checkpoints at STEPS/2 and STEPS) and tars both into OUTDIR.
 set -e
 T0=$(date +%s); SIZE=$1; OUT_DIR=$2; NAME=${NAME:-tiny_dense}
-[ -f runs/gpu/data/_SUITE.json ] || python3 -m stgc.cli data --out runs/gpu/data --train-size "$SIZE" --quiet
+mkdir -p "$OUT_DIR" runs/gpu/run
+if [ -f runs/gpu/data/_SUITE.json ]; then  # kept from an earlier call: only if it is the size asked for
+    python3 -c "import json, sys; sys.exit(json.load(open('runs/gpu/data/_SUITE.json'))['params']['train_size'] != $SIZE)" \
+        || { echo "runs/gpu/data holds another train size: remove it"; exit 2; }
+else
+    python3 -m stgc.cli data --out runs/gpu/data --train-size "$SIZE" --quiet
+fi
 echo "data: $(( $(date +%s) - T0 )) s"
-mkdir -p runs/gpu/run && cp -r runs/tiny/vision-tiny runs/gpu/run/vision-tiny
+rm -rf runs/gpu/run/vision-tiny && cp -r runs/tiny/vision-tiny runs/gpu/run/vision-tiny
 python3 -m stgc.cli train tiny_dense --output-dir "runs/gpu/run/$NAME" \
     data.train=runs/gpu/data/train data.tokenizer=runs/gpu/data/tokenizer \
     training.dataloader_workers="${WORKERS:-8}" training.logging_steps=200 \
