@@ -257,6 +257,10 @@ def test_a_suite_of_another_generator_version_is_refused_with_the_fix(tmp_path: 
         check_mini_folder(out, "pope")
     with pytest.raises(ValueError, match=f"remove {out} and runs/tiny"):  # make demo, before training
         _check_data(out)
+    from stgc.cli import main
+
+    assert main(["demo", "--data", str(out), "--out", str(tmp_path / "demo")]) == 2
+    assert not (tmp_path / "demo").exists()
 
 
 # -------------------------------------------------------------------------------------- schema check
