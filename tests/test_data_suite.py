@@ -255,6 +255,13 @@ def test_a_suite_of_another_generator_version_is_refused_with_the_fix(tmp_path: 
 
     with pytest.raises(EvalInputError, match=fix):  # stgc eval / a sweep, before lmms-eval starts
         check_mini_folder(out, "pope")
+    from analysis.conflict_probe import _load_rows
+    from evals.tasks import write_task_dir
+
+    with pytest.raises(ValueError, match=fix):  # capture and lmms-eval's --include_path folder
+        write_task_dir(tmp_path / "tasks", source="mini", mini_root=out)
+    with pytest.raises(ValueError, match=fix):  # stgc analyze conflict on the suite's training set
+        _load_rows(out / "train", 4, 0)
     with pytest.raises(ValueError, match=f"remove {out} and runs/tiny"):  # make demo, before training
         _check_data(out)
     from stgc.cli import main
