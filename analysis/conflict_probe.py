@@ -76,10 +76,9 @@ def _load_rows(data: str | os.PathLike, num_rows: int, seed: int):
         raise ValueError(
             f"--data {folder} does not exist; pass a training set folder such as data/mini/train"
         )
-    if folder.name == "train" and (folder.parent / "_SUITE.json").exists():
-        from stgc.data.suite import read_suite_info
+    from stgc.data.suite import check_generated_suite
 
-        read_suite_info(folder.parent)  # a suite of another generator version: refused, with the fix
+    check_generated_suite(folder)  # a suite of another generator version: refused, with the fix
     try:
         dataset = load_from_disk(str(folder))
     except Exception as error:  # datasets raises several types for a folder it cannot read

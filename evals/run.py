@@ -98,13 +98,12 @@ def check_mini_folder(root: Path, benchmark: str) -> None:
 
     folder = root / benchmark
     regenerate = f"generate it with `stgc data --out {root}` (or set {T.ENV_MINI_ROOT} / --mini-root)"
-    from stgc.data.suite import MARKER, read_suite_info
+    from stgc.data.suite import check_generated_suite
 
-    if (root / MARKER).exists():  # a generated suite: refused if another generator version wrote it
-        try:
-            read_suite_info(root)
-        except ValueError as err:
-            raise EvalInputError(str(err)) from None
+    try:
+        check_generated_suite(root)  # a suite of another generator version: refused, with the fix
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None
     if not folder.is_dir():
         raise EvalInputError(f"mini benchmark folder {folder} does not exist; {regenerate}")
     try:

@@ -51,14 +51,13 @@ def tiny_dense() -> RunConfig:
     """Dense stage 2 of the tiny model on the mini mixture: the language model and projector from scratch,
     the vision tower from stage 0 (``model.vision_init=patch_pretrain``: pretrained per patch, ~70 s) and
     frozen. Trained through the language model from scratch, the tower and projector collapse to image
-    tokens that differ by ~2% across positions and the model never uses the image; frozen, the tokens keep
+    tokens that differ by 3.7% across positions and the model never uses the image; frozen, the tokens keep
     their spread and VizWiz / VQAv2 answers depend on the image (results/tiny/experiments/README.md).
 
     lr 1e-3 (not MoE-LLaVA's 2e-5: these weights start random), warmup 3%, cosine, 6 epochs of the default
-    4000 conversations at batch 16 (1500 steps; 1.5-2.5 min on 2 CPU cores). Two CPU threads: a sweep
-    trains its runs one after another (measured, 200 steps: 0.061 / 0.107 s per step with 2 threads, 0.074
-    / 0.132 s with 1, at two moments of a shared machine; an earlier, busier one: 0.48 s with 2, 0.11 s
-    with 1).
+    4000 conversations at batch 16: 1500 steps, 0.086 s each on 2 CPU cores (129 s; the
+    ``perf/step_time_s`` of a fresh-clone `make demo`). Two CPU threads: a sweep trains its runs one after
+    another.
     """
     return RunConfig(
         name="tiny_dense",

@@ -81,9 +81,9 @@ class ModelConfig(ConfigBase):
             f"model.init={self.init!r} is invalid; use 'scratch', 'recipe:<name>' or a checkpoint folder.",
         )
         _check(
-            self.vision_init in VISION_INITS or Path(self.vision_init).is_dir(),
-            f"model.vision_init={self.vision_init!r} is neither {' nor '.join(VISION_INITS)} nor a folder; "
-            "use one of those or the folder of a CLIP vision model (CLIPVisionModel.save_pretrained).",
+            isinstance(self.vision_init, str) and bool(self.vision_init),
+            f"model.vision_init={self.vision_init!r} is invalid; use {' or '.join(VISION_INITS)} or the "
+            "folder of a CLIP vision model (CLIPVisionModel.save_pretrained).",
         )
         _check(
             self.vision_init == "scratch" or self.init == "scratch",

@@ -68,6 +68,7 @@ from stgc.run_checks import (
     config_differences,
     finished_checkpoint,
 )
+from stgc.run_config import VISION_INITS
 from stgc.runlock import folder_lock
 from stgc.trainer import (
     MoETrainer,
@@ -105,7 +106,7 @@ def build_components(config: RunConfig) -> RunComponents:
     from stgc.data.chat_templates import apply_template
     from stgc.data.collate import LlavaCollator
     from stgc.data.llava_json import is_llava_json, load_llava_json
-    from stgc.data.suite import MARKER, read_suite_info
+    from stgc.data.suite import check_generated_suite
     from stgc.modeling import (
         MoELlavaConfig,
         MoELlavaForConditionalGeneration,
@@ -122,9 +123,7 @@ def build_components(config: RunConfig) -> RunComponents:
                 f"{what}={path!r} does not exist; generate the mini suite with `stgc data --out data/mini` "
                 f"or point {what} at your data."
             )
-    suite = Path(data.train).parent
-    if Path(data.train).name == "train" and (suite / MARKER).exists():
-        read_suite_info(suite)  # a generated suite's training set: refused if another generator wrote it
+    check_generated_suite(data.train)  # a suite of another generator version: refused before any work
     # the training rows first: a malformed row stops the run before any model is built
     if is_llava_json(data.train):
         dataset = load_llava_json(data.train, data.image_folder)
@@ -216,6 +215,12 @@ def _resolve_vision_init(config: RunConfig) -> Path:
     """The CLIP vision folder ``model.vision_init`` names (running stage 0 first for ``patch_pretrain``)."""
     mc = config.model
     if mc.vision_init != "patch_pretrain":
+        # checked here, where it is used, like model.init: a saved config stays loadable on other machines
+        if not Path(mc.vision_init).is_dir():
+            raise ValueError(
+                f"model.vision_init={mc.vision_init!r} is neither {' nor '.join(VISION_INITS)} nor a folder; "
+                "use one of those or the folder of a CLIP vision model (CLIPVisionModel.save_pretrained)."
+            )
         return Path(mc.vision_init)
     out = config.run_dir.parent / f"vision-{mc.size}"
     with _file_lock(config.run_dir.parent / f".vision-{mc.size}.lock"):  # runs of a sweep share it

@@ -35,8 +35,9 @@ STAGE_FILE = "vision_stage.json"
 
 @dataclasses.dataclass(frozen=True)
 class VisionStage:
-    """Settings of the per-patch pretraining (defaults: ~70 s on one CPU thread for the tiny tower, shape
-    accuracy ~0.88 and colour accuracy ~1.0 on object patches, measured)."""
+    """Settings of the per-patch pretraining. With the defaults, the tiny tower in a fresh-clone `make demo`
+    (its ``vision_stage.json``): 70.9 s on 2 CPU cores, held-out shape accuracy 0.863 and colour accuracy
+    1.000 on object patches."""
 
     steps: int = 1000
     batch_size: int = 64

@@ -86,9 +86,23 @@ def test_a_tower_of_another_shape_is_refused(tmp_path) -> None:
         load_vision_tower(model, tmp_path / "other")
 
 
-def test_vision_init_is_checked_when_the_config_is_built(tmp_path) -> None:
-    with pytest.raises(ValueError, match="model.vision_init='nowhere' is neither"):
-        ModelConfig(vision_init="nowhere")
+def test_vision_init_is_checked(tmp_path, suite) -> None:
+    from stgc.train import build_components
+
+    # a folder is checked where it is used, as model.init is (a saved config loads on any machine) ...
+    config = get_recipe("tiny_dense")
+    config = config.replace(
+        model=config.model.replace(vision_init=str(tmp_path / "nowhere")),
+        data=config.data.replace(train=str(suite / "train"), tokenizer=str(suite / "tokenizer")),
+        output_dir=str(tmp_path / "runs" / "tiny_dense"),
+    )
+    with pytest.raises(
+        ValueError, match="model.vision_init='.*nowhere' is neither scratch nor patch_pretrain"
+    ):
+        build_components(config)
+    # ... what no folder can fix, when the config is built
+    with pytest.raises(ValueError, match="model.vision_init='' is invalid"):
+        ModelConfig(vision_init="")
     with pytest.raises(ValueError, match="applies to a model built from scratch"):
         ModelConfig(init="recipe:tiny_dense", vision_init="patch_pretrain")
     assert get_recipe("tiny_dense").model.vision_init == "patch_pretrain"

@@ -229,10 +229,10 @@ def write_task_dir(
     `include_path` (`TaskManager(include_path=...)` or `--include_path`). Also writes `stgc_tasks.json`
     (source, mini_root) next to the YAMLs. Returns the folder."""
     source, root = resolve_source(source, mini_root)
-    if source == "mini" and (Path(root) / "_SUITE.json").exists():
-        from stgc.data.suite import read_suite_info
+    if source == "mini":
+        from stgc.data.suite import check_generated_suite
 
-        read_suite_info(root)  # a suite of another generator version: refused with the command to regenerate
+        check_generated_suite(root)  # a suite of another generator version: refused, with the fix
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for template in sorted(TEMPLATE_DIR.glob("*.yaml")):

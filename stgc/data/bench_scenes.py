@@ -210,6 +210,11 @@ POPE_FEATURES = Features(
 POPE_CATEGORIES = params.POPE_CATEGORIES
 
 
+def pope_question(shape: str) -> str:
+    """POPE's existence question about ``shape``."""
+    return f"Is there a {shape} in the image?"
+
+
 def make_pope(rng: np.random.Generator, unit: int, size: int) -> Unit:
     """One image, one 'yes' and one 'no' question; the negative drawn by the unit's POPE category."""
     category = POPE_CATEGORIES[unit % 3]
@@ -224,7 +229,7 @@ def make_pope(rng: np.random.Generator, unit: int, size: int) -> Unit:
         {
             "id": str(unit * 2 + k),
             "question_id": str(unit * 2 + k),
-            "question": f"Is there a {shape} in the image?",
+            "question": pope_question(shape),
             "answer": answer,
             "image_source": f"mini_{unit:06d}",
             "category": category,

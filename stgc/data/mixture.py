@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, Features, Image, List, Value
 
+from stgc.data.bench_scenes import pope_question
 from stgc.data.common import Unit
 from stgc.data.generate import iter_units
 from stgc.data.prompts import answer_format, doc_to_target, doc_to_text
@@ -61,7 +62,7 @@ def _pope_extra_rows(unit: Unit, rng: np.random.Generator) -> list[dict[str, Any
     extra = []
     for k in rng.permutation(len(picks)):
         shape, answer = picks[int(k)]
-        question = f"Is there a {shape} in the image?"
+        question = pope_question(shape)
         if question not in asked:
             extra.append({**unit.rows[0], "question": question, "answer": answer})
     return extra[: POPE_TRAIN_QUESTIONS - len(unit.rows)]

@@ -197,6 +197,17 @@ def read_suite_info(root: str | Path) -> dict[str, Any]:
     return info
 
 
+def check_generated_suite(path: str | Path) -> None:
+    """Refuse (ValueError, with the command that regenerates it) a generated mini suite written by another
+    generator version, given its root or its ``train/`` folder; anything else (a hand-made folder, a
+    LLaVA JSON file, a hub dataset) passes untouched."""
+    path = Path(path)
+    for root in (path, path.parent) if path.name == "train" else (path,):
+        if (root / MARKER).exists():
+            read_suite_info(root)
+            return
+
+
 def regenerate_command(root: str | Path, params: dict[str, Any]) -> str:
     """The ``stgc data`` command that writes a suite with ``params`` (a ``_SUITE.json``'s) into ``root``."""
     flags = [f"--out {root}"]
