@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from stgc.data.render import COLOR_NAMES, SHAPES, draw_scene, sample_scene
-from stgc.data.scenes import sample_shapes
+from stgc.data.render import COLOR_NAMES, SHAPES
 from stgc.modeling import build_llava_config, build_processor
+from stgc.vision_stage import scene_batch
 
 suite, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 lr = float(sys.argv[4]) if len(sys.argv) > 4 else 2e-3
@@ -53,24 +53,10 @@ embed = model.get_input_embeddings().weight.detach()
 
 
 def batch(n: int, grid: int | None = None):
-    images, shapes_t, colours_t = [], [], []
-    for _ in range(n):
-        g = grid or int(rng.choice([2, 3]))
-        k = int(rng.integers(1, min(6, g * g) + 1))
-        shapes = sample_shapes(rng, k)
-        colours = [COLOR_NAMES[int(i)] for i in rng.integers(len(COLOR_NAMES), size=k)]
-        scene = sample_scene(rng, drawn, shapes, colours, grid=g)
-        images.append(draw_scene(rng, scene, drawn))
-        s = torch.full((cells * cells,), -100, dtype=torch.long)
-        c = torch.full((cells * cells,), -100, dtype=torch.long)
-        for o in scene.objects:
-            idx = min(int(o.cy / drawn * cells), cells - 1) * cells + min(
-                int(o.cx / drawn * cells), cells - 1
-            )
-            s[idx], c[idx] = SHAPES.index(o.shape), COLOR_NAMES.index(o.color)
-        shapes_t.append(s)
-        colours_t.append(c)
-    return images, torch.stack(shapes_t), torch.stack(colours_t)
+    """stgc.vision_stage.scene_batch's scenes, labels 0-based with -100 where a patch holds no object."""
+    images, labels = scene_batch(rng, n, cells, drawn, grids=(grid,) if grid else (2, 3))
+    shape, color = labels["shape"], labels["color"]
+    return images, torch.where(shape > 0, shape - 1, -100), torch.where(color > 0, color - 1, -100)
 
 
 def tokens(images):

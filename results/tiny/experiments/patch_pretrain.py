@@ -17,8 +17,8 @@ from sklearn.metrics import roc_auc_score
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from stgc.backbones import vision_config
-from stgc.data.render import COLOR_NAMES, SHAPES, draw_scene, sample_scene
-from stgc.data.scenes import sample_shapes
+from stgc.data.render import COLOR_NAMES, SHAPES
+from stgc.vision_stage import scene_batch
 
 out, steps = sys.argv[1], int(sys.argv[2])
 lr = float(sys.argv[3]) if len(sys.argv) > 3 else 2e-3
@@ -34,25 +34,11 @@ side, cells, drawn = vision.image_size, vision.image_size // vision.patch_size, 
 
 
 def batch(n: int, grid: int | None = None):
-    images, shape_ids, colour_ids, present = [], [], [], []
-    for _ in range(n):
-        g = grid or int(rng.choice([2, 3]))
-        k = int(rng.integers(1, min(6, g * g) + 1))
-        shapes = sample_shapes(rng, k)
-        colours = [COLOR_NAMES[int(i)] for i in rng.integers(len(COLOR_NAMES), size=k)]
-        scene = sample_scene(rng, drawn, shapes, colours, grid=g)
-        images.append(draw_scene(rng, scene, drawn))
-        s = torch.zeros(cells * cells, dtype=torch.long)
-        c = torch.zeros(cells * cells, dtype=torch.long)
-        for o in scene.objects:
-            idx = min(int(o.cy / drawn * cells), cells - 1) * cells + min(
-                int(o.cx / drawn * cells), cells - 1
-            )
-            s[idx], c[idx] = SHAPES.index(o.shape) + 1, COLOR_NAMES.index(o.color) + 1
-        shape_ids.append(s)
-        colour_ids.append(c)
-        present.append([x in shapes for x in SHAPES])
-    return images, torch.stack(shape_ids), torch.stack(colour_ids), np.array(present)
+    """stgc.vision_stage.scene_batch's scenes and labels, plus each scene's shape presence (from the labels:
+    every object has a patch of its own at these geometries)."""
+    images, labels = scene_batch(rng, n, cells, drawn, grids=(grid,) if grid else (2, 3))
+    present = np.stack([(labels["shape"] == k + 1).any(1).numpy() for k in range(len(SHAPES))], axis=1)
+    return images, labels["shape"], labels["color"], present
 
 
 proc = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
