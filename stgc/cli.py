@@ -13,6 +13,7 @@ import sys
 # name -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("stgc.data.cli", "generate the mini benchmark suite, training mixture and tokenizer"),
+    "pretrain-lm": ("stgc.lm_stage_cli", "stage L: pretrain the tiny language model on symbolic scenes"),
     "train": ("stgc.train_cli", "train a recipe (baseline, STGC, ...) with key=value overrides"),
     "convert": ("stgc.convert_cli", "convert a MoE-LLaVA (DeepSpeed-MoE) checkpoint to this format"),
     "eval": ("evals.cli_eval", "evaluate a checkpoint on benchmarks through lmms-eval"),

@@ -35,6 +35,8 @@ LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 REPORT_TO = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 INIT_RECIPE_PREFIX = "recipe:"
 VISION_INITS = ("scratch", "patch_pretrain")
+TEXT_INITS = ("scratch", "slot_pretrain")
+PROJECTOR_INITS = ("scratch", "align")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -58,6 +60,12 @@ class ModelConfig(ConfigBase):
         init), ``patch_pretrain`` (stage 0, ``stgc.vision_stage``: pretrained per patch on shape scenes into
         ``<output_dir>/../vision-<size>`` if missing; the tiny model's, which has no CLIP to start from),
         or a folder holding a CLIP vision model (``CLIPVisionModel.save_pretrained``) of the model's shape.
+    text_init: where the language model of a dense model built from scratch comes from: ``scratch``,
+        ``slot_pretrain`` (stage L, ``stgc.lm_stage``: the language model that ships in ``stgc/assets`` for
+        the size, pretrained on symbolic scenes; the tiny model's, which has no LLM to start from), or the
+        folder of a causal LM (``save_pretrained``) of the model's shape, with the run's tokenizer beside it.
+    projector_init: ``scratch``, or ``align``: before training, the projector is fitted to hand the language
+        model its stage-L image vectors (``stgc.lm_stage.align_projector``; needs both inits above).
     """
 
     backbone: str = "llama"
@@ -66,6 +74,8 @@ class ModelConfig(ConfigBase):
     dense: bool = False
     init: str = "scratch"
     vision_init: str = "scratch"
+    text_init: str = "scratch"
+    projector_init: str = "scratch"
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -89,6 +99,26 @@ class ModelConfig(ConfigBase):
             self.vision_init == "scratch" or self.init == "scratch",
             f"model.vision_init={self.vision_init!r} applies to a model built from scratch, but model.init="
             f"{self.init!r} loads every weight; set model.vision_init=scratch.",
+        )
+        _check(
+            isinstance(self.text_init, str) and bool(self.text_init),
+            f"model.text_init={self.text_init!r} is invalid; use {' or '.join(TEXT_INITS)} or the folder of "
+            "a causal language model (save_pretrained) with its tokenizer.",
+        )
+        _check(
+            self.text_init == "scratch" or (self.init == "scratch" and self.dense),
+            f"model.text_init={self.text_init!r} applies to a dense model built from scratch (model.dense="
+            f"true, model.init=scratch); this one has dense={self.dense}, init={self.init!r}.",
+        )
+        _check(
+            self.projector_init in PROJECTOR_INITS,
+            f"model.projector_init={self.projector_init!r} is invalid; use {' or '.join(PROJECTOR_INITS)}.",
+        )
+        _check(
+            self.projector_init == "scratch"
+            or (self.text_init != "scratch" and self.vision_init != "scratch"),
+            "model.projector_init=align fits the projector between a pretrained tower and a stage-L language "
+            "model; set model.vision_init and model.text_init too (or model.projector_init=scratch).",
         )
         if self.init.startswith(INIT_RECIPE_PREFIX):
             name = self.init[len(INIT_RECIPE_PREFIX) :]

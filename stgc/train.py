@@ -156,6 +156,8 @@ def build_components(config: RunConfig) -> RunComponents:
             model = build_model(mc.backbone, mc.size, moe=mc.moe, routing_method=routing_method, **kwargs)
         if mc.vision_init != "scratch":
             load_vision_tower(model, _resolve_vision_init(config))
+        if mc.text_init != "scratch":
+            _init_language_model(config, model, tokenizer)
     else:
         kind = AutoConfig.from_pretrained(init).model_type
         if kind == MoELlavaConfig.model_type:
@@ -225,6 +227,19 @@ def _resolve_vision_init(config: RunConfig) -> Path:
     out = config.run_dir.parent / f"vision-{mc.size}"
     with _file_lock(config.run_dir.parent / f".vision-{mc.size}.lock"):  # runs of a sweep share it
         return pretrain_vision(mc.size, out)
+
+
+def _init_language_model(config: RunConfig, model: nn.Module, tokenizer: Any) -> None:
+    """``model.text_init`` (stage L's language model or a folder) into the fresh model, then, with
+    ``model.projector_init=align``, the projector fitted to it (``stgc.lm_stage``)."""
+    from stgc.lm_stage import align_projector, load_language_model, packaged_language_model
+
+    mc = config.model
+    folder = packaged_language_model(mc.size) if mc.text_init == "slot_pretrain" else Path(mc.text_init)
+    load_language_model(model, folder, tokenizer)
+    if mc.projector_init == "align":
+        accuracy = align_projector(model, tokenizer, seed=config.training.seed)
+        print(f"[stgc.train] projector aligned to the language model of {folder}: held-out {accuracy}")
 
 
 def _resolve_init(config: RunConfig) -> Path | None:

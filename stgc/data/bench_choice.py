@@ -92,17 +92,25 @@ def _material(rng: np.random.Generator, size: int) -> tuple:
     shapes = sample_shapes(rng, 3)
     colors = [str(c) for c in rng.choice(COLOR_NAMES, size=3, replace=False)]
     img = draw_scene(rng, sample_scene(rng, size, shapes, colors, grid=3), size)
-    material = str(rng.choice(["metal", "wood", "glass", "rubber"]))
+    material = str(rng.choice(MATERIALS))
     k = int(rng.integers(3))
-    others = sorted({"metal", "wood", "glass", "rubber"} - {material})
-    hint = (
-        f"In this picture, the {colors[k]} object is made of {material}. "
-        f"The other objects are made of {others[0]}."
-    )
+    question, hint = material_question(material, colors[k])
     choices = [f"the {s}" for s in shapes]
     solution = f"The {colors[k]} object is the {shapes[k]}, so the {shapes[k]} is made of {material}."
-    meta = (f"Which object is made of {material}?", "physics", "Materials", "Identify materials")
+    meta = (question, "physics", "Materials", "Identify materials")
     return img, choices, k, hint, solution, meta
+
+
+MATERIALS = ("metal", "wood", "glass", "rubber")
+
+
+def material_question(material: str, color: str) -> tuple[str, str]:
+    """(question, hint) of the materials item; the hint names the colour of the object of ``material``."""
+    other = sorted(set(MATERIALS) - {material})[0]
+    hint = (
+        f"In this picture, the {color} object is made of {material}. The other objects are made of {other}."
+    )
+    return f"Which object is made of {material}?", hint
 
 
 def _sides(rng: np.random.Generator, size: int) -> tuple:
