@@ -4,8 +4,10 @@ MoE-LLaVA starts from a pretrained LLM (StableLM, Qwen, Phi-2) that already atte
 the matching words of its context. The tiny model's language model starts random, and the skills the
 matching benchmarks need grow in it only after long plateaus: on 2 CPU cores the demo's dense stage
 never leaves them (POPE, MMBench and ScienceQA-IMG stay at or below a constant answer; 11,000 GPU steps
-on 8x the data did not either; docs/demo.md). So the tiny language model is pretrained first, as an LLM
-is, on text about scenes, and saved once (``stgc pretrain-lm``; the result ships in ``stgc/assets``).
+on 8x the data did not either; results/tiny/experiments/README.md). So the tiny language model can be
+pretrained first, as an LLM is, on text about scenes, and saved once (``stgc pretrain-lm``); a run
+starts from such a folder with ``model.text_init`` (``slot_pretrain``: the one shipped in
+``stgc/assets/<size>-lm``, when there is one).
 
 The "text" is symbolic: each of the 9 image positions (one per patch of the 48 px / patch 16 tower, one
 per cell of the scenes' 3 x 3 grid) holds ``E[shape] + E[colour]`` of the object in that cell, or zero

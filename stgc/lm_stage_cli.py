@@ -18,6 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the suite's tokenizer the language model is trained with (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: LMStage's)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="questions per step (default: LMStage's)"
+    )
+    parser.add_argument(
+        "--max-phase-steps",
+        type=int,
+        default=None,
+        help="step limit of every phase that stops at a goal (default: the phases' own)",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
 
 
@@ -34,10 +45,21 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    import dataclasses
+
     from stgc.lm_stage import LMStage, pretrain_language_model
 
+    stage = LMStage(seed=args.seed)
+    for key in ("lr", "batch_size"):
+        if getattr(args, key) is not None:
+            stage = dataclasses.replace(stage, **{key: getattr(args, key)})
+    if args.max_phase_steps is not None:
+        phases = tuple(
+            dataclasses.replace(p, max_steps=args.max_phase_steps) if p.goal else p for p in stage.phases
+        )
+        stage = dataclasses.replace(stage, phases=phases)
     out = pretrain_language_model(
-        args.size, args.tokenizer, args.out, LMStage(seed=args.seed), threads=args.threads, log=print
+        args.size, args.tokenizer, args.out, stage, threads=args.threads, log=print, device=args.device
     )
     print(f"stage L: wrote {out} (settings and held-out accuracies in {out / 'lm_stage.json'})")
     return 0

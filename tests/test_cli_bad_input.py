@@ -11,6 +11,8 @@ from stgc.cli import main
         (["convert", "/nonexistent-folder", "--out", "OUT"], "no config.json"),
         (["bench", "moe", "--tokens", "0"], "tokens="),
         (["analyze", "routing", "FOLDER", "--out", "OUT"], "is a folder"),
+        (["pretrain-lm", "--out", "FOLDER"], "exists; remove it"),
+        (["pretrain-lm", "--out", "OUT", "--tokenizer", "/nonexistent-folder"], "no tokenizer in"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, words, tmp_path, capsys):
