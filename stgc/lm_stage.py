@@ -20,6 +20,8 @@ Questions are the mini suite's own, rendered by ``stgc.data.prompts.doc_to_text`
   ``pope_short``: the same as "{shape}?", the answer right after the asked word (a one-hop curriculum);
 - ``color``: VQAv2's "What color is the {shape}?" (1-4 objects of distinct colours), a colour word;
 - ``lookup``: MMBench's prompt with no image, "Which option is {word}?" over 4 colours or shapes;
+  ``lookup_plain``: the same with one option per line and no "There are several options:" (a curriculum
+  step; results/tiny/experiments/README.md, round 5, measures how long either takes);
 - ``mmbench``: MMBench's attribute question, "What color is the {shape}?" over 4 colour options;
 - ``scienceqa``: ScienceQA-IMG's material question (the hint names a colour, the options shapes).
 
@@ -43,7 +45,7 @@ import torch
 
 STAGE_FILE = "lm_stage.json"
 SLOTS = 9  # image positions: the tiny tower's 3 x 3 patches, the scenes' 3 x 3 cells
-TASKS = ("pope", "pope_short", "color", "lookup", "mmbench", "scienceqa")
+TASKS = ("pope", "pope_short", "color", "lookup_plain", "lookup", "mmbench", "scienceqa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,8 @@ class Phase:
 # each matching skill alone until it is learned (where its plateau is shortest), then the next with
 # replays of the earlier ones, then everything mixed while the learning rate anneals
 DEFAULT_PHASES: tuple[Phase, ...] = (
-    Phase({"lookup": 1.0}, 5000, goal="lookup", target=0.9),
+    Phase({"lookup_plain": 1.0}, 5000, goal="lookup_plain", target=0.8),
+    Phase({"lookup": 3.0, "lookup_plain": 1.0}, 5000, goal="lookup", target=0.8),
     Phase({"pope": 6.0, "pope_short": 3.0, "lookup": 1.0}, 6000, goal="pope", target=0.85),
     Phase({"color": 6.0, "pope": 2.0, "lookup": 1.0}, 5000, goal="color", target=0.85),
     Phase(
@@ -74,7 +77,11 @@ DEFAULT_PHASES: tuple[Phase, ...] = (
         {"mmbench": 3.0, "scienceqa": 2.0, "color": 2.0, "pope": 2.0, "pope_short": 0.5, "lookup": 1.0}, 1500
     ),
 )
-CIRCULAR_TASKS = ("lookup", "mmbench")  # held out in all 4 rotations; their goal is circular accuracy
+CIRCULAR_TASKS = (
+    "lookup_plain",
+    "lookup",
+    "mmbench",
+)  # held out in all 4 rotations; their goal is circular accuracy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,14 +173,27 @@ class _Questions:
         prompt = self._turn("vqav2", {"question": f"What color is the {shapes[k]}?"})
         return [_Item(grid, prompt, COLOR_NAMES[colors[k]])]
 
-    def lookup(self, rotations: bool = False) -> list[_Item]:
+    def lookup(self, rotations: bool = False, plain: bool = False) -> list[_Item]:
+        from stgc.data.common import OPTION_LETTER
         from stgc.data.render import COLOR_NAMES, SHAPES
 
         rng = self.rng
         words = COLOR_NAMES if rng.random() < 0.5 else SHAPES
         options = [str(w) for w in rng.choice(words, 4, replace=False)]
         gold = options[int(rng.integers(4))]
-        return self._choice(f"Which option is {gold}?", options, gold, [(-1, -1)] * SLOTS, rotations)
+        question, empty = f"Which option is {gold}?", [(-1, -1)] * SLOTS
+        if not plain:
+            return self._choice(question, options, gold, empty, rotations)
+        items = []
+        for r in range(4 if rotations else 1):
+            rotated = options[r:] + options[:r]
+            lines = "".join(f"{letter}. {o}\n" for letter, o in zip("ABCD", rotated))
+            prompt = f"\n{question}\n{lines}{OPTION_LETTER.strip()} ASSISTANT:"
+            items.append(_Item(empty, prompt, "ABCD"[rotated.index(gold)]))
+        return items
+
+    def lookup_plain(self, rotations: bool = False) -> list[_Item]:
+        return self.lookup(rotations, plain=True)
 
     def mmbench(self, rotations: bool = False) -> list[_Item]:
         from stgc.data.render import COLOR_NAMES

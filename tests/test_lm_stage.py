@@ -73,8 +73,9 @@ def test_answers_agree_with_the_scene() -> None:
         color = item.prompt.split("the ")[1].split(" object")[0]
         shape = {c: s for s, c in _objects(item.grid)}[color]
         assert f"\n{item.answer}. the {shape}" in item.prompt
-        (item,) = q.lookup()
-        assert f"\n{item.answer}. {item.prompt.split('Which option is ')[1].split('?')[0]}\n" in item.prompt
+        for item in (*q.lookup(), *q.lookup_plain()):
+            asked = item.prompt.split("Which option is ")[1].split("?")[0]
+            assert f"\n{item.answer}. {asked}\n" in item.prompt
 
 
 def test_sequences_match_the_training_collator(suite) -> None:

@@ -5,11 +5,15 @@ distinct colours as options A-D, answered with the letter. Nothing else has to b
 find is in the question. The demo's language model (llama tiny: 4 layers, 64 wide, 4 heads; from
 scratch), AdamW, one-cycle schedule, gradient clipping 1.0, batch BATCH; held-out accuracy on 512
 questions every 100 steps. WIDTH overrides the hidden size (intermediate: twice it), HEADS the number of
-heads (head size: width / heads), THETA the rotary base (llama's default 10,000).
+heads (head size: width / heads), THETA the rotary base (llama's default 10,000). With FORMAT=plain in
+the environment the prompt is a plainer one: the question, then one option per line, then MMBench's
+instruction (no "There are several options:"); with FORMAT=plain:N training switches to MMBench's own
+prompt after step N (a curriculum), and the held-out questions are in MMBench's prompt throughout.
 
     python results/tiny/experiments/lookup_probe.py data/mini/tokenizer STEPS LR BATCH [WIDTH HEADS THETA]
 """
 
+import os
 import sys
 import time
 
@@ -18,9 +22,13 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from stgc.backbones import BACKBONES
+from stgc.data.common import OPTION_LETTER
 from stgc.data.prompts import doc_to_text
 from stgc.data.render import COLOR_NAMES
 
+FORMAT = os.environ.get("FORMAT", "")
+PLAIN = FORMAT.startswith("plain")
+SWITCH = int(FORMAT.split(":")[1]) if ":" in FORMAT else None
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 steps, lr, batch_size = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
@@ -43,7 +51,11 @@ def item() -> tuple[list[int], int]:
     options = [str(c) for c in rng.choice(COLOR_NAMES, 4, replace=False)]
     gold = int(rng.integers(4))
     row = {"question": f"Which option is {options[gold]}?", "hint": "nan", **dict(zip("ABCD", options))}
-    text = "\n" + doc_to_text("mmbench", row) + " ASSISTANT:"
+    if PLAIN:
+        lines = "".join(f"{letter}. {o}\n" for letter, o in zip("ABCD", options))
+        text = f"\n{row['question']}\n{lines}{OPTION_LETTER.strip()} ASSISTANT:"
+    else:
+        text = "\n" + doc_to_text("mmbench", row) + " ASSISTANT:"
     return PREFIX + tok(text, add_special_tokens=False)["input_ids"], gold
 
 
@@ -58,11 +70,16 @@ def batch(n: int):
     return ids, labels, torch.tensor([gold for _, gold in items])
 
 
+if SWITCH is not None:
+    PLAIN = False
 val_ids, val_labels, val_gold = batch(512)
+PLAIN = FORMAT.startswith("plain")
 opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
 schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
 t0 = time.perf_counter()
 for step in range(steps):
+    if SWITCH is not None and step == SWITCH:
+        PLAIN = False
     ids, labels, _ = batch(batch_size)
     loss = lm(input_ids=ids, attention_mask=(ids != PAD).long(), labels=labels).loss
     opt.zero_grad()
