@@ -26,9 +26,9 @@ Questions are the mini suite's own, rendered by ``stgc.data.prompts.doc_to_text`
 - ``scienceqa``: ScienceQA-IMG's material question (the hint names a colour, the options shapes).
 
 The stage runs in phases (``LMStage.phases``): each matching skill is trained alone (with replays of the
-earlier ones) until its held-out accuracy reaches a target, where its plateau is shortest, then all are
-mixed while the learning rate anneals. ``lm_stage.json`` beside the weights records the settings, the
-steps each phase took and the held-out accuracy of every task. On a GPU it runs on ``cuda``.
+earlier ones) until its held-out accuracy reaches a target (held-out questions are never trained on),
+then all are mixed while the learning rate anneals. ``lm_stage.json`` beside the weights records the
+settings, the steps each phase took and the held-out accuracy of every task. On a GPU it runs on ``cuda``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ import numpy as np
 import torch
 
 STAGE_FILE = "lm_stage.json"
+# what a language model loaded into a LLaVA must share with the LLaVA's text config
+TEXT_SHAPE_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters",
+    "tie_word_embeddings", "attention_bias", "mlp_bias",
+)  # fmt: skip
 SLOTS = 9  # image positions: the tiny tower's 3 x 3 patches, the scenes' 3 x 3 cells
 TASKS = ("pope", "pope_short", "color", "lookup_plain", "lookup", "mmbench", "scienceqa")
 
@@ -107,6 +113,10 @@ class _Item:
     grid: list[tuple[int, int]]  # per slot: (shape index, colour index), (-1, -1) when empty
     prompt: str  # the user turn after the image, ending with " ASSISTANT:"
     answer: str
+
+    @property
+    def key(self) -> tuple:
+        return (tuple(self.grid), self.prompt)
 
 
 class _Questions:
@@ -281,11 +291,39 @@ class _SlotLM:
         return out
 
 
+def check_stage(stage: LMStage) -> None:
+    """ValueError (one line, with the fix) for settings stage L cannot run."""
+    for phase in stage.phases:
+        unknown = sorted({*phase.weights, phase.goal} - {None, *TASKS})
+        if unknown:
+            raise ValueError(f"LMStage.phases names unknown tasks {unknown}; use tasks of {list(TASKS)}")
+        if phase.max_steps < 1 or not phase.weights or min(phase.weights.values()) <= 0:
+            raise ValueError(f"a stage-L phase needs max_steps >= 1 and positive task weights; got {phase}")
+    if stage.batch_size < 1 or stage.lr <= 0 or stage.warmup < 1 or stage.val_items < 1:
+        raise ValueError(
+            "stage L needs batch_size, warmup and val_items >= 1 and lr > 0; got "
+            f"batch_size={stage.batch_size}, warmup={stage.warmup}, val_items={stage.val_items}, "
+            f"lr={stage.lr}"
+        )
+
+
+def draw(questions: _Questions, weights: dict[str, float], n: int, exclude: set) -> list[_Item]:
+    """``n`` training questions, tasks drawn by ``weights``; a question whose key is in ``exclude`` (the
+    held-out ones) is dropped, so held-out accuracies measure questions never trained on."""
+    names = list(weights)
+    p = np.array([weights[t] for t in names], dtype=float)
+    items = [i for t in questions.rng.choice(names, n, p=p / p.sum()) for i in getattr(questions, t)()]
+    return [i for i in items if i.key not in exclude]
+
+
 def word_id(tokenizer: Any, word: str) -> int:
     """The single token of `` word`` (shape and colour names are one token in the suite's tokenizer)."""
     ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens in this tokenizer; stage L needs one per name")
+        raise ValueError(
+            f"{word!r} is {len(ids)} tokens in this tokenizer, stage L needs one per shape and colour name; "
+            "use the mini suite's tokenizer (`stgc data`)"
+        )
     return ids[0]
 
 
@@ -305,12 +343,7 @@ def pretrain_language_model(
     from stgc.backbones import BACKBONES
 
     out = Path(out)
-    for phase in stage.phases:
-        unknown = sorted(set(phase.weights) - set(TASKS)) + (
-            [phase.goal] if phase.goal not in (None, *TASKS) else []
-        )
-        if unknown:
-            raise ValueError(f"LMStage.phases names unknown tasks {unknown}; valid: {list(TASKS)}")
+    check_stage(stage)
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -320,10 +353,11 @@ def pretrain_language_model(
     config = BACKBONES["llama"].text_config(size, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     lm = LlamaForCausalLM(config).to(device)
     model, questions = _SlotLM(lm, tok), _Questions(rng)
-    tasks = sorted({t for phase in stage.phases for t in phase.weights}, key=TASKS.index)
+    tasks = sorted({t for phase in stage.phases for t in (*phase.weights, phase.goal) if t}, key=TASKS.index)
     held_out = {
         t: [i for _ in range(stage.val_items) for i in getattr(questions, t)(rotations=True)] for t in tasks
     }
+    seen = {i.key for items in held_out.values() for i in items}  # never trained on: held out for real
 
     def score(task: str) -> dict[str, float]:
         lm.eval()
@@ -331,32 +365,32 @@ def pretrain_language_model(
         lm.train()
         return result
 
+    def goal_met(task: str, target: float) -> tuple[bool, dict[str, float]]:
+        result = score(task)
+        return result["circular" if task in CIRCULAR_TASKS else "accuracy"] >= target, result
+
     optimizer = torch.optim.AdamW(lm.parameters(), lr=stage.lr, weight_decay=0.0)
     t0, step, record = time.perf_counter(), 0, []
     lm.train()
     for k, phase in enumerate(stage.phases):
-        names = list(phase.weights)
-        p = np.array([phase.weights[t] for t in names], dtype=float)
-        reached, begin = phase.goal is None, step
-        while step - begin < phase.max_steps and not (reached and phase.goal is not None):
-            if phase.goal is None:  # the last phase anneals
+        reached, begin = None, step
+        while step - begin < phase.max_steps and not reached:
+            if phase.goal is None:  # a phase without a goal anneals
                 lr = stage.lr * (1 - (step - begin) / phase.max_steps)
             else:
                 lr = stage.lr * min(1.0, (step + 1) / stage.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            items = [
-                i for t in rng.choice(names, stage.batch_size, p=p / p.sum()) for i in getattr(questions, t)()
-            ]
+            items = draw(questions, phase.weights, stage.batch_size, exclude=seen)
             loss = model.forward(model.batch(items), device).loss
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
             optimizer.step()
             step += 1
-            if phase.goal is not None and (step - begin) % 100 == 0:
-                result = score(phase.goal)
-                reached = result["circular" if phase.goal in CIRCULAR_TASKS else "accuracy"] >= phase.target
+            last = step - begin == phase.max_steps
+            if phase.goal is not None and ((step - begin) % 100 == 0 or last):
+                reached, result = goal_met(phase.goal, phase.target)
                 if log is not None:
                     log(f"stage L phase {k + 1}: step {step}, loss {loss.item():.3f}, {phase.goal} {result}")
         record.append({"phase": k + 1, "steps": step - begin, "goal": phase.goal, "reached": reached})
@@ -391,7 +425,7 @@ def packaged_language_model(size: str) -> Path:
 def load_language_model(model: Any, folder: str | Path, tokenizer: Any) -> None:
     """Copy the causal LM saved in ``folder`` into ``model`` (a dense LLaVA built from scratch), after
     checking that it has the model's shape and was trained with ``tokenizer``'s vocabulary."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
     if not (folder / "config.json").exists():
@@ -399,21 +433,27 @@ def load_language_model(model: Any, folder: str | Path, tokenizer: Any) -> None:
             f"model.text_init={str(folder)!r} is neither scratch nor slot_pretrain nor a folder holding a "
             "causal language model (save_pretrained); use one of those."
         )
+    if not (folder / "tokenizer.json").exists():
+        raise ValueError(
+            f"model.text_init={str(folder)!r} has no tokenizer.json beside the weights; save the tokenizer "
+            "the language model was trained with into it (stgc pretrain-lm does)."
+        )
     if AutoTokenizer.from_pretrained(str(folder)).get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"model.text_init={str(folder)!r} was trained with another tokenizer than the run's "
             "data.tokenizer; generate the suite with its default settings (`stgc data --out data/mini`) "
             "or use the language model's tokenizer folder as data.tokenizer."
         )
-    lm = AutoModelForCausalLM.from_pretrained(str(folder))
-    have, want = lm.config, model.config.text_config
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    mismatch = {k: (getattr(have, k), getattr(want, k)) for k in keys if getattr(have, k) != getattr(want, k)}
+    have = AutoConfig.from_pretrained(str(folder))
+    want = model.config.text_config
+    mismatch = {k: (getattr(have, k, None), getattr(want, k, None)) for k in TEXT_SHAPE_KEYS}
+    mismatch = {k: v for k, v in mismatch.items() if v[0] != v[1]}
     if mismatch:
         raise ValueError(
-            f"model.text_init={str(folder)!r} is a language model of another shape than the model's "
-            f"(folder, model): {mismatch}; pretrain one for this model size or use 'scratch'."
+            f"model.text_init={str(folder)!r} is a language model of another architecture than the model's "
+            f"(folder, model): {mismatch}; use one made for this backbone and size (`stgc pretrain-lm`)."
         )
+    lm = AutoModelForCausalLM.from_pretrained(str(folder))
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
 
@@ -454,18 +494,15 @@ def align_projector(
         return (embed[names[0][labels["shape"]]] + embed[names[1][labels["color"]]]) * on
 
     pixels = build_image_processor(vision.image_size)
-    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    projector = model.model.multi_modal_projector
 
     def features(images: list) -> torch.Tensor:
         with torch.no_grad():
-            x = pixels(images, return_tensors="pt")["pixel_values"]
-            return tower(pixel_values=x, output_hidden_states=True).hidden_states[
-                model.config.vision_feature_layer
-            ][:, 1:]
+            return patch_features(model, pixels(images, return_tensors="pt")["pixel_values"])
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 0xA11])
-    val_images, val_labels = scene_batch(rng, 300, cells, 224, grids=(3,))
+    val_images, val_labels = scene_batch(rng, 300, cells, 224, grids=(3,))  # 3 x 3: one object per patch
     val_features = features(val_images)
 
     def error() -> float:  # held-out squared error relative to the targets' (0: perfect)
@@ -477,7 +514,7 @@ def align_projector(
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     for step in range(steps):
-        images, labels = scene_batch(rng, batch_size, cells, 224)
+        images, labels = scene_batch(rng, batch_size, cells, 224, grids=(3,))
         loss = (projector(features(images)) - target(labels)).pow(2).sum(-1).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -500,3 +537,15 @@ def align_projector(
                 float((nearest % n_colors + 1 == val_labels["color"])[on].float().mean()), 4
             ),
         }
+
+
+def patch_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision features a LLaVA hands its projector (its ``vision_feature_layer`` and
+    ``vision_feature_select_strategy``, as ``LlavaModel.get_image_features`` selects them)."""
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer={layer!r}: align_projector reads one layer; use an int")
+    hidden = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[
+        layer
+    ]
+    return hidden[:, 1:] if model.config.vision_feature_select_strategy == "default" else hidden

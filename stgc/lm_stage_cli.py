@@ -10,7 +10,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, required=True, help="output folder (created; refused if it exists)"
     )
-    parser.add_argument("--size", default="tiny", help="model size of stgc.backbones (default: %(default)s)")
+    parser.add_argument(
+        "--size", default="tiny", choices=("tiny",), help="model size (9 image positions: tiny only)"
+    )
     parser.add_argument(
         "--tokenizer",
         type=Path,
@@ -58,8 +60,21 @@ def run(args: argparse.Namespace) -> int:
             dataclasses.replace(p, max_steps=args.max_phase_steps) if p.goal else p for p in stage.phases
         )
         stage = dataclasses.replace(stage, phases=phases)
-    out = pretrain_language_model(
-        args.size, args.tokenizer, args.out, stage, threads=args.threads, log=print, device=args.device
-    )
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(
+                f"stgc pretrain-lm: --device {args.device} but no CUDA device is visible; use --device cpu",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        out = pretrain_language_model(
+            args.size, args.tokenizer, args.out, stage, threads=args.threads, log=print, device=args.device
+        )
+    except ValueError as error:  # bad settings or a tokenizer stage L cannot use: one line
+        print(f"stgc pretrain-lm: {error}", file=sys.stderr)
+        return 2
     print(f"stage L: wrote {out} (settings and held-out accuracies in {out / 'lm_stage.json'})")
     return 0

@@ -61,9 +61,9 @@ class ModelConfig(ConfigBase):
         ``<output_dir>/../vision-<size>`` if missing; the tiny model's, which has no CLIP to start from),
         or a folder holding a CLIP vision model (``CLIPVisionModel.save_pretrained``) of the model's shape.
     text_init: where the language model of a dense model built from scratch comes from: ``scratch``,
-        ``slot_pretrain`` (stage L, ``stgc.lm_stage``: the language model that ships in ``stgc/assets`` for
-        the size, pretrained on symbolic scenes; the tiny model's, which has no LLM to start from), or the
-        folder of a causal LM (``save_pretrained``) of the model's shape, with the run's tokenizer beside it.
+        ``slot_pretrain`` (stage L, ``stgc.lm_stage``: the language model shipped in ``stgc/assets/<size>-lm``
+        once one is; none ships yet), or the folder of a causal LM (``save_pretrained``, e.g. by
+        ``stgc pretrain-lm``) of the model's architecture, with the run's tokenizer beside it.
     projector_init: ``scratch``, or ``align``: before training, the projector is fitted to hand the language
         model its stage-L image vectors (``stgc.lm_stage.align_projector``; needs both inits above).
     """
@@ -107,8 +107,9 @@ class ModelConfig(ConfigBase):
         )
         _check(
             self.text_init == "scratch" or (self.init == "scratch" and self.dense),
-            f"model.text_init={self.text_init!r} applies to a dense model built from scratch (model.dense="
-            f"true, model.init=scratch); this one has dense={self.dense}, init={self.init!r}.",
+            f"model.text_init={self.text_init!r} applies to a dense model built from scratch, this one has "
+            f"dense={self.dense}, init={self.init!r}; set model.text_init=scratch, or model.dense=true and "
+            "model.init=scratch.",
         )
         _check(
             self.projector_init in PROJECTOR_INITS,

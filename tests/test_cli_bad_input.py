@@ -20,3 +20,13 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_pretrain_lm_bad_settings_are_one_line(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")  # checked before it is read
+    argv = ["pretrain-lm", "--out", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]
+    assert main([*argv, "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "batch_size=0" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaForConditionalGeneration
 
 from stgc.backbones import vision_config
 from stgc.data.collate import LlavaCollator
@@ -21,13 +21,20 @@ from stgc.lm_stage import (
     _SlotLM,
     align_projector,
     load_language_model,
+    patch_features,
     pretrain_language_model,
 )
-from stgc.modeling import build_processor
+from stgc.modeling import build_llava_config, build_processor
 from stgc.recipes import ModelConfig, get_recipe
 
 QUICK = LMStage(
-    phases=(Phase({"lookup": 1.0}, 300, goal="lookup", target=0.0), Phase({t: 1.0 for t in TASKS}, 4)),
+    phases=(
+        Phase({"lookup": 1.0}, 300, goal="lookup", target=0.0),  # met at the first check (step 100)
+        Phase(
+            {"pope": 1.0}, 30, goal="pope", target=1.01
+        ),  # never met: runs to max_steps, checked at the end
+        Phase({t: 1.0 for t in TASKS}, 4),
+    ),
     batch_size=4,
     val_items=2,
     warmup=2,
@@ -48,6 +55,13 @@ def suite(tmp_path_factory):
 def language_model(tmp_path_factory, suite):
     return pretrain_language_model(
         "tiny", suite / "tokenizer", tmp_path_factory.mktemp("lm") / "tiny-lm", QUICK
+    )
+
+
+def _llava(tok, **text):
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    return LlavaForConditionalGeneration(
+        build_llava_config("llama", "tiny", vocab_size=len(tok), **ids, **text)
     )
 
 
@@ -103,8 +117,11 @@ def test_sequences_match_the_training_collator(suite) -> None:
 
 def test_pretrain_writes_a_language_model_and_stops_a_phase_at_its_goal(language_model) -> None:
     record = json.loads((language_model / STAGE_FILE).read_text())
-    assert record["phases_run"][0] == {"phase": 1, "steps": 100, "goal": "lookup", "reached": True}
-    assert record["phases_run"][1]["steps"] == 4
+    assert record["phases_run"] == [
+        {"phase": 1, "steps": 100, "goal": "lookup", "reached": True},
+        {"phase": 2, "steps": 30, "goal": "pope", "reached": False},
+        {"phase": 3, "steps": 4, "goal": None, "reached": None},
+    ]
     assert set(record["held_out"]) == set(TASKS)
     assert "circular" in record["held_out"]["mmbench"] and "circular" not in record["held_out"]["pope"]
     lm = AutoModelForCausalLM.from_pretrained(language_model)
@@ -116,17 +133,9 @@ def test_pretrain_writes_a_language_model_and_stops_a_phase_at_its_goal(language
 
 
 def test_load_checks_tokenizer_and_shape(tmp_path, suite, language_model) -> None:
-    from transformers import LlavaForConditionalGeneration
-
-    from stgc.modeling import build_llava_config
 
     tok = AutoTokenizer.from_pretrained(suite / "tokenizer")
-    kw = dict(
-        vocab_size=len(tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlavaForConditionalGeneration(build_llava_config("llama", "tiny", **kw))
+    model = _llava(tok)
     load_language_model(model, language_model, tok)
     lm = AutoModelForCausalLM.from_pretrained(language_model)
     assert torch.equal(model.lm_head.weight, lm.lm_head.weight)
@@ -135,30 +144,62 @@ def test_load_checks_tokenizer_and_shape(tmp_path, suite, language_model) -> Non
     other.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match="another tokenizer than the run's data.tokenizer"):
         load_language_model(model, language_model, other)
-    wide = LlavaForConditionalGeneration(build_llava_config("llama", "tiny", **kw, num_hidden_layers=2))
-    with pytest.raises(ValueError, match="another shape"):
-        load_language_model(wide, language_model, tok)
+    shallow = _llava(tok, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="another architecture"):
+        load_language_model(shallow, language_model, tok)
+    other_rope = _llava(tok)
+    other_rope.config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 1e6}
+    with pytest.raises(ValueError, match="rope_parameters"):
+        load_language_model(other_rope, language_model, tok)
+    no_tokenizer = tmp_path / "lm"
+    AutoModelForCausalLM.from_pretrained(language_model).save_pretrained(no_tokenizer)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        load_language_model(model, no_tokenizer, tok)
     with pytest.raises(ValueError, match="neither scratch nor slot_pretrain"):
-        load_language_model(model, tmp_path, tok)
+        load_language_model(model, tmp_path / "empty", tok)
 
 
 def test_align_projector_fits_the_stage_l_vectors(suite, language_model) -> None:
-    from transformers import LlavaForConditionalGeneration
-
-    from stgc.modeling import build_llava_config
 
     tok = AutoTokenizer.from_pretrained(suite / "tokenizer")
-    kw = dict(
-        vocab_size=len(tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlavaForConditionalGeneration(build_llava_config("llama", "tiny", **kw))
+    model = _llava(tok)
     load_language_model(model, language_model, tok)
     tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     result = align_projector(model, tok, steps=30, batch_size=8)
     assert result["relative_error"] < 0.75 * result["relative_error_before"]  # a random tower: 1.39 -> 0.81
     assert all(torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower.items())
+
+
+def test_align_reads_the_features_llava_projects(suite) -> None:
+
+    tok = AutoTokenizer.from_pretrained(suite / "tokenizer")
+    model = _llava(tok).eval()
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ours = model.model.multi_modal_projector(patch_features(model, pixels))
+        theirs = model.model.get_image_features(pixel_values=pixels).pooler_output
+    assert ours.shape == (2, 9, 64) and torch.allclose(
+        ours, torch.stack(list(theirs)).view(ours.shape), atol=1e-6
+    )
+
+
+def test_train_aligns_the_projector_when_asked(tmp_path, suite, language_model, monkeypatch) -> None:
+    import stgc.lm_stage
+    from stgc.train import _init_language_model
+
+    calls = []
+    monkeypatch.setattr(stgc.lm_stage, "align_projector", lambda *a, **k: calls.append(k) or {})
+    config = get_recipe("tiny_dense")
+    model_cfg = config.model.replace(vision_init="x", text_init=str(language_model), projector_init="align")
+    tok = AutoTokenizer.from_pretrained(suite / "tokenizer")
+
+    model = _llava(tok)
+    _init_language_model(config.replace(model=model_cfg), model, tok)
+    assert calls == [{"seed": 0}]
+    _init_language_model(config.replace(model=model_cfg.replace(projector_init="scratch")), model, tok)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="no stage-L language model ships for size 'tiny'"):
+        _init_language_model(config.replace(model=model_cfg.replace(text_init="slot_pretrain")), model, tok)
 
 
 def test_config_checks_and_the_dense_run(tmp_path, suite, language_model) -> None:
