@@ -151,9 +151,10 @@ class _Questions:
         self, question: str, options: list[str], gold: str, grid: list, rotations: bool
     ) -> list[_Item]:
         """MMBench-style: one row, or the four circular rotations of the options."""
+        from stgc.data.bench_choice import circular_rotations
+
         items = []
-        for r in range(4 if rotations else 1):
-            rotated = options[r:] + options[:r]
+        for rotated in circular_rotations(options)[: 4 if rotations else 1]:
             row = {"question": question, "hint": "nan", **dict(zip("ABCD", rotated))}
             items.append(_Item(grid, self._turn("mmbench", row), "ABCD"[rotated.index(gold)]))
         return items
@@ -194,9 +195,10 @@ class _Questions:
         question, empty = f"Which option is {gold}?", [(-1, -1)] * SLOTS
         if not plain:
             return self._choice(question, options, gold, empty, rotations)
+        from stgc.data.bench_choice import circular_rotations
+
         items = []
-        for r in range(4 if rotations else 1):
-            rotated = options[r:] + options[:r]
+        for rotated in circular_rotations(options)[: 4 if rotations else 1]:
             lines = "".join(f"{letter}. {o}\n" for letter, o in zip("ABCD", rotated))
             prompt = f"\n{question}\n{lines}{OPTION_LETTER.strip()} ASSISTANT:"
             items.append(_Item(empty, prompt, "ABCD"[rotated.index(gold)]))

@@ -257,6 +257,11 @@ _MC_MAKERS = {
 }
 
 
+def circular_rotations(options: list[str]) -> list[list[str]]:
+    """MMBench's circular evaluation: the options in each rotation (rotation r starts at option r)."""
+    return [options[r:] + options[:r] for r in range(len(options))]
+
+
 def make_mmbench(rng: np.random.Generator, unit: int, size: int) -> Unit:
     """One question in its four circular rotations (indices unit + r * 1e6, r = 0..3)."""
     if unit >= CIRCULAR_STRIDE:
@@ -266,8 +271,7 @@ def make_mmbench(rng: np.random.Generator, unit: int, size: int) -> Unit:
     options = [gold, *wrong[:3]]
     options = [options[i] for i in rng.permutation(4)]
     rows = []
-    for r in range(4):
-        rotated = options[r:] + options[:r]
+    for r, rotated in enumerate(circular_rotations(options)):
         rows.append(
             {
                 "index": unit + r * CIRCULAR_STRIDE,
